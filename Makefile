@@ -1,0 +1,50 @@
+# ktl — one command each: `make demo` runs the main job, `make test` passes the tests.
+# Both do all set-up first (venv in .venv, CPU torch wheel where it is on disk, editable install,
+# Fashion-MNIST from Debian when running as root).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.ktl-setup
+FMNIST := /usr/share/datasets/fashion-mnist
+# The CPU build of torch on disk (no CUDA download); falls back to the registry's torch elsewhere.
+TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-*+cpu-cp3*-manylinux*.whl))
+TORCH_SPEC  := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch)
+
+.PHONY: setup demo test test-all lint clean data
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+# Fashion-MNIST (IDX .gz files) from Debian's package; needs root. Without it `ktl simulate`
+# says how to get it, and the tests use the synthetic data set.
+data:
+	@if [ ! -e $(FMNIST)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing dataset-fashion-mnist"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+			|| echo "note: could not install dataset-fashion-mnist; pass --data.path or set KTL_DATA_DIR"; \
+	fi
+
+demo: setup
+	$(BIN)/ktl simulate --preset cpu-small --method fedktl --seed 0 --out runs/demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# Everything, the slow end-to-end runs included.
+test-all: setup
+	$(BIN)/python -m pytest -q --runslow
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy ktl generator aligner clients api
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

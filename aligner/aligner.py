@@ -1,0 +1,209 @@
+"""Server-side alignment: train F so that F(prototypes) look like the generator's latent prior (MMD) and
+collapse to per-class centroids (MSE), then return the centroids."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ktl.aligner.mmd import DEFAULT_BANDWIDTH_MULTIPLIERS, mmd2_rbf, prior_bandwidths
+from ktl.aligner.transformer import FeatureTransformer
+
+__all__ = ["AlignerSettings", "AlignResult", "Aligner", "class_centroids", "PriorSampler"]
+
+PriorSampler = Callable[[int, torch.Generator], torch.Tensor]
+"""``sample_prior(n, generator) -> (n, W)`` latents on the aligner's device."""
+
+_SETTINGS_FILE = "aligner.json"
+
+
+class AlignerSettings(BaseModel):
+    """Hyperparameters of the server's alignment step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden_dim: int = Field(256, ge=1)  # width of F's hidden layer (the reference used K, i.e. 10 at C = 10)
+    num_layers: int = Field(2, ge=1)  # linear layers in F; the reference's 2
+    lr: float = Field(0.01, gt=0)  # Adam learning rate; the reference's server_learning_rate
+    # Full-batch Adam steps per round. The reference runs 100 epochs of mini-batches of 100, i.e. 200 steps
+    # at C = 10 with 20 clients; full batches make each of ours an exact gradient of the round's loss.
+    steps: int = Field(200, ge=1)
+    lam: float = Field(1.0, ge=0)  # λ, weight of the centroid MSE (the reference: 1.0 for StyleGAN-XL)
+    mmd_weight: float = Field(1.0, ge=0)  # weight of the MMD term (0 ablates it)
+    prior_samples: int = Field(512, ge=2)  # prior draws per step for the MMD
+    bandwidth_samples: int = Field(4096, ge=2)  # prior draws, once per fit, that set the RBF bandwidths
+    bandwidth_multipliers: tuple[float, ...] = DEFAULT_BANDWIDTH_MULTIPLIERS  # × the mean squared distance
+    clip_grad_norm: float = Field(10.0, gt=0)  # guards against a spike from a degenerate upload
+
+
+@dataclass(frozen=True)
+class AlignResult:
+    """What one `Aligner.fit` returns.
+
+    Attributes
+    ----------
+    centroids
+        ``(C, W)`` count-weighted mean of F(prototypes) per class; rows of absent classes are 0.
+    present
+        ``(C,)`` bool, the classes that had at least one uploaded prototype.
+    aligned
+        ``(n, W)`` F(prototypes) after training, in upload order.
+    history
+        Per-step ``loss``, ``mmd`` and ``mse`` (copied to the host once, after the last step).
+    """
+
+    centroids: torch.Tensor
+    present: torch.Tensor
+    aligned: torch.Tensor
+    history: dict[str, list[float]]
+
+
+def class_centroids(
+    q: torch.Tensor, class_ids: torch.Tensor, weights: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted per-class means of the rows of ``q``: ``(C, W)`` centroids and the ``(C,)`` presence mask."""
+    w = weights.to(q.dtype)
+    sums = q.new_zeros(num_classes, q.shape[1]).index_add(0, class_ids, q * w[:, None])
+    totals = q.new_zeros(num_classes).index_add(0, class_ids, w)
+    present = totals > 0
+    return sums / totals.clamp_min(torch.finfo(q.dtype).tiny)[:, None], present
+
+
+class Aligner:
+    """Trains the feature transformer F; warm-started across rounds (F keeps its weights).
+
+    Parameters
+    ----------
+    transformer
+        F, already on ``device``.
+    num_classes
+        C.
+    settings
+        Hyperparameters.
+    device
+        Where F trains; prototypes and prior samples are moved there once per fit.
+    """
+
+    def __init__(
+        self,
+        transformer: FeatureTransformer,
+        *,
+        num_classes: int,
+        settings: AlignerSettings | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.transformer = transformer.to(self.device)
+        self.num_classes = num_classes
+        self.settings = settings or AlignerSettings()
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        num_classes: int,
+        proto_dim: int,
+        latent_dim: int,
+        settings: AlignerSettings | None = None,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+    ) -> Aligner:
+        """A fresh aligner with F initialised from ``seed`` (the global RNG is left untouched)."""
+        settings = settings or AlignerSettings()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            transformer = FeatureTransformer(proto_dim, latent_dim, settings.hidden_dim, settings.num_layers)
+        return cls(transformer, num_classes=num_classes, settings=settings, device=device)
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.transformer.out_dim)
+
+    def losses(
+        self,
+        q: torch.Tensor,
+        class_ids: torch.Tensor,
+        weights: torch.Tensor,
+        prior: torch.Tensor,
+        bandwidths: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two terms of the alignment objective for aligned rows ``q``: ``(mmd², centroid MSE)``."""
+        mmd = mmd2_rbf(q, prior, bandwidths)
+        centroids, _ = class_centroids(q, class_ids, weights, self.num_classes)
+        mse = (q - centroids[class_ids]).pow(2).mean()
+        return mmd, mse
+
+    def fit(
+        self,
+        vectors: torch.Tensor,
+        class_ids: torch.Tensor,
+        counts: torch.Tensor,
+        *,
+        sample_prior: PriorSampler,
+        generator: torch.Generator,
+    ) -> AlignResult:
+        """Run ``settings.steps`` full-batch Adam steps on ``mmd_weight·MMD² + λ·MSE`` and return centroids.
+
+        Nothing crosses to the host inside the loop: prior draws come from ``sample_prior`` on the device,
+        and the loss history is kept in a device tensor copied once at the end.
+
+        Parameters
+        ----------
+        vectors
+            ``(n, K)`` uploaded prototypes (all clients stacked).
+        class_ids, counts
+            ``(n,)`` int64 class of each row and the samples behind it (the centroid weights).
+        sample_prior
+            Draws ``(m, W)`` latents from the generator's prior with the given ``torch.Generator``.
+        generator
+            The RNG handed to ``sample_prior`` (on the generator's device).
+        """
+        s = self.settings
+        x = vectors.to(self.device, torch.float32)
+        y = class_ids.to(self.device, torch.int64)
+        w = counts.to(self.device, torch.float32)
+        bandwidths = prior_bandwidths(sample_prior(s.bandwidth_samples, generator), s.bandwidth_multipliers)
+        params = list(self.transformer.parameters())
+        optimizer = torch.optim.Adam(params, lr=s.lr)
+        history = torch.zeros(s.steps, 3, device=self.device)
+        self.transformer.train()
+        for step in range(s.steps):
+            q = self.transformer(x)
+            mmd, mse = self.losses(q, y, w, sample_prior(s.prior_samples, generator), bandwidths)
+            loss = s.mmd_weight * mmd + s.lam * mse
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, s.clip_grad_norm)
+            optimizer.step()
+            history[step] = torch.stack([loss, mmd, mse]).detach()
+        self.transformer.eval()
+        with torch.no_grad():
+            aligned = self.transformer(x)
+            centroids, present = class_centroids(aligned, y, w, self.num_classes)
+        rows = history.cpu().tolist()
+        hist = {name: [r[i] for r in rows] for i, name in enumerate(("loss", "mmd", "mse"))}
+        return AlignResult(centroids=centroids, present=present, aligned=aligned, history=hist)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write F (``config.json`` + ``model.safetensors``) and ``aligner.json`` (settings, C) to ``path``."""
+        path = Path(path)
+        self.transformer.save_pretrained(path)
+        meta = {"num_classes": self.num_classes, "settings": self.settings.model_dump(mode="json")}
+        (path / _SETTINGS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: torch.device | str = "cpu") -> Aligner:
+        path = Path(path)
+        meta = json.loads((path / _SETTINGS_FILE).read_text())
+        transformer = FeatureTransformer.from_pretrained(str(path))
+        return cls(
+            transformer,
+            num_classes=int(meta["num_classes"]),
+            settings=AlignerSettings.model_validate(meta["settings"]),
+            device=device,
+        )

@@ -1,0 +1,53 @@
+"""A client's model: backbone → head to K dims (against the fixed ETF), plus the distillation projector."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ktl.clients.backbones import Backbone, build_backbone
+
+__all__ = ["ClientModel"]
+
+
+class ClientModel(nn.Module):
+    """Feature extractor, a linear head to K = C dims, and a projector to the generator's latent space.
+
+    The projector belongs to the client and keeps training across rounds (the reference reloaded it from
+    the server every round, throwing its training away). It is created the first time a latent dimension
+    is known and replaced only if the federation's generator changes its latent size.
+
+    Parameters
+    ----------
+    backbone
+        Maps pixels to ``(B, D)`` features.
+    proto_dim
+        K, the head's output size (FedKTL uses K = C).
+    latent_dim
+        W, if known at construction.
+    """
+
+    def __init__(self, backbone: Backbone, *, proto_dim: int, latent_dim: int | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.feature_dim, proto_dim)
+        self.projector: nn.Linear | None = None
+        if latent_dim is not None:
+            self.ensure_projector(latent_dim)
+
+    @classmethod
+    def build(cls, name: str, *, num_channels: int, image_size: int, proto_dim: int) -> ClientModel:
+        return cls(build_backbone(name, num_channels=num_channels, image_size=image_size), proto_dim=proto_dim)
+
+    def ensure_projector(self, latent_dim: int) -> nn.Linear:
+        if self.projector is None or self.projector.out_features != latent_dim:
+            device = self.head.weight.device
+            self.projector = nn.Linear(self.backbone.feature_dim, latent_dim).to(device)
+        return self.projector
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Head outputs ``(B, K)``."""
+        return self.head(self.backbone(x))

@@ -1,0 +1,10 @@
+"""Frozen image generators behind one protocol (``ktl.generator``).
+
+Importing this package registers the built-in adapters.
+"""
+
+from ktl.generator import autoencoder as _autoencoder  # noqa: F401  (registers "autoencoder-kl")
+from ktl.generator.base import Generator, GeneratorSpec
+from ktl.generator.registry import available_generators, load_generator, register_generator
+
+__all__ = ["Generator", "GeneratorSpec", "available_generators", "load_generator", "register_generator"]

@@ -1,0 +1,67 @@
+"""The generator protocol every adapter implements, and the spec that selects one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["Generator", "GeneratorSpec"]
+
+
+class GeneratorSpec(BaseModel):
+    """Which generator the server loads. Nothing is ever fetched from a hub: ``path`` is a local folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = "autoencoder-kl"  # a registered adapter (see `ktl.generator.available_generators`)
+    path: Path | None = None  # a local model folder; None = the embedded default shipped with ktl
+    seed: int = 0  # initialises the embedded default while it has no trained weights
+    batch_size: int = Field(64, ge=1)  # images per forward pass in `synthesize`
+    trust_pickle: bool = False  # StyleGAN pickles are loaded only when the operator sets this
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A frozen image generator with a latent prior.
+
+    Attributes
+    ----------
+    latent_dim
+        W, the flattened latent size.
+    image_size
+        H = W of the generated images.
+    num_channels
+        Channels of the generated images (3).
+    device
+        Where latents are sampled and images synthesised.
+    description
+        A one-line human description recorded in run summaries (says whether the weights are trained).
+    pretrained
+        False while the generator runs on untrained (seeded random) weights.
+    """
+
+    latent_dim: int
+    image_size: int
+    num_channels: int
+    description: str
+    pretrained: bool
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(n, W)`` draws from the latent prior, on `device`."""
+        ...
+
+    def synthesize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images ``(n, C, H, W)`` in [0, 1] for ``(n, W)`` latents, batched, under `torch.inference_mode`."""
+        ...
+
+    def to(self, device: torch.device | str) -> Generator: ...
+
+
+def resolve_path(path: Path | None, default: Path) -> Path:
+    return default if path is None else Path(path).expanduser()

@@ -1,0 +1,5 @@
+import sys
+
+from ktl.cli import main
+
+sys.exit(main())

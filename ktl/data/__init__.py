@@ -1,0 +1,121 @@
+"""Data sets, partitions and per-client splits (``ktl.data``).
+
+`build_federated_data` turns a `DataConfig` into one `LocalData` per client. Data sets and partition
+schemes are registries (``DATASETS``, ``PARTITIONS``), so adding one is a decorator, not an elif.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ktl.clients.trainer import LocalData
+from ktl.data.fashion_mnist import load_fashion_mnist
+from ktl.data.images import ImageSet
+from ktl.data.partition import dirichlet_partition, pathological_partition, split_train_test
+from ktl.data.pfl import load_pfl_folder
+from ktl.data.synthetic import make_synthetic
+from ktl.errors import DataError
+
+__all__ = ["DataConfig", "FederatedData", "build_federated_data", "DATASETS", "PARTITIONS", "ImageSet"]
+
+
+class DataConfig(BaseModel):
+    """Which data, how much of it, and how it is spread over clients."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = "fashion-mnist"  # one of DATASETS: fashion-mnist | synthetic | pfl-npz
+    path: Path | None = None  # data folder; fashion-mnist falls back to $KTL_DATA_DIR, then Debian's path
+    fraction: float = Field(1.0, gt=0, le=1)  # seeded random subsample of the whole set, before partitioning
+    partition: Literal["dirichlet", "pathological"] = "dirichlet"
+    alpha: float = Field(0.1, gt=0)  # Dirichlet concentration; 0.1 = strongly label-skewed
+    classes_per_client: int = Field(2, ge=1)  # pathological partition only
+    train_fraction: float = Field(0.75, gt=0, lt=1)  # per-client train share (PFLlib: 0.75)
+    min_samples: int = Field(20, ge=2)  # Dirichlet redraws until every client holds this many samples
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    clients: list[LocalData]
+    class_names: list[str]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_channels(self) -> int:
+        return self.clients[0].num_channels
+
+    @property
+    def image_size(self) -> int:
+        return self.clients[0].image_size
+
+
+# A data set loader returns the pooled images and, for pre-partitioned data, each client's (train, test)
+# indices into them; None means "partition me".
+Splits = list[tuple[np.ndarray, np.ndarray]]
+DatasetLoader = Callable[[DataConfig, int], tuple[ImageSet, Splits | None]]
+Partitioner = Callable[[np.ndarray, int, DataConfig, np.random.Generator], list[np.ndarray]]
+
+DATASETS: dict[str, DatasetLoader] = {
+    "fashion-mnist": lambda cfg, seed: (load_fashion_mnist(cfg.path), None),
+    "synthetic": lambda cfg, seed: (make_synthetic(samples_per_class=300, seed=seed), None),
+    "pfl-npz": lambda cfg, seed: _pfl(cfg),
+}
+
+PARTITIONS: dict[str, Partitioner] = {
+    "dirichlet": lambda y, n, cfg, rng: dirichlet_partition(y, n, cfg.alpha, rng, min_samples=cfg.min_samples),
+    "pathological": lambda y, n, cfg, rng: pathological_partition(y, n, cfg.classes_per_client, rng),
+}
+
+
+def _pfl(cfg: DataConfig) -> tuple[ImageSet, Splits]:
+    if cfg.path is None:
+        raise DataError("dataset pfl-npz needs --data.path, a folder with train/ and test/ <i>.npz files")
+    return load_pfl_folder(cfg.path)
+
+
+def _subsample(index: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A seeded random ``fraction`` of ``index`` (at least one element), in ascending order."""
+    if fraction >= 1:
+        return index
+    size = max(1, round(fraction * index.shape[0]))
+    return np.sort(rng.choice(index, size=size, replace=False))
+
+
+def _to_local(images: ImageSet, train: np.ndarray, test: np.ndarray) -> LocalData:
+    def pixels(idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(images.images[idx]).float().div_(255.0)
+
+    def labels(idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(images.labels[idx]).long()
+
+    return LocalData(pixels(train), labels(train), pixels(test), labels(test))
+
+
+def build_federated_data(config: DataConfig, *, num_clients: int, seed: int) -> FederatedData:
+    """Load ``config.dataset``, subsample, partition over ``num_clients`` and split each client 75/25."""
+    loader = DATASETS.get(config.dataset)
+    if loader is None:
+        raise DataError(f"unknown dataset {config.dataset!r}; available: {', '.join(sorted(DATASETS))}")
+    rng = np.random.default_rng([seed, 0xDA7A])
+    images, splits = loader(config, seed)
+    if splits is None:
+        keep = _subsample(np.arange(len(images)), config.fraction, rng)
+        parts = PARTITIONS[config.partition](images.labels[keep], num_clients, config, rng)
+        splits = [split_train_test(keep[p], config.train_fraction, rng) for p in parts]
+    else:
+        if len(splits) != num_clients:
+            raise DataError(f"{images.source} holds {len(splits)} clients but num_clients is {num_clients}")
+        splits = [(_subsample(tr, config.fraction, rng), _subsample(te, config.fraction, rng)) for tr, te in splits]
+    clients = [_to_local(images, train, test) for train, test in splits]
+    return FederatedData(clients=clients, class_names=images.class_names, source=images.source)
