@@ -15,7 +15,9 @@ is a cheap O(nW) reduction with a smooth dependence on the sample), and sum kern
 pair then sits at kernel values between ``e^-4`` and ``e^-1/4``, never in a flat tail.
 
 Squared distances are formed as ``‖a‖² + ‖b‖² - 2a·b`` and clamped at 0; there is no square root, so the
-gradient is finite at zero distance (``torch.cdist`` differentiates ``sqrt`` and gives NaN there).
+gradient is finite at zero distance on every backend (a distance taken through ``sqrt`` has an infinite
+derivative there; an MMD built on ``torch.cdist`` gave NaN gradients at zero distance in an independent
+check).
 """
 
 from __future__ import annotations

@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ktl.aligner import Aligner, AlignerSettings, FeatureTransformer, class_centroids
+from ktl.clients import simplex_etf
+
+W = 64
+
+
+def prior(n: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(n, W, generator=g)
+
+
+def uploads(num_classes: int = 10, num_clients: int = 20, noise: float = 0.1, seed: int = 0):
+    """Each client sends every class: its ETF column plus client noise, renormalised."""
+    g = torch.Generator().manual_seed(seed)
+    etf = simplex_etf(num_classes, seed=seed)
+    vectors = etf.T.repeat(num_clients, 1) + noise * torch.randn(num_classes * num_clients, num_classes, generator=g)
+    class_ids = torch.arange(num_classes).repeat(num_clients)
+    counts = torch.randint(1, 50, (num_classes * num_clients,), generator=g)
+    return F.normalize(vectors, dim=1), class_ids, counts
+
+
+def fit(aligner: Aligner, seed: int = 0):
+    v, y, n = uploads(seed=seed)
+    return aligner.fit(v, y, n, sample_prior=prior, generator=torch.Generator().manual_seed(seed))
+
+
+def test_loss_drops_and_class_centroids_stay_apart() -> None:
+    aligner = Aligner.create(num_classes=10, proto_dim=10, latent_dim=W, settings=AlignerSettings(steps=150), seed=0)
+    result = fit(aligner)
+    losses = result.history["loss"]
+    assert len(losses) == 150 and all(map(lambda v: v == v and abs(v) < 1e6, losses))
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    assert bool(result.present.all())
+    c = result.centroids
+    dist = torch.cdist(c, c)[~torch.eye(10, dtype=torch.bool)]
+    spread = (result.aligned - c[torch.arange(10).repeat(20)]).norm(dim=1).mean()
+    # Centroids spread like prior samples (typical distance sqrt(2W) ≈ 11) and far beyond in-class spread.
+    assert float(dist.min()) > 0.3 * (2 * W) ** 0.5
+    assert float(dist.min()) > 5 * float(spread)
+
+
+def test_centroids_are_count_weighted_means_and_absent_classes_are_zero() -> None:
+    q = torch.tensor([[0.0, 0.0], [3.0, 3.0], [1.0, 1.0]])
+    y = torch.tensor([0, 0, 2])
+    w = torch.tensor([1, 2, 5])
+    cent, present = class_centroids(q, y, w, 3)
+    torch.testing.assert_close(cent, torch.tensor([[2.0, 2.0], [0.0, 0.0], [1.0, 1.0]]))
+    assert present.tolist() == [True, False, True]
+
+
+def test_single_prototype_batch_works() -> None:
+    # The reference's BatchNorm F raised on a batch of one; ours trains on it.
+    aligner = Aligner.create(num_classes=3, proto_dim=3, latent_dim=W, settings=AlignerSettings(steps=5), seed=0)
+    one = F.normalize(torch.randn(1, 3), dim=1)
+    result = aligner.fit(one, torch.tensor([1]), torch.tensor([4]), sample_prior=prior, generator=torch.Generator().manual_seed(0))
+    assert result.present.tolist() == [False, True, False]
+    assert torch.isfinite(result.centroids).all()
+    aligner.transformer.train()
+    assert aligner.transformer(one).shape == (1, W)
+
+
+def test_warm_start_keeps_f_between_rounds() -> None:
+    aligner = Aligner.create(num_classes=10, proto_dim=10, latent_dim=W, settings=AlignerSettings(steps=100), seed=0)
+    first = fit(aligner, seed=0)
+    second = fit(aligner, seed=0)
+    assert second.history["loss"][0] < 0.5 * first.history["loss"][0]
+
+
+def test_save_and_load_roundtrip(tmp_path: Path) -> None:
+    settings = AlignerSettings(steps=20, hidden_dim=32, lam=0.5)
+    aligner = Aligner.create(num_classes=10, proto_dim=10, latent_dim=W, settings=settings, seed=0)
+    fit(aligner)
+    aligner.save_pretrained(tmp_path)
+    assert {"config.json", "model.safetensors", "aligner.json"} <= {p.name for p in tmp_path.iterdir()}
+    loaded = Aligner.from_pretrained(tmp_path)
+    x = torch.randn(4, 10)
+    aligner.transformer.eval()
+    loaded.transformer.eval()
+    torch.testing.assert_close(loaded.transformer(x), aligner.transformer(x))
+    assert loaded.settings == settings and loaded.num_classes == 10
+
+
+def test_feature_transformer_uses_no_batchnorm() -> None:
+    f = FeatureTransformer(10, W, hidden_dim=16, num_layers=3)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in f.modules())
+    f.train()
+    assert f(torch.randn(1, 10)).shape == (1, W)
