@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ktl.aligner.mmd import DEFAULT_BANDWIDTH_MULTIPLIERS, mmd2_rbf, prior_bandwidths
+from ktl.aligner.mmd import DEFAULT_BANDWIDTH_MULTIPLIERS, PriorKernel
 from ktl.aligner.transformer import FeatureTransformer
 
 __all__ = ["AlignerSettings", "AlignResult", "Aligner", "class_centroids", "PriorSampler"]
@@ -36,7 +36,7 @@ class AlignerSettings(BaseModel):
     lam: float = Field(1.0, ge=0)  # λ, weight of the centroid MSE (the reference: 1.0 for StyleGAN-XL)
     mmd_weight: float = Field(1.0, ge=0)  # weight of the MMD term (0 ablates it)
     prior_samples: int = Field(512, ge=2)  # prior draws per step for the MMD
-    bandwidth_samples: int = Field(4096, ge=2)  # prior draws, once per fit, that set the RBF bandwidths
+    bandwidth_samples: int = Field(4096, ge=2)  # prior draws, once per fit: RBF bandwidths and E k(y, y')
     bandwidth_multipliers: tuple[float, ...] = DEFAULT_BANDWIDTH_MULTIPLIERS  # × the mean squared distance
     clip_grad_norm: float = Field(10.0, gt=0)  # guards against a spike from a degenerate upload
 
@@ -130,10 +130,10 @@ class Aligner:
         class_ids: torch.Tensor,
         weights: torch.Tensor,
         prior: torch.Tensor,
-        bandwidths: torch.Tensor,
+        kernel: PriorKernel,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The two terms of the alignment objective for aligned rows ``q``: ``(mmd², centroid MSE)``."""
-        mmd = mmd2_rbf(q, prior, bandwidths)
+        mmd = kernel.mmd2(q, prior)
         centroids, _ = class_centroids(q, class_ids, weights, self.num_classes)
         mse = (q - centroids[class_ids]).pow(2).mean()
         return mmd, mse
@@ -167,14 +167,14 @@ class Aligner:
         x = vectors.to(self.device, torch.float32)
         y = class_ids.to(self.device, torch.int64)
         w = counts.to(self.device, torch.float32)
-        bandwidths = prior_bandwidths(sample_prior(s.bandwidth_samples, generator), s.bandwidth_multipliers)
+        kernel = PriorKernel(sample_prior(s.bandwidth_samples, generator), s.bandwidth_multipliers)
         params = list(self.transformer.parameters())
         optimizer = torch.optim.Adam(params, lr=s.lr)
         history = torch.zeros(s.steps, 3, device=self.device)
         self.transformer.train()
         for step in range(s.steps):
             q = self.transformer(x)
-            mmd, mse = self.losses(q, y, w, sample_prior(s.prior_samples, generator), bandwidths)
+            mmd, mse = self.losses(q, y, w, sample_prior(s.prior_samples, generator), kernel)
             loss = s.mmd_weight * mmd + s.lam * mse
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

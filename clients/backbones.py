@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,13 +27,22 @@ from transformers import (
     ViTModel,
 )
 
-__all__ = ["Backbone", "BackboneInfo", "register_backbone", "build_backbone", "available_backbones", "BACKBONES"]
+__all__ = [
+    "Backbone",
+    "BackboneInfo",
+    "register_backbone",
+    "build_backbone",
+    "available_backbones",
+    "BACKBONES",
+]
 
 
 class Backbone(nn.Module):
     """A transformers model plus the rule that turns its output into one feature vector per image."""
 
-    def __init__(self, model: PreTrainedModel, pool: Callable[[object], torch.Tensor], feature_dim: int) -> None:
+    def __init__(
+        self, model: PreTrainedModel, pool: Callable[[object], torch.Tensor], feature_dim: int
+    ) -> None:
         super().__init__()
         self.model = model
         self._pool = pool
@@ -52,7 +62,9 @@ class BackboneInfo:
 BACKBONES: dict[str, BackboneInfo] = {}
 
 
-def register_backbone(name: str, summary: str) -> Callable[[Callable[[int, int], Backbone]], Callable[[int, int], Backbone]]:
+def register_backbone(
+    name: str, summary: str
+) -> Callable[[Callable[[int, int], Backbone]], Callable[[int, int], Backbone]]:
     def wrap(build: Callable[[int, int], Backbone]) -> Callable[[int, int], Backbone]:
         if name in BACKBONES:
             raise ValueError(f"backbone {name!r} is registered twice")
@@ -88,7 +100,7 @@ class Cnn4Config(PretrainedConfig):
         image_size: int = 28,
         channels: tuple[int, int] = (32, 64),
         hidden_size: int = 512,
-        **kwargs: object,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.num_channels = num_channels
@@ -147,7 +159,11 @@ def _cnn4(num_channels: int, image_size: int) -> Backbone:
 
 def _resnet(num_channels: int, depths: list[int], hidden: list[int]) -> Backbone:
     cfg = ResNetConfig(
-        num_channels=num_channels, embedding_size=hidden[0], hidden_sizes=hidden, depths=depths, layer_type="basic"
+        num_channels=num_channels,
+        embedding_size=hidden[0],
+        hidden_sizes=hidden,
+        depths=depths,
+        layer_type="basic",
     )
     return Backbone(ResNetModel(cfg), _pooler, hidden[-1])
 
@@ -190,5 +206,7 @@ def _vit_small(num_channels: int, image_size: int) -> Backbone:
 
 @register_backbone("convnext", "ConvNeXt, patch 2, depths 1-1-1, widths 32-64-128")
 def _convnext(num_channels: int, image_size: int) -> Backbone:
-    cfg = ConvNextConfig(num_channels=num_channels, patch_size=2, hidden_sizes=[32, 64, 128], depths=[1, 1, 1], num_stages=3)
+    cfg = ConvNextConfig(
+        num_channels=num_channels, patch_size=2, hidden_sizes=[32, 64, 128], depths=[1, 1, 1], num_stages=3
+    )
     return Backbone(ConvNextModel(cfg), _pooler, 128)

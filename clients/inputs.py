@@ -32,5 +32,7 @@ def adapt_images(images: torch.Tensor, *, num_channels: int, image_size: int) ->
         else:
             raise ValueError(f"cannot convert {x.shape[1]}-channel images to {num_channels} channels")
     if x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+        )
     return normalize_pixels(x.clamp(0.0, 1.0))

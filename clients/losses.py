@@ -65,7 +65,9 @@ def margin_loss(
     return F.cross_entropy(margin_logits(head_out, etf, labels, margin=margin, scale=scale), labels)
 
 
-def distillation_loss(predicted: torch.Tensor, latents: torch.Tensor, latent_rms: torch.Tensor | float) -> torch.Tensor:
+def distillation_loss(
+    predicted: torch.Tensor, latents: torch.Tensor, latent_rms: torch.Tensor | float
+) -> torch.Tensor:
     """MSE between projected features and generator latents, both divided by the latents' RMS.
 
     Dividing by the RMS of the round's latents makes the target unit-scale whatever the generator (a

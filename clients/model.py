@@ -37,7 +37,9 @@ class ClientModel(nn.Module):
 
     @classmethod
     def build(cls, name: str, *, num_channels: int, image_size: int, proto_dim: int) -> ClientModel:
-        return cls(build_backbone(name, num_channels=num_channels, image_size=image_size), proto_dim=proto_dim)
+        return cls(
+            build_backbone(name, num_channels=num_channels, image_size=image_size), proto_dim=proto_dim
+        )
 
     def ensure_projector(self, latent_dim: int) -> nn.Linear:
         if self.projector is None or self.projector.out_features != latent_dim:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
 from ktl.errors import GeneratorLoadError
 from ktl.generator.base import GeneratorSpec, resolve_path
@@ -37,16 +37,18 @@ class AutoencoderKLGenerator:
         Latents per decoder forward pass.
     """
 
-    def __init__(self, vae: AutoencoderKL, *, description: str, pretrained: bool, batch_size: int = 64) -> None:
+    def __init__(
+        self, vae: AutoencoderKL, *, description: str, pretrained: bool, batch_size: int = 64
+    ) -> None:
         self.vae = vae.eval().requires_grad_(False)
         cfg = vae.config
-        n_up = len(cfg.up_block_types)
-        self.latent_channels = int(cfg.latent_channels)
-        self.image_size = int(cfg.sample_size)
+        n_up = len(cfg["up_block_types"])
+        self.latent_channels = int(cfg["latent_channels"])
+        self.image_size = int(cfg["sample_size"])
         self.latent_size = self.image_size // 2 ** (n_up - 1)
         self.latent_dim = self.latent_channels * self.latent_size**2
-        self.num_channels = int(cfg.out_channels)
-        self.scaling_factor = float(cfg.scaling_factor)
+        self.num_channels = int(cfg["out_channels"])
+        self.scaling_factor = float(cfg["scaling_factor"])
         self.description = description
         self.pretrained = pretrained
         self.batch_size = batch_size
@@ -56,7 +58,7 @@ class AutoencoderKLGenerator:
         return next(self.vae.parameters()).device
 
     def to(self, device: torch.device | str) -> AutoencoderKLGenerator:
-        self.vae.to(device)
+        torch.nn.Module.to(self.vae, device)
         return self
 
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -112,5 +114,7 @@ def load_autoencoder_kl(spec: GeneratorSpec, device: torch.device) -> Autoencode
         description = f"embedded default AutoencoderKL decoder ({state})"
     else:
         description = f"AutoencoderKL decoder from {folder}"
-    gen = AutoencoderKLGenerator(vae, description=description, pretrained=pretrained, batch_size=spec.batch_size)
+    gen = AutoencoderKLGenerator(
+        vae, description=description, pretrained=pretrained, batch_size=spec.batch_size
+    )
     return gen.to(device)

@@ -38,7 +38,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         names = [f"--{dotted.replace('_', '-')}"]
         if "_" in dotted:
             names.append(f"--{dotted}")
-        group.add_argument(*names, dest=f"set:{dotted}", default=argparse.SUPPRESS, metavar="V", help=help_text)
+        group.add_argument(
+            *names, dest=f"set:{dotted}", default=argparse.SUPPRESS, metavar="V", help=help_text
+        )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -92,8 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a federated simulation; e.g. ktl simulate --preset cpu-small --method fedktl --seed 0",
     )
     sim.add_argument("--preset", default=None, help="a preset name (see `ktl list`), e.g. cpu-small")
-    sim.add_argument("--config", type=Path, default=None, help="a TOML or JSON config file (e.g. a run's config.json)")
-    sim.add_argument("--overwrite", action="store_true", help="replace the contents of an existing --out folder")
+    sim.add_argument(
+        "--config", type=Path, default=None, help="a TOML or JSON config file (e.g. a run's config.json)"
+    )
+    sim.add_argument(
+        "--overwrite", action="store_true", help="replace the contents of an existing --out folder"
+    )
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(sim)
     sim.set_defaults(func=_cmd_simulate)

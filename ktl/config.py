@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 import types
 import typing
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ktl.aligner import AlignerSettings
@@ -87,7 +87,11 @@ class SimulateConfig(BaseModel):
 
 
 def available_presets() -> list[str]:
-    return sorted(p.name.removesuffix(".toml") for p in resources.files("ktl.presets").iterdir() if p.name.endswith(".toml"))
+    return sorted(
+        p.name.removesuffix(".toml")
+        for p in resources.files("ktl.presets").iterdir()
+        if p.name.endswith(".toml")
+    )
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -163,16 +167,24 @@ def _is_sequence(annotation: Any) -> bool:
 
 
 def _is_optional(annotation: Any) -> bool:
-    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
+        annotation
+    )
 
 
-def config_fields(model: type[BaseModel] = SimulateConfig, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
+def config_fields(
+    model: type[BaseModel] = SimulateConfig, prefix: str = ""
+) -> Iterator[tuple[str, Any, str]]:
     """Yield ``(dotted name, annotation, description)`` for every leaf setting of ``model``."""
     for name, info in model.model_fields.items():
         if _is_model(info.annotation):
             yield from config_fields(info.annotation, f"{prefix}{name}.")  # type: ignore[arg-type]
         else:
-            yield f"{prefix}{name}", info.annotation, f"default: {info.get_default(call_default_factory=True)!r}"
+            yield (
+                f"{prefix}{name}",
+                info.annotation,
+                f"default: {info.get_default(call_default_factory=True)!r}",
+            )
 
 
 def parse_flag_value(annotation: Any, raw: str) -> Any:

@@ -43,7 +43,12 @@ def image_grid(
 
 
 def save_image_grid(
-    path: str | Path, images: torch.Tensor, labels: Sequence[str] | None = None, *, columns: int = 10, cell: int = 64
+    path: str | Path,
+    images: torch.Tensor,
+    labels: Sequence[str] | None = None,
+    *,
+    columns: int = 10,
+    cell: int = 64,
 ) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

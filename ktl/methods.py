@@ -78,7 +78,8 @@ class Method(ABC):
         return ServerUpdate(payload=None)
 
     def client_receive(self, client: LocalClient, payload: bytes) -> None:
-        """Take the server's broadcast into the client's state."""
+        """Take the server's broadcast into the client's state (default: ignore it)."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Facts for ``summary.json`` (e.g. which generator ran)."""
@@ -167,7 +168,9 @@ class FedKTL(Method):
             pairs = self.last.pairs
             (run_dir / "pairs.safetensors").write_bytes(pairs.to_bytes())  # the wire format clients receive
             names = [self.ctx.class_names[c] for c in pairs.class_ids.tolist()]
-            columns = self.ctx.config.fedktl.pairs_per_class if self.ctx.config.fedktl.pairs_per_class > 1 else 10
+            columns = (
+                self.ctx.config.fedktl.pairs_per_class if self.ctx.config.fedktl.pairs_per_class > 1 else 10
+            )
             save_image_grid(run_dir / "pairs.png", pairs.images, names, columns=columns)
             out.update(pairs="pairs.safetensors", pairs_grid="pairs.png")
         return out

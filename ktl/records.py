@@ -77,7 +77,9 @@ class Prototypes:
     def num_rows(self) -> int:
         return int(self.vectors.shape[0])
 
-    def validate(self, *, num_classes: int, dim: int, norm_tolerance: float = PROTOTYPE_NORM_TOLERANCE) -> None:
+    def validate(
+        self, *, num_classes: int, dim: int, norm_tolerance: float = PROTOTYPE_NORM_TOLERANCE
+    ) -> None:
         """Check the values against a federation's shape; raise `PayloadError` with a reason code."""
         v = self.vectors
         if v.shape[0] == 0:
@@ -89,7 +91,9 @@ class Prototypes:
         norms = v.double().norm(dim=1)
         worst = float((norms - 1).abs().max())
         if worst > norm_tolerance:
-            raise PayloadError("norm", f"prototype norms must be 1 (±{norm_tolerance}); worst is off by {worst:.3g}")
+            raise PayloadError(
+                "norm", f"prototype norms must be 1 (±{norm_tolerance}); worst is off by {worst:.3g}"
+            )
         ids = self.class_ids
         if bool(((ids < 0) | (ids >= num_classes)).any()):
             raise PayloadError("class_range", f"class_ids must lie in [0, {num_classes})")

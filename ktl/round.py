@@ -93,7 +93,9 @@ class KnowledgeTransferServer:
         seed: int = 0,
     ) -> None:
         if aligner.latent_dim != generator.latent_dim:
-            raise ValueError(f"aligner outputs W={aligner.latent_dim}, generator expects W={generator.latent_dim}")
+            raise ValueError(
+                f"aligner outputs W={aligner.latent_dim}, generator expects W={generator.latent_dim}"
+            )
         self.num_classes = num_classes
         self.proto_dim = proto_dim
         self.generator = generator
@@ -157,7 +159,9 @@ class KnowledgeTransferServer:
 
         t0 = time.perf_counter()
         fit = self.aligner.fit(vectors, class_ids, counts, sample_prior=sample_prior, generator=prior_rng)
-        latents, pair_classes = self.pair_latents(fit, class_ids, torch_generator(self.seed, "pairs", round_index))
+        latents, pair_classes = self.pair_latents(
+            fit, class_ids, torch_generator(self.seed, "pairs", round_index)
+        )
         t1 = time.perf_counter()
         images = self.generator.synthesize(latents.to(self.generator.device)).float().cpu()
         t2 = time.perf_counter()

@@ -39,7 +39,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but no CUDA device is available; use --device cpu or auto")
+        raise ConfigError(
+            f"device {name!r} asked for, but no CUDA device is available; use --device cpu or auto"
+        )
     return device
 
 
@@ -52,7 +54,9 @@ def prepare_run_dir(config: SimulateConfig, *, overwrite: bool = False) -> Path:
         run_dir = Path("runs") / f"{config.method}-{config.preset or 'custom'}-s{config.seed}-{stamp}"
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
-            raise ConfigError(f"run folder {run_dir} already exists and is not empty; choose another --out or pass --overwrite")
+            raise ConfigError(
+                f"run folder {run_dir} already exists and is not empty; choose another --out or pass --overwrite"
+            )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -85,7 +89,9 @@ def build_clients(
     return clients
 
 
-def run_simulation(config: SimulateConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_simulation(
+    config: SimulateConfig, *, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Run ``config`` end to end; returns the summary (also written to ``summary.json``)."""
     t_start = time.perf_counter()
     device = resolve_device(config.device)
@@ -96,7 +102,11 @@ def run_simulation(config: SimulateConfig, *, overwrite: bool = False, progress:
     clients = build_clients(config, data, etf, device)
     method = METHODS[config.method](
         MethodContext(
-            config=config, num_classes=num_classes, proto_dim=num_classes, class_names=data.class_names, device=device
+            config=config,
+            num_classes=num_classes,
+            proto_dim=num_classes,
+            class_names=data.class_names,
+            device=device,
         )
     )
     run_dir = prepare_run_dir(config, overwrite=overwrite)

@@ -17,7 +17,9 @@ def uploads(num_classes: int = 10, num_clients: int = 20, noise: float = 0.1, se
     """Each client sends every class: its ETF column plus client noise, renormalised."""
     g = torch.Generator().manual_seed(seed)
     etf = simplex_etf(num_classes, seed=seed)
-    vectors = etf.T.repeat(num_clients, 1) + noise * torch.randn(num_classes * num_clients, num_classes, generator=g)
+    vectors = etf.T.repeat(num_clients, 1) + noise * torch.randn(
+        num_classes * num_clients, num_classes, generator=g
+    )
     class_ids = torch.arange(num_classes).repeat(num_clients)
     counts = torch.randint(1, 50, (num_classes * num_clients,), generator=g)
     return F.normalize(vectors, dim=1), class_ids, counts
@@ -29,7 +31,9 @@ def fit(aligner: Aligner, seed: int = 0):
 
 
 def test_loss_drops_and_class_centroids_stay_apart() -> None:
-    aligner = Aligner.create(num_classes=10, proto_dim=10, latent_dim=W, settings=AlignerSettings(steps=150), seed=0)
+    aligner = Aligner.create(
+        num_classes=10, proto_dim=10, latent_dim=W, settings=AlignerSettings(steps=150), seed=0
+    )
     result = fit(aligner)
     losses = result.history["loss"]
     assert len(losses) == 150 and all(map(lambda v: v == v and abs(v) < 1e6, losses))
@@ -54,9 +58,17 @@ def test_centroids_are_count_weighted_means_and_absent_classes_are_zero() -> Non
 
 def test_single_prototype_batch_works() -> None:
     # The reference's BatchNorm F raised on a batch of one; ours trains on it.
-    aligner = Aligner.create(num_classes=3, proto_dim=3, latent_dim=W, settings=AlignerSettings(steps=5), seed=0)
+    aligner = Aligner.create(
+        num_classes=3, proto_dim=3, latent_dim=W, settings=AlignerSettings(steps=5), seed=0
+    )
     one = F.normalize(torch.randn(1, 3), dim=1)
-    result = aligner.fit(one, torch.tensor([1]), torch.tensor([4]), sample_prior=prior, generator=torch.Generator().manual_seed(0))
+    result = aligner.fit(
+        one,
+        torch.tensor([1]),
+        torch.tensor([4]),
+        sample_prior=prior,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert result.present.tolist() == [False, True, False]
     assert torch.isfinite(result.centroids).all()
     aligner.transformer.train()
@@ -64,7 +76,9 @@ def test_single_prototype_batch_works() -> None:
 
 
 def test_warm_start_keeps_f_between_rounds() -> None:
-    aligner = Aligner.create(num_classes=10, proto_dim=10, latent_dim=W, settings=AlignerSettings(steps=100), seed=0)
+    aligner = Aligner.create(
+        num_classes=10, proto_dim=10, latent_dim=W, settings=AlignerSettings(steps=100), seed=0
+    )
     first = fit(aligner, seed=0)
     second = fit(aligner, seed=0)
     assert second.history["loss"][0] < 0.5 * first.history["loss"][0]

@@ -28,7 +28,9 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         (["--dataset-typo"], ["unrecognized arguments"]),
     ],
 )
-def test_bad_config_values_give_one_clear_line(capsys: pytest.CaptureFixture[str], args: list[str], needles: list[str]) -> None:
+def test_bad_config_values_give_one_clear_line(
+    capsys: pytest.CaptureFixture[str], args: list[str], needles: list[str]
+) -> None:
     try:
         code, err = run_cli(capsys, "simulate", "--preset", "smoke", "--no-progress", *args)
     except SystemExit as exc:  # argparse's own errors (unknown flags) exit directly
@@ -41,10 +43,21 @@ def test_bad_config_values_give_one_clear_line(capsys: pytest.CaptureFixture[str
         assert needle in error_lines[0], (needle, error_lines[0])
 
 
-def test_missing_data_path_is_one_line_naming_the_package(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_missing_data_path_is_one_line_naming_the_package(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     code, err = run_cli(
-        capsys, "simulate", "--preset", "smoke", "--data.dataset", "fashion-mnist", "--data.path",
-        str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), "--no-progress",
+        capsys,
+        "simulate",
+        "--preset",
+        "smoke",
+        "--data.dataset",
+        "fashion-mnist",
+        "--data.path",
+        str(tmp_path / "nowhere"),
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
     )
     assert code == 2
     assert err.strip().count("\n") == 0 and err.startswith("ktl: error: Fashion-MNIST not found")
@@ -65,20 +78,34 @@ def test_unknown_preset_and_bad_config_file(capsys: pytest.CaptureFixture[str], 
     assert code == 2 and "roundz: unknown setting" in err
 
 
-def test_a_run_prints_per_round_accuracy_and_the_run_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_a_run_prints_per_round_accuracy_and_the_run_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     out = tmp_path / "run"
-    code, err = run_cli(capsys, "simulate", "--preset", "smoke", "--rounds", "1", "--out", str(out), "--no-progress")
+    code, err = run_cli(
+        capsys, "simulate", "--preset", "smoke", "--rounds", "1", "--out", str(out), "--no-progress"
+    )
     assert code == 0
     assert "round 1/1  accuracy" in err and str(out) in err
     # The resolved config reproduces the run: a config file plus a flag override.
-    code, err = run_cli(capsys, "simulate", "--config", str(out / "config.json"), "--out", str(tmp_path / "again"), "--no-progress")
+    code, err = run_cli(
+        capsys,
+        "simulate",
+        "--config",
+        str(out / "config.json"),
+        "--out",
+        str(tmp_path / "again"),
+        "--no-progress",
+    )
     assert code == 0 and (tmp_path / "again" / "summary.json").is_file()
 
 
 def test_console_entry_point_has_no_traceback_on_bad_input() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "ktl", "simulate", "--preset", "smoke", "--rounds", "-3"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("ktl: error: invalid config: rounds") and "Traceback" not in proc.stderr

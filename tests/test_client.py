@@ -60,11 +60,17 @@ def synthetic_local(n: int = 64, seed: int = 0, size: int = 12) -> LocalData:
 def cnn_client(settings: ClientSettings | None = None, data: LocalData | None = None) -> LocalClient:
     data = data or synthetic_local(size=28)
     model = ClientModel.build("cnn4", num_channels=1, image_size=28, proto_dim=C)
-    return LocalClient(client_id="c", model=model, data=data, etf=simplex_etf(C, seed=0), settings=settings, seed=0)
+    return LocalClient(
+        client_id="c", model=model, data=data, etf=simplex_etf(C, seed=0), settings=settings, seed=0
+    )
 
 
 def some_pairs(m: int = C, scale: float = 1.0, latent_dim: int = 32) -> Pairs:
-    return Pairs(images=torch.rand(m, 3, 32, 32), latents=scale * torch.randn(m, latent_dim), class_ids=torch.arange(m) % C)
+    return Pairs(
+        images=torch.rand(m, 3, 32, 32),
+        latents=scale * torch.randn(m, latent_dim),
+        class_ids=torch.arange(m) % C,
+    )
 
 
 def test_local_training_learns() -> None:
@@ -99,7 +105,9 @@ def test_losses_stay_finite_under_harsh_settings(name: str) -> None:
     settings = ClientSettings(lr=0.5, batch_size=8)
     data = synthetic_local(size=28)
     model = ClientModel.build(name, num_channels=1, image_size=28, proto_dim=C)
-    client = LocalClient(client_id=name, model=model, data=data, etf=simplex_etf(C, seed=0), settings=settings)
+    client = LocalClient(
+        client_id=name, model=model, data=data, etf=simplex_etf(C, seed=0), settings=settings
+    )
     client.receive_pairs(some_pairs(scale=1e3))
     for _ in range(3):
         stats = client.train(mu=50.0)
@@ -112,7 +120,9 @@ def test_losses_stay_finite_under_harsh_settings(name: str) -> None:
 def test_tiny_data_and_a_single_pair_do_not_crash_batchnorm() -> None:
     data = synthetic_local(n=4, size=28)  # 3 training samples: batch of 2 + a lone one (skipped)
     model = ClientModel.build("resnet-s", num_channels=1, image_size=28, proto_dim=C)
-    client = LocalClient(client_id="bn", model=model, data=data, etf=simplex_etf(C), settings=ClientSettings(batch_size=2))
+    client = LocalClient(
+        client_id="bn", model=model, data=data, etf=simplex_etf(C), settings=ClientSettings(batch_size=2)
+    )
     client.receive_pairs(some_pairs(m=1))
     stats = client.train(mu=1.0)
     assert stats.steps == 1 and stats.skipped == 0

@@ -118,7 +118,10 @@ def test_truncated_idx_is_a_data_error(tmp_path: Path) -> None:
         read_idx(path)
 
 
-@pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed (make setup installs it as root)")
+@pytest.mark.skipif(
+    not DEBIAN_DIR.is_dir(),
+    reason="Debian's dataset-fashion-mnist is not installed (make setup installs it as root)",
+)
 def test_real_fashion_mnist_from_debian() -> None:
     data = load_fashion_mnist()
     assert data.images.shape == (70000, 1, 28, 28)
@@ -138,7 +141,9 @@ def test_build_federated_data_from_synthetic() -> None:
     total = sum(c.train_y.numel() + c.test_y.numel() for c in fed.clients)
     assert total == 1500  # half of 3000
     for c in fed.clients:
-        assert c.train_x.dtype.is_floating_point and 0 <= float(c.train_x.min()) and float(c.train_x.max()) <= 1
+        assert (
+            c.train_x.dtype.is_floating_point and float(c.train_x.min()) >= 0 and float(c.train_x.max()) <= 1
+        )
         assert c.test_y.numel() >= 1
     again = build_federated_data(cfg, num_clients=5, seed=0)
     assert all(a.train_y.equal(b.train_y) for a, b in zip(fed.clients, again.clients, strict=True))
@@ -163,7 +168,11 @@ def _pfl_folder(root: Path, pickled: bool) -> Path:
 def test_pfl_folder_both_layouts(tmp_path: Path, pickled: bool) -> None:
     images, splits = load_pfl_folder(_pfl_folder(tmp_path, pickled))
     assert images.images.shape == (24, 1, 28, 28) and images.images.dtype == np.uint8
-    assert len(splits) == 3 and [len(tr) for tr, _ in splits] == [6, 6, 6] and [len(te) for _, te in splits] == [2, 2, 2]
+    assert (
+        len(splits) == 3
+        and [len(tr) for tr, _ in splits] == [6, 6, 6]
+        and [len(te) for _, te in splits] == [2, 2, 2]
+    )
     fed = build_federated_data(DataConfig(dataset="pfl-npz", path=tmp_path), num_clients=3, seed=0)
     assert [c.train_y.numel() for c in fed.clients] == [6, 6, 6]
     with pytest.raises(DataError, match="holds 3 clients"):

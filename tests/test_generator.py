@@ -80,8 +80,13 @@ def test_load_errors_are_one_clear_line(tmp_path: Path) -> None:
     (garbage / "config.json").write_text("{not json")
     cases["could not load"] = corrupt
     wrong = tmp_path / "unet"
-    UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=8,
-                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(wrong)
+    UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).save_pretrained(wrong)
     cases["not an AutoencoderKL"] = wrong
     no_weights = tmp_path / "no-weights"
     AutoencoderKL(**TINY_VAE).save_config(no_weights)

@@ -52,7 +52,11 @@ def test_distillation_loss_is_invariant_to_latent_scale() -> None:
     for scale in (1e-3, 1.0, 1e3):
         z = latents * scale
         rms = z.pow(2).mean().sqrt()
-        torch.testing.assert_close(distillation_loss(pred, z, rms), distillation_loss(pred, latents, latents.pow(2).mean().sqrt()))
+        torch.testing.assert_close(
+            distillation_loss(pred, z, rms), distillation_loss(pred, latents, latents.pow(2).mean().sqrt())
+        )
     # An untouched projector (predicting 0) starts at loss 1 whatever the scale.
     z = latents * 1e3
-    torch.testing.assert_close(distillation_loss(torch.zeros_like(z), z, z.pow(2).mean().sqrt()), torch.tensor(1.0))
+    torch.testing.assert_close(
+        distillation_loss(torch.zeros_like(z), z, z.pow(2).mean().sqrt()), torch.tensor(1.0)
+    )

@@ -60,3 +60,18 @@ def test_single_row_sample_is_finite() -> None:
     value = mmd2_rbf(x, torch.randn(50, 8), torch.tensor([16.0]))
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(x.grad).all()
+
+
+def test_prior_kernel_equals_the_two_sample_estimate_on_the_same_draws() -> None:
+    from ktl.aligner import PriorKernel
+
+    g = torch.Generator().manual_seed(2)
+    y = torch.randn(300, 32, generator=g)
+    x = (0.5 * torch.randn(40, 32, generator=g) + 0.3).requires_grad_(True)
+    kernel = PriorKernel(y, within_samples=300)
+    fast = kernel.mmd2(x, y)
+    full = mmd2_rbf(x, y, kernel.bandwidths)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    (g_fast,) = torch.autograd.grad(fast, x)
+    (g_full,) = torch.autograd.grad(mmd2_rbf(x, y, kernel.bandwidths), x)
+    torch.testing.assert_close(g_fast, g_full)

@@ -9,7 +9,9 @@ from ktl.records import Pairs, Prototypes
 
 def protos(n: int = 3, k: int = 10) -> Prototypes:
     return Prototypes(
-        vectors=F.normalize(torch.randn(n, k), dim=1), class_ids=torch.arange(n) * 2, counts=torch.arange(1, n + 1)
+        vectors=F.normalize(torch.randn(n, k), dim=1),
+        class_ids=torch.arange(n) * 2,
+        counts=torch.arange(1, n + 1),
     )
 
 
@@ -41,7 +43,10 @@ def bad_cases():
     yield "class_range", Prototypes(ok.vectors, torch.tensor([-1, 1, 2]), ok.counts)
     yield "class_repeated", Prototypes(ok.vectors, torch.tensor([0, 1, 1]), ok.counts)
     yield "counts", Prototypes(ok.vectors, ok.class_ids, torch.tensor([1, 0, 2]))
-    yield "empty", Prototypes(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    yield (
+        "empty",
+        Prototypes(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)),
+    )
 
 
 @pytest.mark.parametrize(("reason", "payload"), list(bad_cases()))
@@ -72,8 +77,12 @@ def test_from_bytes_rejects_garbage_and_wrong_tensors() -> None:
     with pytest.raises(PayloadError) as info:
         Prototypes.from_bytes(save({"prototypes": torch.zeros(1, 2)}))
     assert info.value.reason == "missing_tensor"
-    extra = {"prototypes": torch.zeros(1, 2), "class_ids": torch.zeros(1, dtype=torch.long),
-             "counts": torch.ones(1, dtype=torch.long), "evil": torch.zeros(1)}
+    extra = {
+        "prototypes": torch.zeros(1, 2),
+        "class_ids": torch.zeros(1, dtype=torch.long),
+        "counts": torch.ones(1, dtype=torch.long),
+        "evil": torch.zeros(1),
+    }
     with pytest.raises(PayloadError) as info:
         Prototypes.from_bytes(save(extra))
     assert info.value.reason == "unexpected_tensor"

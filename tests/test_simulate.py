@@ -37,8 +37,17 @@ def test_two_round_fedktl_simulation_writes_a_complete_run_folder(tmp_path: Path
     assert lines[0]["distill_loss"] == 0 and lines[1]["distill_loss"] > 0  # pairs arrive after round 1
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
-    for key in ("method", "preset", "seed", "final_accuracy", "best_accuracy", "bytes_up_per_client_round",
-                "bytes_down_per_client_round", "wall_time_s", "generator"):
+    for key in (
+        "method",
+        "preset",
+        "seed",
+        "final_accuracy",
+        "best_accuracy",
+        "bytes_up_per_client_round",
+        "bytes_down_per_client_round",
+        "wall_time_s",
+        "generator",
+    ):
         assert key in summary
     assert summary["final_accuracy"] == lines[-1]["accuracy"]
     assert summary["bytes_up_per_client_round"] > 0 and summary["bytes_down_per_client_round"] > 0
@@ -59,7 +68,9 @@ def test_same_seed_same_numbers_on_cpu(tmp_path: Path) -> None:
     ]
     assert metrics[0] == metrics[1]
     assert a["final_accuracy"] == b["final_accuracy"]
-    assert (tmp_path / "a" / "pairs.safetensors").read_bytes() == (tmp_path / "b" / "pairs.safetensors").read_bytes()
+    assert (tmp_path / "a" / "pairs.safetensors").read_bytes() == (
+        tmp_path / "b" / "pairs.safetensors"
+    ).read_bytes()
 
 
 def test_local_method_exchanges_nothing(tmp_path: Path) -> None:
@@ -70,7 +81,9 @@ def test_local_method_exchanges_nothing(tmp_path: Path) -> None:
 
 def test_fp16_upload_is_c_by_k_by_two_bytes_plus_framing(tmp_path: Path) -> None:
     summary = run_simulation(tiny(tmp_path, "fp16", rounds=1), progress=False)
-    fp32 = run_simulation(tiny(tmp_path, "fp32", rounds=1, fedktl={"upload_dtype": "float32"}), progress=False)
+    fp32 = run_simulation(
+        tiny(tmp_path, "fp32", rounds=1, fedktl={"upload_dtype": "float32"}), progress=False
+    )
     assert summary["bytes_up_per_client_round"] < fp32["bytes_up_per_client_round"]
 
 

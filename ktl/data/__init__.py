@@ -73,7 +73,9 @@ DATASETS: dict[str, DatasetLoader] = {
 }
 
 PARTITIONS: dict[str, Partitioner] = {
-    "dirichlet": lambda y, n, cfg, rng: dirichlet_partition(y, n, cfg.alpha, rng, min_samples=cfg.min_samples),
+    "dirichlet": lambda y, n, cfg, rng: dirichlet_partition(
+        y, n, cfg.alpha, rng, min_samples=cfg.min_samples
+    ),
     "pathological": lambda y, n, cfg, rng: pathological_partition(y, n, cfg.classes_per_client, rng),
 }
 
@@ -116,6 +118,8 @@ def build_federated_data(config: DataConfig, *, num_clients: int, seed: int) -> 
     else:
         if len(splits) != num_clients:
             raise DataError(f"{images.source} holds {len(splits)} clients but num_clients is {num_clients}")
-        splits = [(_subsample(tr, config.fraction, rng), _subsample(te, config.fraction, rng)) for tr, te in splits]
+        splits = [
+            (_subsample(tr, config.fraction, rng), _subsample(te, config.fraction, rng)) for tr, te in splits
+        ]
     clients = [_to_local(images, train, test) for train, test in splits]
     return FederatedData(clients=clients, class_names=images.class_names, source=images.source)

@@ -14,21 +14,36 @@ from ktl.errors import DataError
 
 __all__ = ["CLASS_NAMES", "DEBIAN_DIR", "ENV_VAR", "find_fashion_mnist", "load_fashion_mnist", "read_idx"]
 
-CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CLASS_NAMES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "KTL_DATA_DIR"
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4")}
+_IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+}
 
 
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped) into an array."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:  # type: ignore[operator]
-        data = f.read()
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise DataError(f"{path} is not an IDX file")
     dtype = _IDX_DTYPES.get(data[2])
@@ -82,4 +97,6 @@ def load_fashion_mnist(path: Path | None = None) -> ImageSet:
             raise DataError(f"{folder}: images {img.shape} and labels {lbl.shape} do not match")
         images.append(img[:, None])
         labels.append(lbl.astype(np.int64))
-    return ImageSet(np.concatenate(images), np.concatenate(labels), list(CLASS_NAMES), source=f"Fashion-MNIST ({folder})")
+    return ImageSet(
+        np.concatenate(images), np.concatenate(labels), list(CLASS_NAMES), source=f"Fashion-MNIST ({folder})"
+    )

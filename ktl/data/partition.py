@@ -70,7 +70,10 @@ def pathological_partition(
             "every sample must belong to a client"
         )
     order = rng.permutation(classes)
-    held = [[order[(i * classes_per_client + j) % c] for j in range(classes_per_client)] for i in range(num_clients)]
+    held = [
+        [order[(i * classes_per_client + j) % c] for j in range(classes_per_client)]
+        for i in range(num_clients)
+    ]
     parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     for cls in classes:
         holders = [i for i, h in enumerate(held) if cls in h]

@@ -92,7 +92,9 @@ def load_pfl_folder(root: Path) -> tuple[ImageSet, list[tuple[np.ndarray, np.nda
     root = Path(root).expanduser()
     train_dir, test_dir = root / "train", root / "test"
     if not train_dir.is_dir() or not test_dir.is_dir():
-        raise DataError(f"{root} is not a PFLlib folder: it needs train/ and test/ subfolders of <i>.npz files")
+        raise DataError(
+            f"{root} is not a PFLlib folder: it needs train/ and test/ subfolders of <i>.npz files"
+        )
     n_clients = len(list(train_dir.glob("*.npz")))
     if n_clients == 0:
         raise DataError(f"{train_dir} holds no .npz files")

@@ -11,7 +11,12 @@ __all__ = ["make_synthetic"]
 
 
 def make_synthetic(
-    *, num_classes: int = 10, samples_per_class: int = 100, image_size: int = 28, num_channels: int = 1, seed: int = 0
+    *,
+    num_classes: int = 10,
+    samples_per_class: int = 100,
+    image_size: int = 28,
+    num_channels: int = 1,
+    seed: int = 0,
 ) -> ImageSet:
     rng = np.random.default_rng(seed)
     coarse = rng.random((num_classes, num_channels, 7, 7))
@@ -26,4 +31,6 @@ def make_synthetic(
     images = images * rng.uniform(0.6, 1.0, size=(n, 1, 1, 1)) + rng.normal(0, 0.08, size=images.shape)
     order = rng.permutation(n)
     pixels = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
-    return ImageSet(pixels[order], labels[order], [f"class {c}" for c in range(num_classes)], source="synthetic")
+    return ImageSet(
+        pixels[order], labels[order], [f"class {c}" for c in range(num_classes)], source="synthetic"
+    )
