@@ -76,7 +76,9 @@ def kernel_sum(d: torch.Tensor, bandwidths: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def mmd2_rbf(x: torch.Tensor, y: torch.Tensor, bandwidths: torch.Tensor, *, unbiased: bool = True) -> torch.Tensor:
+def mmd2_rbf(
+    x: torch.Tensor, y: torch.Tensor, bandwidths: torch.Tensor, *, unbiased: bool = True
+) -> torch.Tensor:
     """Squared MMD between samples ``x`` (n, W) and ``y`` (m, W) under ``Σ_h exp(-d/h)``.
 
     With ``unbiased=True`` (the U-statistic) the diagonal of the within-sample blocks is left out, so the

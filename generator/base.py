@@ -20,7 +20,6 @@ class GeneratorSpec(BaseModel):
     path: Path | None = None  # a local model folder; None = the embedded default shipped with ktl
     seed: int = 0  # initialises the embedded default while it has no trained weights
     batch_size: int = Field(64, ge=1)  # images per forward pass in `synthesize`
-    trust_pickle: bool = False  # StyleGAN pickles are loaded only when the operator sets this
 
 
 @runtime_checkable

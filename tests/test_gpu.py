@@ -1,0 +1,39 @@
+"""The CUDA path. Marked ``gpu``: skipped without CUDA, run on the device machine with ``pytest -m gpu``."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ktl.aligner import AlignerSettings
+from ktl.config import build_config
+from ktl.generator import GeneratorSpec, load_generator
+from ktl.round import KnowledgeTransferServer
+from ktl.simulate import run_simulation
+from tests.test_round import UPLOADS
+
+pytestmark = pytest.mark.gpu
+
+
+def test_server_round_on_cuda_matches_shapes_and_stays_on_device() -> None:
+    generator = load_generator(GeneratorSpec(), "cuda")
+    server = KnowledgeTransferServer.create(
+        num_classes=10,
+        proto_dim=10,
+        generator=generator,
+        aligner_settings=AlignerSettings(steps=50),
+        device="cuda",
+    )
+    assert generator.device.type == "cuda" and server.aligner.device.type == "cuda"
+    result = server.run_round(UPLOADS, round_index=1)
+    assert result.pairs.images.shape == (5, 3, 32, 32) and result.pairs.images.device.type == "cpu"
+    assert all(v == v for v in result.history["loss"])
+
+
+def test_tiny_simulation_on_cuda(tmp_path: Path) -> None:
+    config = build_config(
+        preset="smoke", overrides={"device": "cuda", "out": str(tmp_path / "run"), "aligner": {"steps": 20}}
+    )
+    summary = run_simulation(config, progress=False)
+    assert summary["device"].startswith("cuda") and 0 <= summary["final_accuracy"] <= 1
+    assert torch.cuda.max_memory_allocated() > 0
