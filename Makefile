@@ -32,7 +32,7 @@ data:
 	fi
 
 demo: setup
-	$(BIN)/ktl simulate --preset cpu-small --method fedktl --seed 0 --out runs/demo
+	$(BIN)/ktl simulate --preset cpu-small --method fedktl --seed 0
 
 test: setup
 	$(BIN)/python -m pytest -q
