@@ -136,3 +136,32 @@ def test_adapt_images_converts_channels_and_size() -> None:
     torch.testing.assert_close(white, torch.ones(1, 1, 28, 28))
     back = adapt_images(torch.rand(2, 1, 28, 28), num_channels=3, image_size=32)
     assert back.shape == (2, 3, 32, 32)
+
+
+def test_batchnorm_stats_frozen_normalises_but_keeps_running_stats() -> None:
+    from ktl.clients.trainer import batchnorm_stats_frozen
+
+    bn = nn.BatchNorm1d(3)
+    bn.train()
+    before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    x = 5 + 3 * torch.randn(64, 3)
+    with batchnorm_stats_frozen(bn):
+        out = bn(x)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == before[2] and bn.momentum == 0.1
+    assert float(out.mean().abs()) < 1e-4  # normalised with the batch's own statistics
+    bn(x)  # outside, running statistics move again
+    assert not torch.equal(bn.running_mean, before[0])
+
+
+def test_generated_pairs_do_not_shift_the_statistics_used_on_real_data() -> None:
+    model = ClientModel.build("resnet-s", num_channels=1, image_size=28, proto_dim=C)
+    client = LocalClient(client_id="bn", model=model, data=synthetic_local(size=28), etf=simplex_etf(C))
+    client.receive_pairs(some_pairs())
+    stats = [m.running_mean.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    client.model.train()
+    distil = client._distillation()
+    assert distil is not None
+    distil().backward()
+    after = [m.running_mean for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(stats, after, strict=True))
