@@ -29,10 +29,17 @@ def batchnorm_stats_frozen(module: nn.Module) -> Iterator[None]:
 
     Generated images are a different distribution from a client's data; letting their forward pass move
     the running statistics makes real test images be normalised with a real/synthetic mixture (the
-    reference did so, and MobileNetV2 clients lost up to 40 points of accuracy to it here).
+    reference did so; on cpu-small it cost MobileNetV2 clients 35 points of accuracy, see docs/results.md).
     """
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms]
+    norms = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    saved = [
+        (m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+        for m in norms
+    ]
     for m in norms:
         m.momentum = 0.0  # running = (1 - 0)·running + 0·batch
     try:
