@@ -174,10 +174,6 @@ class LocalClient:
         self._pairs = _HeldPairs(x=x, z=z, rms=z.pow(2).mean().sqrt().clamp_min(1e-8))
         self.model.ensure_projector(int(z.shape[1]))
 
-    @property
-    def has_pairs(self) -> bool:
-        return self._pairs is not None
-
     # -- local training -----------------------------------------------------------------------------
 
     def train(self, *, mu: float = 0.0) -> TrainStats:

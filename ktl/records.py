@@ -73,10 +73,6 @@ class Prototypes:
         if c.dtype != torch.int64 or n.dtype != torch.int64:
             raise PayloadError("dtype", f"class_ids and counts must be int64, got {c.dtype} and {n.dtype}")
 
-    @property
-    def num_rows(self) -> int:
-        return int(self.vectors.shape[0])
-
     def validate(
         self, *, num_classes: int, dim: int, norm_tolerance: float = PROTOTYPE_NORM_TOLERANCE
     ) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,7 +17,6 @@ class ImageSet:
     labels: np.ndarray
     class_names: list[str]
     source: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[0] != self.labels.shape[0]:
@@ -29,6 +28,3 @@ class ImageSet:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
-
-    def subset(self, index: np.ndarray) -> ImageSet:
-        return ImageSet(self.images[index], self.labels[index], self.class_names, self.source, self.extra)
