@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ktl.aligner.mmd import DEFAULT_BANDWIDTH_MULTIPLIERS, PriorKernel
 from ktl.aligner.transformer import FeatureTransformer
@@ -27,18 +27,34 @@ class AlignerSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    hidden_dim: int = Field(256, ge=1)  # width of F's hidden layer (the reference used K, i.e. 10 at C = 10)
-    num_layers: int = Field(2, ge=1)  # linear layers in F; the reference's 2
-    lr: float = Field(0.01, gt=0)  # Adam learning rate; the reference's server_learning_rate
+    hidden_dim: int = Field(
+        256, ge=1, le=8192
+    )  # width of F's hidden layer (the reference used K, i.e. 10 at C = 10)
+    num_layers: int = Field(2, ge=1, le=16)  # linear layers in F; the reference's 2
+    lr: float = Field(0.01, gt=0, le=10)  # Adam learning rate; the reference's server_learning_rate
     # Full-batch Adam steps per round. The reference runs 100 epochs of mini-batches of 100, i.e. 200 steps
     # at C = 10 with 20 clients; full batches make each of ours an exact gradient of the round's loss.
-    steps: int = Field(200, ge=1)
-    lam: float = Field(1.0, ge=0)  # λ, weight of the centroid MSE (the reference: 1.0 for StyleGAN-XL)
-    mmd_weight: float = Field(1.0, ge=0)  # weight of the MMD term (0 ablates it)
-    prior_samples: int = Field(512, ge=2)  # prior draws per step for the MMD
-    bandwidth_samples: int = Field(4096, ge=2)  # prior draws, once per fit: RBF bandwidths and E k(y, y')
-    bandwidth_multipliers: tuple[float, ...] = DEFAULT_BANDWIDTH_MULTIPLIERS  # × the mean squared distance
+    steps: int = Field(200, ge=1, le=100_000)
+    lam: float = Field(
+        1.0, ge=0, le=1e6
+    )  # λ, weight of the centroid MSE (the reference: 1.0 for StyleGAN-XL)
+    mmd_weight: float = Field(1.0, ge=0, le=1e6)  # weight of the MMD term (0 ablates it)
+    prior_samples: int = Field(512, ge=2, le=100_000)  # prior draws per step for the MMD
+    bandwidth_samples: int = Field(
+        4096, ge=2, le=100_000
+    )  # prior draws, once per fit: RBF bandwidths and E k(y, y')
+    # × the prior's mean squared distance; non-empty, positive
+    bandwidth_multipliers: tuple[float, ...] = Field(
+        DEFAULT_BANDWIDTH_MULTIPLIERS, min_length=1, max_length=16
+    )
     clip_grad_norm: float = Field(10.0, gt=0)  # guards against a spike from a degenerate upload
+
+    @field_validator("bandwidth_multipliers")
+    @classmethod
+    def _positive(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not all(0 < m < float("inf") for m in value):
+            raise ValueError("bandwidth multipliers must be positive and finite")
+        return value
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,6 @@
-"""The HTTP service (``ktl.api``): FastAPI app, routers, durable store — the "knowledge-transfer server over HTTP" issue."""
+"""The HTTP service (``ktl.api``): ``create_app(settings)``, a router per resource, a durable store."""
+
+from ktl.api.app import create_app
+from ktl.api.settings import ServerSettings, load_settings
+
+__all__ = ["ServerSettings", "create_app", "load_settings"]

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from ktl.errors import KtlError
 
@@ -28,12 +32,12 @@ def _setup_logging(verbosity: int) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset({"preset"})) -> None:
     from ktl.config import config_fields
 
     group = parser.add_argument_group("settings (override the preset; see docs/configuration.md)")
     for dotted, _annotation, help_text in config_fields():
-        if dotted == "preset":
+        if dotted in exclude:
             continue
         names = [f"--{dotted.replace('_', '-')}"]
         if "_" in dotted:
@@ -82,6 +86,146 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ktl.api import create_app, load_settings
+
+    settings = load_settings(
+        args.config, data_dir=args.data_dir, host=args.host, port=args.port, device=args.device
+    )
+    app = create_app(settings)  # refuses to start without an admin token
+    logger.info(
+        "ktl serve on http://%s:%d (docs at /docs), state in %s",
+        settings.host,
+        settings.port,
+        settings.data_dir,
+    )
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=10
+    )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ktl.demo import DemoOptions, run_demo
+
+    options = DemoOptions(
+        rounds=args.rounds,
+        clients=args.clients,
+        seed=args.seed,
+        preset=args.preset,
+        out=args.out,
+        keep_serving=args.keep_serving,
+    )
+    if options.rounds < 1 or options.clients < 1:
+        raise KtlError("--rounds and --clients must be at least 1")
+    run_demo(options)
+    return 0
+
+
+def _client_sdk(args: argparse.Namespace) -> Any:
+    from ktl.clients.sdk import KtlHttpClient
+
+    token = args.token or os.environ.get("KTL_TOKEN")
+    if not token:
+        raise KtlError("no token: pass --token or set KTL_TOKEN")
+    return KtlHttpClient(args.url, token, timeout=args.timeout)
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from ktl.clients.sdk import KtlApiError
+
+    try:
+        return int(args.client_func(args))
+    except KtlApiError as exc:
+        raise KtlError(f"server answered {exc}") from None
+    except httpx.HTTPError as exc:
+        raise KtlError(f"cannot reach {args.url}: {exc}") from None
+
+
+def _client_status(args: argparse.Namespace) -> int:
+    with _client_sdk(args) as sdk:
+        answer = sdk.round(args.federation, args.round) if args.round else sdk.federation(args.federation)
+    sys.stdout.write(json.dumps(answer, indent=2) + "\n")
+    return 0
+
+
+def _client_upload(args: argparse.Namespace) -> int:
+    from ktl.records import Prototypes
+
+    if not args.file.is_file():
+        raise KtlError(f"{args.file} does not exist")
+    prototypes = Prototypes.from_bytes(args.file.read_bytes())
+    with _client_sdk(args) as sdk:
+        answer = sdk.upload(args.federation, args.round, prototypes, dtype=prototypes.vectors.dtype)
+    sys.stdout.write(json.dumps(answer, indent=2) + "\n")
+    return 0
+
+
+def _client_pairs(args: argparse.Namespace) -> int:
+    with _client_sdk(args) as sdk:
+        data = sdk.request("GET", f"/v1/federations/{args.federation}/rounds/{args.round}/pairs").content
+        args.out.write_bytes(data)
+        if args.png:
+            args.png.write_bytes(sdk.pairs_png(args.federation, args.round))
+    logger.info(
+        "pairs of round %d: %s (%d bytes)%s",
+        args.round,
+        args.out,
+        len(data),
+        f", grid {args.png}" if args.png else "",
+    )
+    return 0
+
+
+def _client_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ktl.clients import ClientModel, LocalClient
+    from ktl.config import build_config
+    from ktl.data import build_federated_data
+    from ktl.participant import take_pairs, train_and_upload
+    from ktl.seeding import derive_seed
+    from ktl.simulate import resolve_device
+
+    config = build_config(preset=args.preset, config_file=args.config, overrides=_overrides(args))
+    if not 0 <= args.client_index < config.num_clients:
+        raise KtlError(f"--client-index must lie in [0, {config.num_clients})")
+    data = build_federated_data(config.data, num_clients=config.num_clients, seed=config.seed)
+    with _client_sdk(args) as sdk:
+        fed = sdk.federation(args.federation, include_etf=True)
+        if fed["spec"]["num_classes"] != data.num_classes:
+            raise KtlError(
+                f"federation has {fed['spec']['num_classes']} classes, the local data {data.num_classes}"
+            )
+        etf = torch.tensor(fed["etf"])
+        i = args.client_index
+        name = config.models[i % len(config.models)]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(config.seed, "model", i))
+            model = ClientModel.build(
+                name, num_channels=data.num_channels, image_size=data.image_size, proto_dim=etf.shape[0]
+            )
+        client = LocalClient(
+            client_id=f"client-{i:02d}-{name}",
+            model=model,
+            data=data.clients[i],
+            etf=etf,
+            settings=config.client,
+            device=resolve_device(config.device),
+            seed=derive_seed(config.seed, "batches", i),
+        )
+        mu = float(fed["spec"]["fedktl"]["mu"])
+        start = int(fed["current_round"])
+        for r in range(start, start + args.rounds):
+            train_and_upload(client, sdk, args.federation, r, mu=mu)
+            correct, total = client.evaluate()
+            take_pairs(client, sdk, args.federation, r, timeout=args.wait)
+            logger.info("round %d: local accuracy %.4f (%d test samples)", r, correct / max(total, 1), total)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ktl", description="Generator-based knowledge transfer (FedKTL).")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -106,6 +250,75 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="presets, methods, data sets, generators and models")
     lst.set_defaults(func=_cmd_list)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the HTTP server (needs KTL_ADMIN_TOKEN)",
+        description=(
+            "Serve the ktl API. Settings come from flags, KTL_* environment variables and --config (TOML); "
+            "the admin token only from KTL_ADMIN_TOKEN (or the TOML file)."
+        ),
+    )
+    serve.add_argument("--config", type=Path, default=None, help="TOML settings file")
+    serve.add_argument("--data-dir", type=Path, default=None, help="where state lives (default ./ktl-data)")
+    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    serve.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default auto)")
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.set_defaults(func=_cmd_serve)
+
+    demo = sub.add_parser("demo", help="server + heterogeneous clients over real HTTP, on this machine")
+    demo.add_argument("--rounds", type=int, default=5)
+    demo.add_argument("--clients", type=int, default=20)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--preset", default="cpu-small", help="data, models and local training of this preset")
+    demo.add_argument("--out", type=Path, default=None, help="run folder (default runs/demo-<time>)")
+    demo.add_argument(
+        "--keep-serving", action="store_true", help="leave the server up afterwards (Ctrl-C stops)"
+    )
+    demo.set_defaults(func=_cmd_demo)
+
+    client = sub.add_parser(
+        "client", help="talk to a ktl server as a client (token from --token or KTL_TOKEN)"
+    )
+    client_sub = client.add_subparsers(dest="client_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", required=True, help="server URL, e.g. http://127.0.0.1:8000")
+        p.add_argument("--token", default=None, help="bearer token (default: $KTL_TOKEN)")
+        p.add_argument("--federation", required=True, help="federation id")
+        p.add_argument("--timeout", type=float, default=30.0, help="seconds per request attempt")
+
+    st = client_sub.add_parser("status", help="print the federation, or a round with --round")
+    common(st)
+    st.add_argument("--round", type=int, default=None)
+    st.set_defaults(client_func=_client_status)
+    up = client_sub.add_parser("upload", help="upload a prototypes safetensors file")
+    common(up)
+    up.add_argument("--round", type=int, required=True)
+    up.add_argument("--file", type=Path, required=True)
+    up.set_defaults(client_func=_client_upload)
+    pr = client_sub.add_parser("pairs", help="download a published round's pairs")
+    common(pr)
+    pr.add_argument("--round", type=int, required=True)
+    pr.add_argument("--out", type=Path, required=True, help="where to write the safetensors")
+    pr.add_argument("--png", type=Path, default=None, help="also write the labelled grid here")
+    pr.set_defaults(client_func=_client_pairs)
+    run = client_sub.add_parser(
+        "run", help="participate: train on partition --client-index of the preset's data, for --rounds rounds"
+    )
+    common(run)
+    run.add_argument("--client-index", type=int, required=True)
+    run.add_argument("--rounds", type=int, default=1)
+    run.add_argument("--wait", type=float, default=3600.0, help="seconds to wait for each round's pairs")
+    run.add_argument("--preset", default="cpu-small")
+    run.add_argument("--config", type=Path, default=None)
+    _add_config_flags(run, exclude=frozenset({"preset", "rounds", "method", "out"}))
+    run.set_defaults(client_func=_client_run)
+    for p in (st, up, pr, run):
+        p.set_defaults(func=_cmd_client)
     return parser
 
 

@@ -35,8 +35,8 @@ class FedKTLSettings(BaseModel):
 
     # Weight μ of the clients' distillation MSE. The targets are divided by their RMS, so μ = 1 weighs a
     # fresh projector's error (≈ 1) like one unit of the margin loss, whatever the generator's latent scale.
-    mu: float = Field(1.0, ge=0)
-    pairs_per_class: int = Field(1, ge=1)  # 1 = the class centroid; more add aligned single uploads
+    mu: float = Field(1.0, ge=0, le=1e6)
+    pairs_per_class: int = Field(1, ge=1, le=1000)  # 1 = the class centroid; more add aligned single uploads
     upload_dtype: Literal["float16", "float32"] = "float16"  # fp16 halves the upload; norms move < 1e-3
 
 

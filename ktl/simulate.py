@@ -29,7 +29,7 @@ from ktl.errors import ConfigError
 from ktl.methods import METHODS, MethodContext
 from ktl.seeding import derive_seed
 
-__all__ = ["run_simulation", "resolve_device", "build_clients", "prepare_run_dir"]
+__all__ = ["run_simulation", "resolve_device", "build_clients", "prepare_run_dir", "evaluate_clients"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,13 @@ def build_clients(
     return clients
 
 
+def evaluate_clients(clients: list[LocalClient]) -> tuple[float, list[float | None]]:
+    """Test-sample-weighted mean accuracy over clients (PFLlib's figure) and each client's accuracy."""
+    scores = [client.evaluate() for client in clients]
+    accuracy = sum(c for c, _ in scores) / max(1, sum(t for _, t in scores))
+    return accuracy, [c / t if t else None for c, t in scores]
+
+
 def run_simulation(
     config: SimulateConfig, *, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
@@ -140,8 +147,7 @@ def run_simulation(
                     uploads[client.client_id] = update.payload
                 bar.update(1)
             t_trained = time.perf_counter()
-            scores = [client.evaluate() for client in clients]
-            accuracy = sum(c for c, _ in scores) / max(1, sum(t for _, t in scores))
+            accuracy, client_accuracy = evaluate_clients(clients)
             accuracies.append(accuracy)
             server = method.server_update(uploads, round_index)
             if server.payload is not None:
@@ -154,7 +160,7 @@ def run_simulation(
             record = {
                 "round": round_index,
                 "accuracy": accuracy,
-                "client_accuracy": [c / t if t else None for c, t in scores],
+                "client_accuracy": client_accuracy,
                 "train_loss": sum(s.supervised_loss for s in stats) / len(stats),
                 "distill_loss": sum(s.distill_loss for s in stats) / len(stats),
                 "skipped_steps": sum(s.skipped for s in stats),

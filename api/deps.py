@@ -1,0 +1,123 @@
+"""Shared route dependencies (FastAPI ``Annotated`` style): the service, who is calling, limited bodies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Path, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from ktl.api.errors import ApiError
+from ktl.api.service import KtlService
+from ktl.api.store import ClientRecord, FederationRecord
+
+__all__ = [
+    "Admin",
+    "CallerDep",
+    "ClientCaller",
+    "FederationAccess",
+    "FederationId",
+    "RoundIndex",
+    "ServiceDep",
+    "UploadBody",
+]
+
+_bearer = HTTPBearer(auto_error=False, description="The admin token (KTL_ADMIN_TOKEN) or a client token")
+
+FederationId = Annotated[str, Path(min_length=1, max_length=64, description="Federation id")]
+RoundIndex = Annotated[int, Path(ge=1, le=2**31, description="Round number (1, 2, …)")]
+
+
+def get_service(request: Request) -> KtlService:
+    service: KtlService = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[KtlService, Depends(get_service)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+
+
+def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is None or not credentials.credentials:
+        raise ApiError(
+            401, "missing_token", "send Authorization: Bearer <token>", headers={"WWW-Authenticate": "Bearer"}
+        )
+    return credentials.credentials
+
+
+def require_admin(service: ServiceDep, credentials: Credentials) -> None:
+    if not service.is_admin(_token(credentials)):
+        raise ApiError(
+            401, "bad_token", "this route needs the admin token", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+Admin = Annotated[None, Depends(require_admin)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The admin (client is None) or an authenticated, rate-limited client."""
+
+    client: ClientRecord | None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.client is None
+
+
+def get_caller(service: ServiceDep, credentials: Credentials) -> Caller:
+    token = _token(credentials)
+    if service.is_admin(token):
+        return Caller(client=None)
+    client = service.authenticate(token)
+    if client is None:
+        raise ApiError(401, "bad_token", "unknown or revoked token", headers={"WWW-Authenticate": "Bearer"})
+    service.check_rate(client)
+    return Caller(client=client)
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def federation_access(fid: FederationId, service: ServiceDep, caller: CallerDep) -> FederationRecord:
+    """The federation, if the caller is the admin or one of its clients (404 / 403 otherwise)."""
+    fed = service.federation(fid)
+    if caller.client is not None and caller.client.federation_id != fed.id:
+        raise ApiError(403, "wrong_federation", f"this client belongs to another federation, not {fed.id}")
+    return fed
+
+
+FederationAccess = Annotated[FederationRecord, Depends(federation_access)]
+
+
+def client_caller(fed: FederationAccess, caller: CallerDep) -> ClientRecord:
+    if caller.client is None:
+        raise ApiError(
+            403, "client_token_required", "uploads are made with a client token, not the admin token"
+        )
+    return caller.client
+
+
+ClientCaller = Annotated[ClientRecord, Depends(client_caller)]
+
+
+async def upload_body(request: Request, service: ServiceDep, client: ClientCaller) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``max_upload_bytes`` (read after auth)."""
+    limit = service.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "bad_content_length", "Content-Length must be a number of bytes")
+        if int(declared) > limit:
+            raise ApiError(413, "too_large", f"body of {declared} bytes exceeds the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "too_large", f"body exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
+UploadBody = Annotated[bytes, Depends(upload_body)]

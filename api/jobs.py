@@ -1,0 +1,95 @@
+"""Batch generation jobs: what to generate, and a safetensors file written batch by batch.
+
+A job is deterministic in its spec: image ``i`` comes from source ``i // per_class`` (a class centroid or
+a given latent) plus ``spread · ε`` with ε drawn from the generator's prior by an RNG seeded from the
+job's seed and the batch's first index. A job that a restart interrupts therefore re-runs to the same
+result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ktl.api.store import commit_temp
+
+__all__ = ["JobPlan", "StreamingSafetensors"]
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Sources ``(s, W)`` on the generator's device, their class ids ``(s,)``, and images per source."""
+
+    sources: torch.Tensor
+    class_ids: torch.Tensor
+    per_source: int
+    spread: float
+    seed: int
+
+    @property
+    def total(self) -> int:
+        return int(self.sources.shape[0]) * self.per_source
+
+    def latents(self, start: int, end: int, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents and class ids of images ``start … end-1``; ``noise`` is ``(end-start, W)`` or None."""
+        index = torch.arange(start, end, device=self.sources.device) // self.per_source
+        latents = self.sources[index]
+        if noise is not None and self.spread > 0:
+            latents = latents + self.spread * noise
+        return latents, self.class_ids[index.cpu()]
+
+
+_DTYPES = {torch.uint8: "U8", torch.float32: "F32", torch.int64: "I64"}
+
+
+class StreamingSafetensors:
+    """Write a safetensors file whose tensor shapes are known up front, one row range at a time.
+
+    The header (shapes, dtypes, offsets) is written first; each `write` seeks into the data section.
+    `finish` fsyncs and renames the file into place; until then readers never see a partial file.
+    """
+
+    def __init__(self, path: Path, tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+        self.path = path
+        self._tmp = path.with_name(f".{path.name}.partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header: dict[str, dict[str, object]] = {}
+        self._layout: dict[str, tuple[int, int]] = {}  # name -> (start offset, bytes per row)
+        offset = 0
+        for name, (dtype, shape) in tensors.items():
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            row = itemsize * int(torch.tensor(shape[1:]).prod().item()) if len(shape) > 1 else itemsize
+            size = row * shape[0]
+            header[name] = {
+                "dtype": _DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            self._layout[name] = (offset, row)
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._data_start = 8 + len(raw)
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - kept open across batches, closed in finish/abort
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._file.truncate(self._data_start + offset)
+
+    def write(self, name: str, start_row: int, values: torch.Tensor) -> None:
+        offset, row = self._layout[name]
+        self._file.seek(self._data_start + offset + start_row * row)
+        self._file.write(values.detach().cpu().contiguous().numpy().tobytes())
+
+    def finish(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        commit_temp(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)

@@ -1,0 +1,104 @@
+"""``/v1/federations``: create and read federations; register and remove their clients."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Path, Query, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from ktl.api.deps import Admin, FederationAccess, FederationId, ServiceDep
+from ktl.api.schemas import ClientCreated, ClientOut, ErrorBody, FederationOut, FederationSpec, GeneratorInfo
+from ktl.api.service import KtlService
+from ktl.api.store import ClientRecord, FederationRecord
+
+router = APIRouter(prefix="/v1/federations", tags=["federations"], responses={401: {"model": ErrorBody}})
+
+
+class ClientRegistration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=200)
+
+
+def federation_out(service: KtlService, fed: FederationRecord, include_etf: bool = False) -> FederationOut:
+    gen = service.generators[fed.spec.generator]
+    etf = service.etf(fed.spec.num_classes, fed.spec.dim, fed.etf_seed).tolist() if include_etf else None
+    return FederationOut(
+        id=fed.id,
+        spec=fed.spec,
+        proto_dim=fed.spec.dim,
+        etf_seed=fed.etf_seed,
+        etf=etf,
+        current_round=fed.current_round,
+        created_at=fed.created_at,
+        generator=GeneratorInfo(
+            name=fed.spec.generator,
+            latent_dim=gen.latent_dim,
+            image_size=gen.image_size,
+            description=gen.description,
+            pretrained=gen.pretrained,
+        ),
+        clients=service.store.count_active_clients(fed.id),
+    )
+
+
+def client_out(c: ClientRecord, active: bool | None = None) -> ClientOut:
+    return ClientOut(
+        client_id=c.id,
+        federation_id=c.federation_id,
+        name=c.name,
+        active=c.active if active is None else active,
+        created_at=c.created_at,
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, responses={422: {"model": ErrorBody}})
+def create_federation(spec: FederationSpec, service: ServiceDep, _: Admin) -> FederationOut:
+    """Create a federation (admin). Round 1 opens at once."""
+    return federation_out(service, service.create_federation(spec))
+
+
+@router.get("")
+def list_federations(service: ServiceDep, _: Admin) -> list[FederationOut]:
+    """All federations (admin)."""
+    return [federation_out(service, f) for f in service.store.list_federations()]
+
+
+@router.get("/{fid}", responses={403: {"model": ErrorBody}, 404: {"model": ErrorBody}})
+def get_federation(
+    fed: FederationAccess,
+    service: ServiceDep,
+    include_etf: Annotated[bool, Query(description="also return the (K, C) ETF matrix")] = False,
+) -> FederationOut:
+    """A federation's settings, current round, generator and ETF seed (admin or its clients)."""
+    return federation_out(service, fed, include_etf)
+
+
+@router.post("/{fid}/clients", status_code=status.HTTP_201_CREATED, responses={404: {"model": ErrorBody}})
+def register_client(
+    fid: FederationId,
+    service: ServiceDep,
+    _: Admin,
+    registration: Annotated[ClientRegistration | None, Body()] = None,
+) -> ClientCreated:
+    """Register a client (admin); the token is shown once and stored only as a hash."""
+    client, token = service.add_client(fid, registration.name if registration else None)
+    return ClientCreated(client_id=client.id, federation_id=client.federation_id, token=token)
+
+
+@router.get("/{fid}/clients", responses={404: {"model": ErrorBody}})
+def list_clients(fid: FederationId, service: ServiceDep, _: Admin) -> list[ClientOut]:
+    service.federation(fid)
+    return [client_out(c) for c in service.store.list_clients(fid)]
+
+
+@router.delete("/{fid}/clients/{client_id}", responses={404: {"model": ErrorBody}})
+def remove_client(
+    fid: FederationId,
+    client_id: Annotated[str, Path(min_length=1, max_length=64)],
+    service: ServiceDep,
+    _: Admin,
+) -> ClientOut:
+    """Remove a client (admin): its token stops working; its uploads so far stay."""
+    return client_out(service.remove_client(fid, client_id), active=False)

@@ -1,0 +1,128 @@
+"""``/v1/federations/{fid}/rounds/{r}``: uploads, round state, pairs."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response, status
+
+from ktl.api.deps import ClientCaller, FederationAccess, RoundIndex, ServiceDep, UploadBody
+from ktl.api.schemas import ErrorBody, RoundOut, UploadOut
+
+router = APIRouter(
+    prefix="/v1/federations/{fid}/rounds/{r}",
+    tags=["rounds"],
+    responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+)
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "example": "safetensors with prototypes (n, K) float16|float32, class_ids (n,) int64, counts (n,) int64",
+            },
+            "application/json": {"schema": {"$ref": "#/components/schemas/PrototypesJSON"}},
+        },
+    }
+}
+
+
+@router.post(
+    "/prototypes",
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra=_UPLOAD_BODY,
+    responses={
+        200: {"model": UploadOut, "description": "the same upload again: nothing changed"},
+        400: {"model": ErrorBody},
+        409: {"model": ErrorBody},
+        413: {"model": ErrorBody},
+        415: {"model": ErrorBody},
+        422: {"model": ErrorBody},
+        429: {"model": ErrorBody},
+    },
+)
+def upload_prototypes(
+    r: RoundIndex,
+    request: Request,
+    response: Response,
+    fed: FederationAccess,
+    client: ClientCaller,
+    body: UploadBody,
+    service: ServiceDep,
+) -> UploadOut:
+    """Upload this client's prototypes for round ``r`` (client token).
+
+    Body: safetensors (``application/octet-stream``) with ``prototypes`` (n × K, float16 or float32, unit
+    rows), ``class_ids`` (n, int64, distinct, < C) and ``counts`` (n, int64, > 0); or the same as JSON.
+    The identical upload again answers 200 and changes nothing; a different one answers 409.
+    """
+    result = service.submit_upload(fed, r, client, body, request.headers.get("content-type"))
+    if result.duplicate:
+        response.status_code = status.HTTP_200_OK
+    return UploadOut(
+        federation_id=fed.id,
+        round=r,
+        client_id=client.id,
+        duplicate=result.duplicate,
+        uploads=result.uploads,
+        quorum=fed.spec.quorum,
+        state=result.state,
+        bytes=len(body),
+    )
+
+
+@router.get("")
+def get_round(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> RoundOut:
+    """Round state (open / aligning / published / failed) and the uploads so far."""
+    rnd = service.round_record(fed.id, r)
+    uploads = service.store.uploads(fed.id, r)
+    current = service.federation(fed.id).current_round
+    return RoundOut(
+        federation_id=fed.id,
+        round=r,
+        state=rnd.state,
+        uploads=len(uploads),
+        quorum=fed.spec.quorum,
+        clients=[u.client_id for u in uploads],
+        opened_at=rnd.opened_at,
+        deadline_at=rnd.deadline_at,
+        closed_at=rnd.closed_at,
+        published_at=rnd.published_at,
+        error=rnd.error,
+        current_round=current,
+        stats=rnd.stats,
+    )
+
+
+@router.get(
+    "/pairs",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}},
+            "description": "safetensors: images uint8 NCHW, latents, class_ids",
+        },
+        409: {"model": ErrorBody},
+    },
+)
+def get_pairs(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Response:
+    """The round's image-vector pairs as safetensors (once published)."""
+    data = service.round_file(fed.id, r, "pairs.safetensors")
+    return Response(
+        data,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{fed.id}-round-{r}-pairs.safetensors"'},
+    )
+
+
+@router.get(
+    "/pairs.png",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "labelled grid"},
+        409: {"model": ErrorBody},
+    },
+)
+def get_pairs_png(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Response:
+    """The round's generated images as a labelled PNG grid (once published)."""
+    return Response(service.round_file(fed.id, r, "pairs.png"), media_type="image/png")

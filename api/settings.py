@@ -1,0 +1,82 @@
+"""Server settings: a pydantic model read from flags, ``KTL_*`` environment variables and a TOML file.
+
+Precedence, highest first: explicit values (``ktl serve`` flags, or keyword arguments in tests) →
+environment (``KTL_ADMIN_TOKEN``, ``KTL_DATA_DIR``, ``KTL_PORT``, …; nested with ``__``, e.g.
+``KTL_GENERATORS__DEFAULT__BATCH_SIZE``) → the ``--config`` TOML file → defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from ktl.config import format_validation_error
+from ktl.errors import ConfigError
+from ktl.generator import GeneratorSpec
+
+__all__ = ["ServerSettings", "load_settings"]
+
+
+class ServerSettings(BaseSettings):
+    """Everything ``ktl serve`` needs. Tests build one directly with keyword arguments."""
+
+    model_config = SettingsConfigDict(env_prefix="KTL_", env_nested_delimiter="__", extra="forbid")
+
+    data_dir: Path = Path("ktl-data")  # SQLite metadata + safetensors tensors
+    host: str = "127.0.0.1"  # loopback unless an operator says otherwise
+    port: int = Field(8000, ge=0, le=65535)
+    admin_token: SecretStr | None = None  # required: the server refuses to start without one
+    device: str = "auto"  # where alignment and generation run: cpu | cuda | cuda:N | auto
+    # Generators loaded once at start-up; federations refer to them by name.
+    generators: dict[str, GeneratorSpec] = Field(default_factory=lambda: {"default": GeneratorSpec()})
+    max_upload_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # larger bodies get 413
+    rate_limit_per_minute: float = Field(600.0, gt=0)  # sustained requests per client token
+    rate_limit_burst: int = Field(60, ge=1)  # requests a client may make at once
+    scheduler_interval_s: float = Field(0.25, gt=0)  # how often round deadlines are checked
+    job_batch_size: int = Field(256, ge=1)  # images per generator call in batch jobs
+    max_job_images: int = Field(200_000, ge=1)  # per job
+    keep_aligner_rounds: int = Field(2, ge=1)  # aligner snapshots kept per federation
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = settings_cls.model_config.get("toml_file")
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if toml:
+            sources += (TomlConfigSettingsSource(settings_cls),)
+        return sources
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> ServerSettings:
+    """Resolve settings; a bad value or a missing file is a `ConfigError` with one line."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    cls: type[ServerSettings] = ServerSettings
+    if config_file is not None:
+        toml_path = Path(config_file)
+        if not toml_path.is_file():
+            raise ConfigError(f"config file {config_file} does not exist")
+
+        class _FromFile(ServerSettings):
+            model_config = SettingsConfigDict(**{**ServerSettings.model_config, "toml_file": toml_path})
+
+        cls = _FromFile
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    except ValueError as exc:  # a malformed TOML file
+        raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
