@@ -229,21 +229,17 @@ class KtlService:
         """Validate and durably store one upload; close the round when it completes the quorum."""
         self.metrics.bytes_in.inc(len(body))
         try:
-            try:
-                protos = self.parse_upload(body, content_type)
-                protos.validate(num_classes=fed.spec.num_classes, dim=fed.spec.dim)
-            except PayloadError as exc:
-                raise from_payload_error(exc) from None
-            canonical = Prototypes(protos.vectors.float(), protos.class_ids, protos.counts).to_bytes(
-                torch.float32
-            )
-            digest = hashlib.sha256(canonical).hexdigest()
-            result = self.store.record_upload(
-                fed, r, client.id, canonical, digest, protos.vectors.shape[0], len(body), self.clock()
-            )
-        except ApiError as exc:
-            self.metrics.rejects.labels(reason=exc.reason).inc()
-            raise
+            protos = self.parse_upload(body, content_type)
+            protos.validate(num_classes=fed.spec.num_classes, dim=fed.spec.dim)
+        except PayloadError as exc:
+            raise from_payload_error(exc) from None
+        canonical = Prototypes(protos.vectors.float(), protos.class_ids, protos.counts).to_bytes(
+            torch.float32
+        )
+        digest = hashlib.sha256(canonical).hexdigest()
+        result = self.store.record_upload(
+            fed, r, client.id, canonical, digest, protos.vectors.shape[0], len(body), self.clock()
+        )
         if not result.duplicate:
             self.metrics.uploads.inc()
         if result.closed:

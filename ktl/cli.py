@@ -32,7 +32,9 @@ def _setup_logging(verbosity: int) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset({"preset"})) -> None:
+def _add_config_flags(
+    parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset({"preset"})
+) -> None:
     from ktl.config import config_fields
 
     group = parser.add_argument_group("settings (override the preset; see docs/configuration.md)")

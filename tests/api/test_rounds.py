@@ -1,0 +1,197 @@
+"""Round lifecycle through the API: quorum, deadline, pairs, failures, joining and leaving."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from ktl.api.service import KtlService
+from ktl.clients import simplex_etf
+from ktl.clients.sdk import KtlApiError, KtlHttpClient
+from ktl.records import Pairs
+from ktl.round import KnowledgeTransferServer
+from tests.api.conftest import ADMIN, auth, federation, protos, register
+
+
+def wait_state(client: KtlHttpClient, fid: str, r: int, states: tuple[str, ...], timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = client.round(fid, r)
+        if state["state"] in states:
+            return state
+        assert time.monotonic() < deadline, state
+        time.sleep(0.02)
+
+
+def test_quorum_closes_the_round_and_pairs_are_published(http, service, admin) -> None:
+    names = [f"name-{c}" for c in range(10)]
+    fed = federation(admin, quorum=2, class_names=names)
+    a, b = register(admin, http, fed["id"], 2)
+    a.upload(fed["id"], 1, protos([0, 1, 2]))
+    assert a.round(fed["id"], 1)["state"] == "open"
+    with pytest.raises(KtlApiError) as info:
+        a.pairs(fed["id"], 1)
+    assert info.value.status == 409 and info.value.reason == "round_not_published"
+    answer = b.upload(fed["id"], 1, protos([2, 5], seed=1))
+    assert answer["state"] == "aligning" and answer["uploads"] == 2
+    assert admin.federation(fed["id"])["current_round"] == 2  # the next round opens at once
+    state = wait_state(a, fed["id"], 1, ("published",))
+    assert state["uploads"] == 2 and sorted(state["clients"]) == sorted(
+        c.id for c in service.store.list_clients(fed["id"])
+    )
+    assert (
+        state["stats"]["rows"] == 5 and state["stats"]["align_loss_last"] < state["stats"]["align_loss_first"]
+    )
+    pairs = b.pairs(fed["id"], 1)
+    assert isinstance(pairs, Pairs) and pairs.class_ids.tolist() == [0, 1, 2, 5]
+    assert pairs.images.shape == (4, 3, 32, 32) and pairs.latents.shape == (4, 256)
+    png = a.pairs_png(fed["id"], 1)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ktl_uploads_total 2.0" in http.get("/metrics").text
+
+
+def test_deadline_closes_a_round_with_an_upload_but_not_an_empty_one(http, service, admin) -> None:
+    fed = federation(admin, quorum=5, round_deadline_s=0.2)
+    (a,) = register(admin, http, fed["id"], 1)
+    time.sleep(0.5)  # round 1 is past its deadline with no upload: it stays open
+    assert service.close_due_rounds() == 0
+    assert a.round(fed["id"], 1)["state"] == "open"
+    a.upload(fed["id"], 1, protos([4]))
+    state = wait_state(a, fed["id"], 1, ("published",))
+    assert state["uploads"] == 1 and state["closed_at"] >= state["deadline_at"]
+    assert a.round(fed["id"], 2)["state"] == "open"
+
+
+def test_unknown_round_is_404_naming_the_current_round(http, admin) -> None:
+    fed = federation(admin)
+    with pytest.raises(KtlApiError) as info:
+        admin.round(fed["id"], 7)
+    assert (
+        info.value.status == 404
+        and info.value.reason == "unknown_round"
+        and info.value.body["current_round"] == 1
+    )
+
+
+def test_clients_join_and_leave_between_rounds(http, service, admin) -> None:
+    fed = federation(admin, quorum=2)
+    a, b = register(admin, http, fed["id"], 2)
+    a.upload(fed["id"], 1, protos([0]))
+    b.upload(fed["id"], 1, protos([1]))
+    wait_state(a, fed["id"], 1, ("published",))
+    # b leaves, c joins: round 2 still needs two uploads.
+    b_id = service.store.list_clients(fed["id"])[1].id
+    admin.remove_client(fed["id"], b_id)
+    (c,) = register(admin, http, fed["id"], 1)
+    with pytest.raises(KtlApiError) as info:
+        b.upload(fed["id"], 2, protos([1]))
+    assert info.value.status == 401
+    a.upload(fed["id"], 2, protos([0], seed=3))
+    c.upload(fed["id"], 2, protos([3], seed=4))
+    state = wait_state(a, fed["id"], 2, ("published",))
+    assert b_id not in state["clients"] and len(state["clients"]) == 2
+    assert admin.federation(fed["id"])["clients"] == 2
+
+
+def test_aligner_is_warm_across_rounds(http, service, admin) -> None:
+    fed = federation(admin, quorum=1)
+    (a,) = register(admin, http, fed["id"], 1)
+    firsts = []
+    for r in (1, 2):
+        a.upload(fed["id"], r, protos([0, 1, 2, 3]))
+        firsts.append(wait_state(a, fed["id"], r, ("published",))["stats"]["align_loss_first"])
+    assert firsts[1] < firsts[0]
+    assert service.store.aligner_snapshots(fed["id"]) == [1, 2]
+
+
+def test_a_failed_alignment_marks_the_round_failed_and_the_next_round_proceeds(
+    http, service, admin, monkeypatch
+) -> None:
+    fed = federation(admin, quorum=1)
+    (a,) = register(admin, http, fed["id"], 1)
+    original = KnowledgeTransferServer.run_round
+
+    def explode(self, uploads, *, round_index):  # type: ignore[no-untyped-def]
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(KnowledgeTransferServer, "run_round", explode)
+    a.upload(fed["id"], 1, protos([0]))
+    state = wait_state(a, fed["id"], 1, ("failed",))
+    assert "injected failure" in state["error"]
+    with pytest.raises(KtlApiError) as info:
+        a.pairs(fed["id"], 1)
+    assert info.value.reason == "round_not_published"
+    monkeypatch.setattr(KnowledgeTransferServer, "run_round", original)
+    a.upload(fed["id"], 2, protos([0]))
+    assert wait_state(a, fed["id"], 2, ("published", "failed"))["state"] == "published"
+
+
+def test_federation_read_access_and_etf(http, admin) -> None:
+    fed = federation(admin, num_classes=5, proto_dim=8, etf_seed=11)
+    other = federation(admin)
+    (a,) = register(admin, http, fed["id"], 1)
+    (stranger,) = register(admin, http, other["id"], 1)
+    got = a.federation(fed["id"], include_etf=True)
+    assert got["etf_seed"] == 11 and got["proto_dim"] == 8 and got["current_round"] == 1
+    etf = torch.tensor(got["etf"])
+    assert etf.shape == (8, 5)
+    torch.testing.assert_close(etf, simplex_etf(5, 8, seed=11))
+    assert a.federation(fed["id"])["etf"] is None
+    with pytest.raises(KtlApiError) as info:
+        stranger.federation(fed["id"])
+    assert info.value.status == 403 and info.value.reason == "wrong_federation"
+    with pytest.raises(KtlApiError) as info:
+        admin.federation("fed-000000000000")
+    assert info.value.status == 404
+    assert len(http.get("/v1/federations", headers=auth(ADMIN)).json()) == 2
+    assert (
+        http.get("/v1/federations", headers=auth(a._headers["Authorization"].split()[1])).status_code == 401
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        ({"num_classes": 1}, "validation"),
+        ({"num_classes": 10, "proto_dim": 5}, "validation"),
+        ({"num_classes": 3, "class_names": ["a"]}, "validation"),
+        ({"num_classes": 10, "quorum": 0}, "validation"),
+        ({"num_classes": 10, "aligner": {"bandwidth_multipliers": [-1.0]}}, "validation"),
+        ({"num_classes": 10, "unknown": 1}, "validation"),
+        ({"num_classes": 10, "generator": "stylegan-xl"}, "unknown_generator"),
+    ],
+)
+def test_bad_federation_specs_are_rejected(
+    http: TestClient, service: KtlService, spec: dict, reason: str
+) -> None:
+    response = http.post("/v1/federations", json=spec, headers=auth(ADMIN))
+    assert response.status_code == 422 and response.json()["error"]["reason"] == reason
+    assert service.store.list_federations() == []
+
+
+def test_admin_routes_need_the_admin_token(http, admin) -> None:
+    fed = federation(admin)
+    (a,) = register(admin, http, fed["id"], 1)
+    client_token = a._headers["Authorization"].split()[1]
+    for method, path in [
+        ("POST", "/v1/federations"),
+        ("POST", f"/v1/federations/{fed['id']}/clients"),
+        ("GET", f"/v1/federations/{fed['id']}/clients"),
+        ("POST", "/v1/jobs"),
+    ]:
+        for headers, reason in [
+            ({}, "missing_token"),
+            (auth(client_token), "bad_token"),
+            (auth("nope"), "bad_token"),
+        ]:
+            response = http.request(method, path, headers=headers, json={})
+            assert response.status_code == 401 and response.json()["error"]["reason"] == reason, (
+                method,
+                path,
+            )
+    assert [
+        c["name"] for c in http.get(f"/v1/federations/{fed['id']}/clients", headers=auth(ADMIN)).json()
+    ] == ["c0"]

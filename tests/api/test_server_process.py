@@ -1,0 +1,182 @@
+"""Against a real ``ktl serve`` process on loopback: concurrency, job progress, kill -9 and restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from ktl.clients.sdk import KtlHttpClient
+from ktl.demo import free_port
+from ktl.records import Prototypes
+from tests.api.conftest import ADMIN, FAST_ALIGNER, protos
+
+
+class ServerProcess:
+    def __init__(self, data_dir: Path, log: Path, **env: str) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.env = {
+            **os.environ,
+            "KTL_ADMIN_TOKEN": ADMIN,
+            "KTL_DEVICE": "cpu",
+            "KTL_SCHEDULER_INTERVAL_S": "0.05",
+            "KTL_RATE_LIMIT_PER_MINUTE": "1000000",
+            "KTL_RATE_LIMIT_BURST": "100000",
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 180) -> ServerProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "ktl",
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.2)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
+    started: list[ServerProcess] = []
+
+    def make(data_dir: Path | None = None, **env: str) -> ServerProcess:
+        server = ServerProcess(data_dir or tmp_path / "data", tmp_path / "server.log", **env)
+        started.append(server)
+        return server.start()
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+def wait(
+    client: KtlHttpClient, fid: str, r: int, states: tuple[str, ...], timeout: float = 120
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while (state := client.round(fid, r))["state"] not in states:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)
+    return state
+
+
+def test_twenty_concurrent_clients_several_rounds_nothing_lost_and_job_progress(server_factory) -> None:
+    server = server_factory(KTL_JOB_BATCH_SIZE="16")
+    admin = KtlHttpClient(server.url, ADMIN)
+    fed = admin.create_federation({"num_classes": 10, "quorum": 20, "aligner": FAST_ALIGNER})
+    fid = fed["id"]
+    tokens = [admin.register_client(fid, f"c{i}")["token"] for i in range(20)]
+    rounds = 3
+
+    def participant(i: int) -> list[str]:
+        acks = []
+        with KtlHttpClient(server.url, tokens[i], timeout=60) as sdk:
+            for r in range(1, rounds + 1):
+                classes = sorted({(i + k) % 10 for k in range(1 + i % 4)})
+                answer = sdk.upload(fid, r, protos(classes, seed=100 * r + i))
+                acks.append(answer["client_id"])
+                assert sdk.wait_for_round(fid, r, timeout=120)["state"] == "published"
+                assert len(sdk.pairs(fid, r)) >= 1
+        return acks
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        acked = list(pool.map(participant, range(20)))
+    for r in range(1, rounds + 1):
+        state = admin.round(fid, r)
+        assert state["state"] == "published" and state["uploads"] == 20
+        assert sorted(state["clients"]) == sorted(a[r - 1] for a in acked)  # every acknowledged upload is in
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert f"ktl_uploads_total {20.0 * rounds}" in metrics
+
+    job = admin.submit_job({"federation_id": fid, "per_class": 40, "spread": 0.3})
+    progress = []
+    while (state := admin.job(job["id"]))["state"] not in ("done", "failed"):
+        progress.append(state["done"])
+        time.sleep(0.02)
+    assert state["state"] == "done" and state["done"] == state["total"] == 400
+    assert progress == sorted(progress) and len(set(progress)) >= 2  # observed moving
+    assert admin.job_result(job["id"])["images"].shape == (400, 3, 32, 32)
+
+
+def test_kill_9_mid_round_and_mid_job_then_restart_loses_nothing(server_factory, tmp_path: Path) -> None:
+    server = server_factory(KTL_JOB_BATCH_SIZE="8")
+    admin = KtlHttpClient(server.url, ADMIN)
+    # A: an open round with 6 of 10 uploads acknowledged.
+    fed_a = admin.create_federation({"num_classes": 10, "quorum": 10, "aligner": FAST_ALIGNER})
+    tokens_a = [admin.register_client(fed_a["id"])["token"] for _ in range(10)]
+    sent: dict[str, Prototypes] = {}
+    for i in range(6):
+        p = protos([i, (i + 3) % 10], seed=i)
+        sent[KtlHttpClient(server.url, tokens_a[i]).upload(fed_a["id"], 1, p)["client_id"]] = p
+    # A running job, then B: a round that closes and is aligning when the process dies.
+    job = admin.submit_job({"latents": torch.randn(2, 256).tolist(), "per_class": 2000})
+    while admin.job(job["id"])["done"] == 0:
+        time.sleep(0.02)
+    fed_b = admin.create_federation(
+        {"num_classes": 10, "quorum": 2, "aligner": {**FAST_ALIGNER, "steps": 400}}
+    )
+    for i in range(2):
+        token = admin.register_client(fed_b["id"])["token"]
+        KtlHttpClient(server.url, token).upload(fed_b["id"], 1, protos([i], seed=50 + i))
+    assert admin.round(fed_b["id"], 1)["state"] == "aligning"
+    assert admin.job(job["id"])["state"] == "running"
+
+    server.kill9()
+    server = server_factory(server.data_dir, KTL_JOB_BATCH_SIZE="8")
+    admin = KtlHttpClient(server.url, ADMIN)
+
+    state_a = admin.round(fed_a["id"], 1)
+    assert state_a["state"] == "open" and sorted(state_a["clients"]) == sorted(sent)
+    store_root = server.data_dir / "federations" / fed_a["id"] / "rounds" / "1" / "uploads"
+    for client_id, p in sent.items():  # the bytes on disk are the acknowledged prototypes
+        on_disk = Prototypes.from_bytes((store_root / f"{client_id}.safetensors").read_bytes())
+        torch.testing.assert_close(on_disk.vectors, p.vectors.half().float())
+    for i in range(6, 10):
+        KtlHttpClient(server.url, tokens_a[i]).upload(fed_a["id"], 1, protos([i], seed=i))
+    assert wait(admin, fed_a["id"], 1, ("published", "failed"))["state"] == "published"
+    assert wait(admin, fed_b["id"], 1, ("published", "failed"))["state"] == "published"
+    final = admin.wait_for_job(job["id"], timeout=300, poll=0.1)
+    assert final["state"] == "done" and final["restarts"] == 1 and final["done"] == 4000
+    assert admin.job_result(job["id"])["images"].shape[0] == 4000
