@@ -29,7 +29,11 @@ FederationId = Annotated[str, Path(min_length=1, max_length=64, description="Fed
 RoundIndex = Annotated[int, Path(ge=1, le=2**31, description="Round number (1, 2, …)")]
 
 
-def get_service(request: Request) -> KtlService:
+# The cheap dependencies are ``async``: a sync one costs a threadpool hop per request. They only compare
+# tokens and read SQLite rows (sub-millisecond); the routes' real work stays in sync endpoints.
+
+
+async def get_service(request: Request) -> KtlService:
     service: KtlService = request.app.state.service
     return service
 
@@ -46,7 +50,7 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
     return credentials.credentials
 
 
-def require_admin(service: ServiceDep, credentials: Credentials) -> None:
+async def require_admin(service: ServiceDep, credentials: Credentials) -> None:
     if not service.is_admin(_token(credentials)):
         raise ApiError(
             401, "bad_token", "this route needs the admin token", headers={"WWW-Authenticate": "Bearer"}
@@ -67,7 +71,7 @@ class Caller:
         return self.client is None
 
 
-def get_caller(service: ServiceDep, credentials: Credentials) -> Caller:
+async def get_caller(service: ServiceDep, credentials: Credentials) -> Caller:
     token = _token(credentials)
     if service.is_admin(token):
         return Caller(client=None)
@@ -81,7 +85,7 @@ def get_caller(service: ServiceDep, credentials: Credentials) -> Caller:
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-def federation_access(fid: FederationId, service: ServiceDep, caller: CallerDep) -> FederationRecord:
+async def federation_access(fid: FederationId, service: ServiceDep, caller: CallerDep) -> FederationRecord:
     """The federation, if the caller is the admin or one of its clients (404 / 403 otherwise)."""
     fed = service.federation(fid)
     if caller.client is not None and caller.client.federation_id != fed.id:
@@ -92,7 +96,7 @@ def federation_access(fid: FederationId, service: ServiceDep, caller: CallerDep)
 FederationAccess = Annotated[FederationRecord, Depends(federation_access)]
 
 
-def client_caller(fed: FederationAccess, caller: CallerDep) -> ClientRecord:
+async def client_caller(fed: FederationAccess, caller: CallerDep) -> ClientRecord:
     if caller.client is None:
         raise ApiError(
             403, "client_token_required", "uploads are made with a client token, not the admin token"

@@ -332,6 +332,25 @@ class Store:
                 current = int(
                     db.execute("SELECT current_round FROM federations WHERE id = ?", (fed.id,)).fetchone()[0]
                 )
+                prior = db.execute(
+                    "SELECT digest FROM uploads WHERE federation_id = ? AND round = ? AND client_id = ?",
+                    (fed.id, r, client_id),
+                ).fetchone()
+                if prior is not None:  # checked before the round's state: a retry of the upload that
+                    # completed the quorum (its answer lost) must still get its 200
+                    if prior[0] != digest:
+                        raise ApiError(
+                            409,
+                            "conflicting_upload",
+                            f"client {client_id} already uploaded different prototypes for round {r}",
+                            current_round=current,
+                        )
+                    count, state = db.execute(
+                        "SELECT (SELECT COUNT(*) FROM uploads WHERE federation_id = ? AND round = ?), "
+                        "(SELECT state FROM rounds WHERE federation_id = ? AND round = ?)",
+                        (fed.id, r, fed.id, r),
+                    ).fetchone()
+                    return UploadResult(duplicate=True, uploads=int(count), state=str(state), closed=False)
                 state = db.execute(
                     "SELECT state FROM rounds WHERE federation_id = ? AND round = ?", (fed.id, r)
                 ).fetchone()
@@ -343,24 +362,6 @@ class Store:
                         f"round {r} is {'closed' if late else 'not open yet'}; the current round is {current}",
                         current_round=current,
                     )
-                prior = db.execute(
-                    "SELECT digest FROM uploads WHERE federation_id = ? AND round = ? AND client_id = ?",
-                    (fed.id, r, client_id),
-                ).fetchone()
-                if prior is not None:
-                    if prior[0] != digest:
-                        raise ApiError(
-                            409,
-                            "conflicting_upload",
-                            f"client {client_id} already uploaded different prototypes for round {r}",
-                            current_round=current,
-                        )
-                    count = int(
-                        db.execute(
-                            "SELECT COUNT(*) FROM uploads WHERE federation_id = ? AND round = ?", (fed.id, r)
-                        ).fetchone()[0]
-                    )
-                    return UploadResult(duplicate=True, uploads=count, state="open", closed=False)
                 commit_temp(tmp, final)
                 db.execute(
                     "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -228,6 +228,10 @@ def _client_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    return int(args.bench_main(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ktl", description="Generator-based knowledge transfer (FedKTL).")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -321,6 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(client_func=_client_run)
     for p in (st, up, pr, run):
         p.set_defaults(func=_cmd_client)
+
+    bench = sub.add_parser("bench", help="benchmarks (code in benchmarks/)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    from ktl.benchmarks import api as bench_api
+
+    api_parser = bench_sub.add_parser(
+        "api", help="upload latency with concurrent clients; server RSS over many rounds"
+    )
+    bench_api.add_arguments(api_parser)
+    api_parser.set_defaults(func=_cmd_bench, bench_main=bench_api.main)
     return parser
 
 

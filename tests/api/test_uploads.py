@@ -242,14 +242,15 @@ def test_second_different_upload_conflicts(http, service, fed, tokens) -> None:
     assert snapshot(service, fed["id"]) == before
 
 
-def test_late_and_early_uploads_name_the_current_round(http, service, fed, tokens) -> None:
+def test_late_and_early_uploads_name_the_current_round(http, service, admin, fed, tokens) -> None:
     for i, token in enumerate(tokens):  # quorum 3: round 1 closes, round 2 opens
         assert post(http, fed["id"], 1, protos([i]).to_bytes(), octet(token)).status_code == 201
     service.worker.wait_idle(60)
     assert service.store.get_round(fed["id"], 1).state == "published"
+    latecomer = admin.register_client(fed["id"], "late")["token"]  # joined after round 1 closed
     before = snapshot(service, fed["id"])
     late = assert_rejected(
-        post(http, fed["id"], 1, protos([7]).to_bytes(), octet(tokens[0])), 409, "round_closed"
+        post(http, fed["id"], 1, protos([7]).to_bytes(), octet(latecomer)), 409, "round_closed"
     )
     assert late["current_round"] == 2 and "current round is 2" in late["message"]
     early = assert_rejected(
@@ -289,3 +290,19 @@ def test_rejects_are_counted_by_reason(http, fed, tokens) -> None:
     text = http.get("/metrics").text
     assert 'ktl_upload_rejects_total{reason="not_safetensors"} 2.0' in text
     assert "ktl_bytes_received_total 8.0" in text
+
+
+def test_retry_of_the_upload_that_closed_the_round_is_still_idempotent(http, service, admin) -> None:
+    # The SDK retries when an answer is lost; the retried upload may arrive after its first copy closed
+    # the round. It must get 200 (duplicate), not 409: the client's upload *was* accepted.
+    fed = federation(admin, quorum=1)
+    token = admin.register_client(fed["id"], "solo")["token"]
+    body = protos([0, 1]).to_bytes()
+    first = post(http, fed["id"], 1, body, octet(token))
+    assert first.status_code == 201 and first.json()["state"] == "aligning"
+    assert service.store.get_federation(fed["id"]).current_round == 2
+    again = post(http, fed["id"], 1, body, octet(token))
+    assert again.status_code == 200 and again.json()["duplicate"] is True and again.json()["uploads"] == 1
+    different = post(http, fed["id"], 1, protos([0, 1], seed=9).to_bytes(), octet(token))
+    assert_rejected(different, 409, "conflicting_upload")
+    assert len(service.store.uploads(fed["id"], 1)) == 1
