@@ -32,7 +32,7 @@ data:
 	fi
 
 demo: setup
-	$(BIN)/ktl simulate --preset cpu-small --method fedktl --seed 0
+	$(BIN)/ktl demo
 
 test: setup
 	$(BIN)/python -m pytest -q
