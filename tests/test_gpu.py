@@ -37,3 +37,24 @@ def test_tiny_simulation_on_cuda(tmp_path: Path) -> None:
     summary = run_simulation(config, progress=False)
     assert summary["device"].startswith("cuda") and 0 <= summary["final_accuracy"] <= 1
     assert torch.cuda.max_memory_allocated() > 0
+
+
+def test_service_round_and_job_on_cuda(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from ktl.api import create_app
+    from ktl.clients.sdk import KtlHttpClient
+    from tests.api.conftest import ADMIN, FAST_ALIGNER, make_settings, protos
+
+    app = create_app(make_settings(tmp_path / "d", device="cuda"))
+    with TestClient(app) as http:
+        admin = KtlHttpClient("", ADMIN, http=http, retries=0)
+        fed = admin.create_federation({"num_classes": 10, "quorum": 1, "aligner": FAST_ALIGNER})
+        client = KtlHttpClient("", admin.register_client(fed["id"])["token"], http=http, retries=0)
+        client.upload(fed["id"], 1, protos([0, 1, 2]))
+        assert client.wait_for_round(fed["id"], 1, timeout=120)["state"] == "published"
+        job = admin.wait_for_job(
+            admin.submit_job({"federation_id": fed["id"], "per_class": 64})["id"], timeout=120
+        )
+        assert job["state"] == "done" and admin.job_result(job["id"])["images"].shape[0] == 192
+        assert "ktl_gpu_memory_peak_bytes" in http.get("/metrics").text

@@ -1,0 +1,110 @@
+"""``ktl client …`` against a server on loopback, and ``ktl demo`` end to end (tiny)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from ktl.api import create_app
+from ktl.cli import main
+from ktl.clients.sdk import KtlHttpClient
+from ktl.demo import DemoOptions, ServerThread, free_port, run_demo
+from ktl.records import Pairs
+from tests.api.conftest import ADMIN, FAST_ALIGNER, make_settings, protos
+
+
+@pytest.fixture
+def server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    thread = ServerThread(create_app(make_settings(tmp_path / "data")), "127.0.0.1", free_port()).start()
+    yield thread
+    thread.stop()
+
+
+def test_client_commands(
+    server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    admin = KtlHttpClient(server.url, ADMIN)
+    fed = admin.create_federation({"num_classes": 10, "quorum": 1, "aligner": FAST_ALIGNER})
+    token = admin.register_client(fed["id"], "cli")["token"]
+    common = ["--url", server.url, "--federation", fed["id"]]
+    monkeypatch.setenv("KTL_TOKEN", token)
+    assert main(["client", "status", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["current_round"] == 1
+    file = tmp_path / "p.safetensors"
+    file.write_bytes(protos([1, 2]).to_bytes(torch.float16))
+    assert main(["client", "upload", *common, "--round", "1", "--file", str(file)]) == 0
+    assert json.loads(capsys.readouterr().out)["uploads"] == 1
+    KtlHttpClient(server.url, token).wait_for_round(fed["id"], 1, timeout=60)
+    assert main(["client", "status", *common, "--round", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "published"
+    out, png = tmp_path / "pairs.safetensors", tmp_path / "pairs.png"
+    assert main(["client", "pairs", *common, "--round", "1", "--out", str(out), "--png", str(png)]) == 0
+    assert Pairs.from_bytes(out.read_bytes()).class_ids.tolist() == [1, 2]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    # Errors are one line: a refused upload, a bad token, an unreachable server.
+    capsys.readouterr()
+    assert (
+        main(["client", "upload", *common, "--round", "1", "--file", str(file)]) == 0
+    )  # identical: idempotent
+    capsys.readouterr()
+    file.write_bytes(protos([3]).to_bytes())
+    assert main(["client", "upload", *common, "--round", "1", "--file", str(file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("ktl: error: server answered 409 conflicting_upload")
+    assert main(["client", "status", *common, "--token", "wrong"]) == 2
+    assert "401 bad_token" in capsys.readouterr().err
+    monkeypatch.delenv("KTL_TOKEN")
+    assert main(["client", "status", *common]) == 2
+    assert "no token" in capsys.readouterr().err
+
+
+def test_client_run_participates_in_rounds(server: ServerThread, capsys) -> None:
+    admin = KtlHttpClient(server.url, ADMIN)
+    fed = admin.create_federation({"num_classes": 10, "quorum": 1, "aligner": FAST_ALIGNER})
+    token = admin.register_client(fed["id"])["token"]
+    code = main(
+        [
+            "client",
+            "run",
+            "--url",
+            server.url,
+            "--federation",
+            fed["id"],
+            "--token",
+            token,
+            "--client-index",
+            "1",
+            "--rounds",
+            "2",
+            "--preset",
+            "smoke",
+            "--wait",
+            "120",
+        ]
+    )
+    assert code == 0
+    assert (
+        admin.round(fed["id"], 1)["state"] == "published"
+        and admin.round(fed["id"], 2)["state"] == "published"
+    )
+    assert "round 2: local accuracy" in capsys.readouterr().err
+
+
+def test_demo_runs_rounds_over_http(tmp_path: Path) -> None:
+    result = run_demo(DemoOptions(rounds=2, clients=3, preset="smoke", out=tmp_path / "demo"))
+    assert len(result["accuracy"]) == 2 and all(0 <= a <= 1 for a in result["accuracy"])  # type: ignore[arg-type]
+    assert Path(str(result["grid"])).read_bytes()[:4] == b"\x89PNG"
+    assert str(result["url"]).startswith("http://127.0.0.1:")
+
+
+def test_demo_falls_back_to_synthetic_data_with_a_notice(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("KTL_DATA_DIR", str(tmp_path / "no-data-here"))
+    with caplog.at_level(logging.WARNING, logger="ktl.demo"):
+        result = run_demo(DemoOptions(rounds=1, clients=2, preset="cpu-small", out=tmp_path / "demo"))
+    assert any("SYNTHETIC" in r.getMessage() for r in caplog.records)
+    assert any("dataset-fashion-mnist" in r.getMessage() for r in caplog.records)
+    assert len(result["accuracy"]) == 1  # type: ignore[arg-type]
