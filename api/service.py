@@ -337,17 +337,7 @@ class KtlService:
                     "present": result.present.to(torch.uint8),
                 }
             )
-            h = result.history
-            stats = {
-                "uploads": result.num_uploads,
-                "rows": result.num_rows,
-                "align_loss_first": h["loss"][0],
-                "align_loss_last": h["loss"][-1],
-                "align_mmd_last": h["mmd"][-1],
-                "align_mse_last": h["mse"][-1],
-                "align_seconds": result.align_seconds,
-                "synthesize_seconds": result.synthesize_seconds,
-            }
+            stats = result.stats()
             self.store.publish_round(
                 fid,
                 r,

@@ -25,7 +25,8 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from ktl.benchmarks.common import ServeProcess, machine, write_section
+from ktl.api.process import ServeProcess
+from ktl.benchmarks.common import machine, write_section
 from ktl.clients.sdk import KtlHttpClient
 from ktl.records import Prototypes
 

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import logging
 import secrets
-import socket
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
-import uvicorn
 
 from ktl.api import ServerSettings, create_app
+from ktl.api.process import ServerThread, free_port
 from ktl.clients.sdk import KtlHttpClient
 from ktl.config import SimulateConfig, build_config
 from ktl.data import FederatedData, build_federated_data
@@ -25,38 +23,9 @@ from ktl.errors import DataError
 from ktl.participant import take_pairs, train_and_upload
 from ktl.simulate import build_clients, evaluate_clients, resolve_device
 
-__all__ = ["DemoOptions", "run_demo", "free_port", "ServerThread"]
+__all__ = ["DemoOptions", "run_demo"]
 
 logger = logging.getLogger(__name__)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-class ServerThread:
-    """uvicorn serving an app in a background thread (for the demo, tests and benchmarks)."""
-
-    def __init__(self, app: object, host: str, port: int) -> None:
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")  # type: ignore[arg-type]
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="ktl-server", daemon=True)
-        self.url = f"http://{host}:{port}"
-
-    def start(self, timeout: float = 120.0) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the ktl server did not start")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @dataclass(frozen=True)

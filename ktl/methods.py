@@ -144,16 +144,7 @@ class FedKTL(Method):
         prototypes = {cid: Prototypes.from_bytes(data) for cid, data in uploads.items()}
         result = self.server.run_round(prototypes, round_index=round_index)
         self.last = result
-        h = result.history
-        metrics = {
-            "align_loss_first": h["loss"][0],
-            "align_loss_last": h["loss"][-1],
-            "align_mmd_last": h["mmd"][-1],
-            "align_mse_last": h["mse"][-1],
-            "align_seconds": result.align_seconds,
-            "synthesize_seconds": result.synthesize_seconds,
-        }
-        return ServerUpdate(payload=result.pairs.to_bytes(), metrics=metrics)
+        return ServerUpdate(payload=result.pairs.to_bytes(), metrics=result.stats())
 
     def client_receive(self, client: LocalClient, payload: bytes) -> None:
         client.receive_pairs(Pairs.from_bytes(payload))

@@ -53,6 +53,20 @@ class RoundResult:
     align_seconds: float
     synthesize_seconds: float
 
+    def stats(self) -> dict[str, float]:
+        """The round's figures for logs and metrics: sizes, first/last alignment losses, timings."""
+        h = self.history
+        return {
+            "uploads": self.num_uploads,
+            "rows": self.num_rows,
+            "align_loss_first": h["loss"][0],
+            "align_loss_last": h["loss"][-1],
+            "align_mmd_last": h["mmd"][-1],
+            "align_mse_last": h["mse"][-1],
+            "align_seconds": self.align_seconds,
+            "synthesize_seconds": self.synthesize_seconds,
+        }
+
 
 def stack_uploads(uploads: Mapping[str, Prototypes]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Concatenate uploads (in key order) into ``(n, K)`` float32 vectors, ``(n,)`` class ids and counts."""

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from ktl.api import create_app
+from ktl.api.process import ServerThread, free_port
 from ktl.cli import main
 from ktl.clients.sdk import KtlHttpClient
-from ktl.demo import DemoOptions, ServerThread, free_port, run_demo
+from ktl.demo import DemoOptions, run_demo
 from ktl.records import Pairs
 from tests.api.conftest import ADMIN, FAST_ALIGNER, make_settings, protos
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 from ktl.api import create_app
-from ktl.demo import ServerThread, free_port
+from ktl.api.process import ServerThread, free_port
 from tests.api.conftest import ADMIN, make_settings
 
 _PORT = free_port()

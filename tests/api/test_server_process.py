@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,75 +11,22 @@ import httpx
 import pytest
 import torch
 
+from ktl.api.process import ServeProcess
 from ktl.clients.sdk import KtlHttpClient
-from ktl.demo import free_port
 from ktl.records import Prototypes
 from tests.api.conftest import ADMIN, FAST_ALIGNER, protos
 
 
-class ServerProcess:
-    def __init__(self, data_dir: Path, log: Path, **env: str) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.env = {
-            **os.environ,
-            "KTL_ADMIN_TOKEN": ADMIN,
-            "KTL_DEVICE": "cpu",
-            "KTL_SCHEDULER_INTERVAL_S": "0.05",
-            "KTL_RATE_LIMIT_PER_MINUTE": "1000000",
-            "KTL_RATE_LIMIT_BURST": "100000",
-            **env,
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 180) -> ServerProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "ktl",
-            "serve",
-            "--data-dir",
-            str(self.data_dir),
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
-        ]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
 @pytest.fixture
 def server_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
-    started: list[ServerProcess] = []
+    started: list[ServeProcess] = []
+    fast = {"KTL_DEVICE": "cpu", "KTL_SCHEDULER_INTERVAL_S": "0.05", "KTL_RATE_LIMIT_PER_MINUTE": "1000000",
+            "KTL_RATE_LIMIT_BURST": "100000"}  # fmt: skip
 
-    def make(data_dir: Path | None = None, **env: str) -> ServerProcess:
-        server = ServerProcess(data_dir or tmp_path / "data", tmp_path / "server.log", **env)
+    def make(data_dir: Path | None = None, **env: str) -> ServeProcess:
+        server = ServeProcess(
+            data_dir or tmp_path / "data", ADMIN, log=tmp_path / "server.log", **fast, **env
+        )
         started.append(server)
         return server.start()
 
