@@ -299,8 +299,12 @@ class Store:
         return rows[0][0]
 
     def uploads(self, fid: str, r: int) -> list[UploadRecord]:
+        """A round's uploads in the order their clients registered (deterministic across runs; client ids
+        are random, so ordering by id would reorder the aligner's sums from one run to the next)."""
         rows = self._query(
-            "SELECT * FROM uploads WHERE federation_id = ? AND round = ? ORDER BY client_id", (fid, r)
+            "SELECT u.* FROM uploads u JOIN clients c ON c.id = u.client_id "
+            "WHERE u.federation_id = ? AND u.round = ? ORDER BY c.rowid",
+            (fid, r),
         )
         return [UploadRecord(**dict(row)) for row in rows]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -41,10 +43,18 @@ class ClientModel(nn.Module):
             build_backbone(name, num_channels=num_channels, image_size=image_size), proto_dim=proto_dim
         )
 
-    def ensure_projector(self, latent_dim: int) -> nn.Linear:
+    def ensure_projector(self, latent_dim: int, generator: torch.Generator | None = None) -> nn.Linear:
+        """Create the projector on first use (or if W changed), initialised like ``nn.Linear`` but from
+        ``generator``: the global RNG is neither used nor advanced, so the result does not depend on what
+        else the process did before (another client, a server thread)."""
         if self.projector is None or self.projector.out_features != latent_dim:
-            device = self.head.weight.device
-            self.projector = nn.Linear(self.backbone.feature_dim, latent_dim).to(device)
+            d = self.backbone.feature_dim
+            layer = nn.utils.skip_init(nn.Linear, d, latent_dim)
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+                bound = 1 / math.sqrt(d)
+                nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+            self.projector = layer.to(self.head.weight.device)
         return self.projector
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -149,7 +149,8 @@ class LocalClient:
         self.etf = F.normalize(etf.float(), dim=0).to(self.device)
         self.settings = settings or ClientSettings()
         self.num_classes = int(etf.shape[1])
-        self._rng = torch.Generator().manual_seed(seed)
+        self._rng = torch.Generator().manual_seed(seed)  # batch order
+        self._init_rng = torch.Generator().manual_seed((seed + 1) % 2**63)  # the projector's weights
         self._pairs: _HeldPairs | None = None
 
     @property
@@ -172,7 +173,7 @@ class LocalClient:
         )
         z = pairs.latents.to(self.device, torch.float32)
         self._pairs = _HeldPairs(x=x, z=z, rms=z.pow(2).mean().sqrt().clamp_min(1e-8))
-        self.model.ensure_projector(int(z.shape[1]))
+        self.model.ensure_projector(int(z.shape[1]), generator=self._init_rng)
 
     # -- local training -----------------------------------------------------------------------------
 

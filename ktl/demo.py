@@ -21,6 +21,7 @@ from ktl.config import SimulateConfig, build_config
 from ktl.data import FederatedData, build_federated_data
 from ktl.errors import DataError
 from ktl.participant import take_pairs, train_and_upload
+from ktl.seeding import derive_seed
 from ktl.simulate import build_clients, evaluate_clients, resolve_device
 
 __all__ = ["DemoOptions", "run_demo"]
@@ -53,6 +54,7 @@ def run_demo(options: DemoOptions) -> dict[str, object]:
         )
         data = build_federated_data(config.data, num_clients=config.num_clients, seed=config.seed)
 
+    torch.manual_seed(derive_seed(config.seed, "global"))
     out = options.out or Path("runs") / f"demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     host, port = "127.0.0.1", free_port()
     admin_token = secrets.token_urlsafe(24)

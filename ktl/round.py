@@ -69,8 +69,10 @@ class RoundResult:
 
 
 def stack_uploads(uploads: Mapping[str, Prototypes]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Concatenate uploads (in key order) into ``(n, K)`` float32 vectors, ``(n,)`` class ids and counts."""
-    items = [uploads[k] for k in sorted(uploads)]
+    """Concatenate uploads, in the mapping's order, into ``(n, K)`` float32 vectors, ``(n,)`` class ids and
+    counts. Callers give a canonical order (simulate: client order; the service: registration order), so
+    the same uploads give the same alignment bit for bit."""
+    items = list(uploads.values())
     vectors = torch.cat([p.vectors.float() for p in items])
     class_ids = torch.cat([p.class_ids for p in items])
     counts = torch.cat([p.counts for p in items])

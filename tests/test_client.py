@@ -165,3 +165,21 @@ def test_generated_pairs_do_not_shift_the_statistics_used_on_real_data() -> None
     distil().backward()
     after = [m.running_mean for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(torch.equal(a, b) for a, b in zip(stats, after, strict=True))
+
+
+def test_projector_comes_from_the_clients_seed_not_the_global_rng() -> None:
+    def projector_after(global_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        model = ClientModel.build("cnn4", num_channels=1, image_size=28, proto_dim=C)
+        client = LocalClient(client_id="p", model=model, data=synthetic_local(size=28), etf=simplex_etf(C), seed=5)
+        torch.manual_seed(global_seed)  # whatever else the process did
+        state = torch.random.get_rng_state()
+        client.receive_pairs(some_pairs())
+        assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is not advanced
+        assert client.model.projector is not None
+        return client.model.projector.weight.detach().clone(), client.model.projector.bias.detach().clone()
+
+    (w1, b1), (w2, b2) = projector_after(1), projector_after(2)
+    assert torch.equal(w1, w2) and torch.equal(b1, b2)
+    bound = 1 / 512**0.5  # nn.Linear's default init range for 512 inputs
+    assert float(w1.abs().max()) <= bound + 1e-6 and float(w1.std()) > 0.3 * bound

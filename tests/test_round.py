@@ -73,6 +73,7 @@ def test_a_bad_upload_rejects_the_round_and_leaves_the_aligner_untouched() -> No
     assert info.value.reason == "no_uploads"
 
 
-def test_stack_uploads_is_ordered_by_client_id() -> None:
+def test_stack_uploads_keeps_the_mapping_order() -> None:
     v, y, n = stack_uploads({"z": UPLOADS["c"], "a": UPLOADS["a"]})
-    assert y.tolist() == [0, 1, 2, 5, 7] and v.shape == (5, C) and n.shape == (5,)
+    assert y.tolist() == [5, 7, 0, 1, 2] and v.shape == (5, C) and n.shape == (5,)
+    torch.testing.assert_close(v[:2], UPLOADS["c"].vectors)

@@ -95,9 +95,11 @@ def test_client_run_participates_in_rounds(server: ServerThread, capsys) -> None
     assert "round 2: local accuracy" in capsys.readouterr().err
 
 
-def test_demo_runs_rounds_over_http(tmp_path: Path) -> None:
+def test_demo_runs_rounds_over_http_and_reproduces(tmp_path: Path) -> None:
     result = run_demo(DemoOptions(rounds=2, clients=3, preset="smoke", out=tmp_path / "demo"))
     assert len(result["accuracy"]) == 2 and all(0 <= a <= 1 for a in result["accuracy"])  # type: ignore[arg-type]
+    again = run_demo(DemoOptions(rounds=2, clients=3, preset="smoke", out=tmp_path / "again"))
+    assert again["accuracy"] == result["accuracy"]  # same seed, same numbers, through HTTP too
     assert Path(str(result["grid"])).read_bytes()[:4] == b"\x89PNG"
     assert str(result["url"]).startswith("http://127.0.0.1:")
 
