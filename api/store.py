@@ -172,6 +172,15 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Delete what a crash can leave behind: temporary files and staged aligner folders (never read)."""
+        for pattern in (".*.tmp", ".*.partial"):
+            for path in self.root.rglob(pattern):
+                path.unlink(missing_ok=True)
+        for path in self.root.glob("federations/*/aligner/.staging-*"):
+            shutil.rmtree(path, ignore_errors=True)
 
     def close(self) -> None:
         with self._lock:

@@ -195,3 +195,21 @@ def test_admin_routes_need_the_admin_token(http, admin) -> None:
     assert [
         c["name"] for c in http.get(f"/v1/federations/{fed['id']}/clients", headers=auth(ADMIN)).json()
     ] == ["c0"]
+
+
+def test_leftovers_of_a_crash_are_removed_at_start_up(tmp_path) -> None:
+    from ktl.api.store import Store
+
+    root = tmp_path / "data"
+    store = Store(root)
+    junk = [root / "federations/f/rounds/1/uploads/.x.safetensors.ab12.tmp", root / "jobs/.job-1.safetensors.partial"]
+    staged = root / "federations/f/aligner/.staging-1234"
+    keep = root / "federations/f/rounds/1/pairs.safetensors"
+    for path in [*junk, keep]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    staged.mkdir(parents=True)
+    (staged / "model.safetensors").write_bytes(b"x")
+    store.close()
+    Store(root).close()
+    assert not any(p.exists() for p in junk) and not staged.exists() and keep.exists()
