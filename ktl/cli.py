@@ -184,12 +184,10 @@ def _client_pairs(args: argparse.Namespace) -> int:
 def _client_run(args: argparse.Namespace) -> int:
     import torch
 
-    from ktl.clients import ClientModel, LocalClient
     from ktl.config import build_config
     from ktl.data import build_federated_data
     from ktl.participant import take_pairs, train_and_upload
-    from ktl.seeding import derive_seed
-    from ktl.simulate import resolve_device
+    from ktl.simulate import build_client, resolve_device
 
     config = build_config(preset=args.preset, config_file=args.config, overrides=_overrides(args))
     if not 0 <= args.client_index < config.num_clients:
@@ -201,22 +199,8 @@ def _client_run(args: argparse.Namespace) -> int:
             raise KtlError(
                 f"federation has {fed['spec']['num_classes']} classes, the local data {data.num_classes}"
             )
-        etf = torch.tensor(fed["etf"])
-        i = args.client_index
-        name = config.models[i % len(config.models)]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(config.seed, "model", i))
-            model = ClientModel.build(
-                name, num_channels=data.num_channels, image_size=data.image_size, proto_dim=etf.shape[0]
-            )
-        client = LocalClient(
-            client_id=f"client-{i:02d}-{name}",
-            model=model,
-            data=data.clients[i],
-            etf=etf,
-            settings=config.client,
-            device=resolve_device(config.device),
-            seed=derive_seed(config.seed, "batches", i),
+        client = build_client(
+            config, data, args.client_index, torch.tensor(fed["etf"]), resolve_device(config.device)
         )
         mu = float(fed["spec"]["fedktl"]["mu"])
         start = int(fed["current_round"])

@@ -29,7 +29,14 @@ from ktl.errors import ConfigError
 from ktl.methods import METHODS, MethodContext
 from ktl.seeding import derive_seed
 
-__all__ = ["run_simulation", "resolve_device", "build_clients", "prepare_run_dir", "evaluate_clients"]
+__all__ = [
+    "run_simulation",
+    "resolve_device",
+    "build_client",
+    "build_clients",
+    "prepare_run_dir",
+    "evaluate_clients",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,31 +69,34 @@ def prepare_run_dir(config: SimulateConfig, *, overwrite: bool = False) -> Path:
     return run_dir
 
 
+def build_client(
+    config: SimulateConfig, data: FederatedData, index: int, etf: torch.Tensor, device: torch.device
+) -> LocalClient:
+    """Client ``index``: model ``config.models[index % len]``, initialised from its own derived seed (the
+    global RNG is left as it was), on data split ``index``. The same in ``simulate``, ``demo`` and
+    ``ktl client run``."""
+    name = config.models[index % len(config.models)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(config.seed, "model", index))
+        model = ClientModel.build(
+            name, num_channels=data.num_channels, image_size=data.image_size, proto_dim=etf.shape[0]
+        )
+    return LocalClient(
+        client_id=f"client-{index:02d}-{name}",
+        model=model,
+        data=data.clients[index],
+        etf=etf,
+        settings=config.client,
+        device=device,
+        seed=derive_seed(config.seed, "batches", index),
+    )
+
+
 def build_clients(
     config: SimulateConfig, data: FederatedData, etf: torch.Tensor, device: torch.device
 ) -> list[LocalClient]:
-    """One client per data split; models from ``config.models`` round-robin, each initialised from its
-    own derived seed (the global RNG is left as it was)."""
-    clients = []
-    for i, local in enumerate(data.clients):
-        name = config.models[i % len(config.models)]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(config.seed, "model", i))
-            model = ClientModel.build(
-                name, num_channels=data.num_channels, image_size=data.image_size, proto_dim=etf.shape[0]
-            )
-        clients.append(
-            LocalClient(
-                client_id=f"client-{i:02d}-{name}",
-                model=model,
-                data=local,
-                etf=etf,
-                settings=config.client,
-                device=device,
-                seed=derive_seed(config.seed, "batches", i),
-            )
-        )
-    return clients
+    """One client per data split (see `build_client`)."""
+    return [build_client(config, data, i, etf, device) for i in range(len(data.clients))]
 
 
 def evaluate_clients(clients: list[LocalClient]) -> tuple[float, list[float | None]]:

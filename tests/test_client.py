@@ -171,7 +171,9 @@ def test_projector_comes_from_the_clients_seed_not_the_global_rng() -> None:
     def projector_after(global_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         torch.manual_seed(0)
         model = ClientModel.build("cnn4", num_channels=1, image_size=28, proto_dim=C)
-        client = LocalClient(client_id="p", model=model, data=synthetic_local(size=28), etf=simplex_etf(C), seed=5)
+        client = LocalClient(
+            client_id="p", model=model, data=synthetic_local(size=28), etf=simplex_etf(C), seed=5
+        )
         pairs = some_pairs()
         torch.manual_seed(global_seed)  # whatever else the process did
         state = torch.random.get_rng_state()

@@ -17,7 +17,9 @@ from ktl.api.process import ServerThread, free_port
 from tests.api.conftest import ADMIN, make_settings
 
 # max_job_images small: a generated job that happens to be valid must not keep the device busy.
-_APP = create_app(make_settings(Path(tempfile.mkdtemp(prefix="ktl-fuzz-")), max_job_images=64, max_upload_bytes=65536))
+_APP = create_app(
+    make_settings(Path(tempfile.mkdtemp(prefix="ktl-fuzz-")), max_job_images=64, max_upload_bytes=65536)
+)
 _ADMIN = {"Authorization": f"Bearer {ADMIN}"}
 schema = schemathesis.openapi.from_dict(_APP.openapi())
 

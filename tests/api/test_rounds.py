@@ -202,7 +202,10 @@ def test_leftovers_of_a_crash_are_removed_at_start_up(tmp_path) -> None:
 
     root = tmp_path / "data"
     store = Store(root)
-    junk = [root / "federations/f/rounds/1/uploads/.x.safetensors.ab12.tmp", root / "jobs/.job-1.safetensors.partial"]
+    junk = [
+        root / "federations/f/rounds/1/uploads/.x.safetensors.ab12.tmp",
+        root / "jobs/.job-1.safetensors.partial",
+    ]
     staged = root / "federations/f/aligner/.staging-1234"
     keep = root / "federations/f/rounds/1/pairs.safetensors"
     for path in [*junk, keep]:
