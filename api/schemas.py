@@ -98,6 +98,7 @@ class RoundOut(BaseModel):
     round: int
     state: RoundState
     uploads: int
+    bytes_received: int  # request bodies of the accepted uploads
     quorum: int
     clients: list[str]  # ids of the clients whose upload is in
     opened_at: float

@@ -82,6 +82,7 @@ def get_round(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Roun
         round=r,
         state=rnd.state,
         uploads=len(uploads),
+        bytes_received=sum(u.bytes for u in uploads),
         quorum=fed.spec.quorum,
         clients=[u.client_id for u in uploads],
         opened_at=rnd.opened_at,

@@ -152,3 +152,24 @@ def test_job_needs_a_published_round(http, service, admin) -> None:
     with pytest.raises(KtlApiError) as info:
         admin.job("job-nope")
     assert info.value.status == 404
+
+
+def test_a_long_job_blocks_neither_uploads_nor_rounds(tmp_path: Path) -> None:
+    app = create_app(make_settings(tmp_path / "d", job_batch_size=1))
+    with TestClient(app) as http:
+        admin = KtlHttpClient("", ADMIN, http=http, retries=0)
+        job = admin.submit_job({"latents": torch.randn(1, 256).tolist(), "per_class": 5000})
+        while admin.job(job["id"])["done"] == 0:
+            time.sleep(0.01)
+        fed = federation(admin, quorum=2)
+        a, b = register(admin, http, fed["id"], 2)
+        t0 = time.monotonic()
+        a.upload(fed["id"], 1, protos([0]))
+        b.upload(fed["id"], 1, protos([1], seed=1))
+        uploads_took = time.monotonic() - t0
+        state = a.wait_for_round(fed["id"], 1, timeout=60, poll=0.01)
+        running = admin.job(job["id"])
+        assert state["state"] == "published" and state["bytes_received"] > 0
+        assert running["state"] == "running" and running["done"] < 5000  # the round went ahead of the job
+        assert uploads_took < 5.0
+        admin.cancel_job(job["id"])
