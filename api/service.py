@@ -106,12 +106,12 @@ class KtlService:
         return token is not None and secrets.compare_digest(token.encode(), expected.encode())
 
     def _recover(self) -> None:
-        """After a restart: finish rounds that were aligning, close rounds whose quorum was already in,
-        and re-queue jobs that were queued or running (a running job restarts from its first image)."""
+        """After a restart: close rounds that are due (quorum in, or deadline passed with an upload), align
+        every round left aligning, and re-queue jobs that were queued or running (a running job restarts from its first image)."""
         now = self.clock()
         for rnd in self.store.rounds_in_state("open"):
-            if self.store.close_if_quorum(rnd.federation_id, rnd.round, now):
-                logger.info("recovery: %s round %d had its quorum; closing it", rnd.federation_id, rnd.round)
+            if self.store.close_if_ready(rnd.federation_id, rnd.round, now):  # aligned by the next loop
+                logger.info("recovery: %s round %d was due; closing it", rnd.federation_id, rnd.round)
         for rnd in self.store.rounds_in_state("aligning"):
             logger.info("recovery: aligning %s round %d", rnd.federation_id, rnd.round)
             self._enqueue_round(rnd.federation_id, rnd.round)
@@ -135,7 +135,7 @@ class KtlService:
         now = self.clock()
         closed = 0
         for fid, r in self.store.due_rounds(now):
-            if self.store.close_if_due(fid, r, now):
+            if self.store.close_if_ready(fid, r, now):
                 logger.info("%s round %d closed at its deadline", fid, r)
                 self._enqueue_round(fid, r)
                 closed += 1

@@ -317,9 +317,12 @@ class Store:
         )
         return [UploadRecord(**dict(row)) for row in rows]
 
-    def count_uploads(self, fid: str, r: int) -> int:
+    @staticmethod
+    def _count_uploads(db: sqlite3.Connection, fid: str, r: int) -> int:
         return int(
-            self._query("SELECT COUNT(*) FROM uploads WHERE federation_id = ? AND round = ?", (fid, r))[0][0]
+            db.execute(
+                "SELECT COUNT(*) FROM uploads WHERE federation_id = ? AND round = ?", (fid, r)
+            ).fetchone()[0]
         )
 
     def record_upload(
@@ -345,6 +348,10 @@ class Store:
                 current = int(
                     db.execute("SELECT current_round FROM federations WHERE id = ?", (fed.id,)).fetchone()[0]
                 )
+                row = db.execute(
+                    "SELECT state FROM rounds WHERE federation_id = ? AND round = ?", (fed.id, r)
+                ).fetchone()
+                state = None if row is None else str(row[0])
                 prior = db.execute(
                     "SELECT digest FROM uploads WHERE federation_id = ? AND round = ? AND client_id = ?",
                     (fed.id, r, client_id),
@@ -358,16 +365,9 @@ class Store:
                             f"client {client_id} already uploaded different prototypes for round {r}",
                             current_round=current,
                         )
-                    count, state = db.execute(
-                        "SELECT (SELECT COUNT(*) FROM uploads WHERE federation_id = ? AND round = ?), "
-                        "(SELECT state FROM rounds WHERE federation_id = ? AND round = ?)",
-                        (fed.id, r, fed.id, r),
-                    ).fetchone()
-                    return UploadResult(duplicate=True, uploads=int(count), state=str(state), closed=False)
-                state = db.execute(
-                    "SELECT state FROM rounds WHERE federation_id = ? AND round = ?", (fed.id, r)
-                ).fetchone()
-                if r != current or state is None or state[0] != "open":
+                    count = self._count_uploads(db, fed.id, r)
+                    return UploadResult(duplicate=True, uploads=count, state=str(state), closed=False)
+                if r != current or state != "open":
                     late = r < current
                     raise ApiError(
                         409,
@@ -380,11 +380,7 @@ class Store:
                     "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (fed.id, r, client_id, digest, num_rows, received_bytes, now),
                 )
-                count = int(
-                    db.execute(
-                        "SELECT COUNT(*) FROM uploads WHERE federation_id = ? AND round = ?", (fed.id, r)
-                    ).fetchone()[0]
-                )
+                count = self._count_uploads(db, fed.id, r)
                 closed = count >= fed.spec.quorum
                 if closed:
                     self._close_round(db, fed, r, now)
@@ -405,38 +401,18 @@ class Store:
         )
         db.execute("UPDATE federations SET current_round = ? WHERE id = ?", (r + 1, fed.id))
 
-    def close_if_due(self, fid: str, r: int, now: float) -> bool:
-        """Close open round ``r`` if its deadline has passed and it holds at least one upload."""
+    def close_if_ready(self, fid: str, r: int, now: float) -> bool:
+        """Close open round ``r`` if the lifecycle rule says so: its uploads reach the quorum, or its
+        deadline has passed with at least one upload. Used by the deadline scheduler and by recovery."""
         with self.transaction() as db:
+            fed = self.get_federation(fid)
             row = db.execute(
                 "SELECT state, deadline_at FROM rounds WHERE federation_id = ? AND round = ?", (fid, r)
             ).fetchone()
-            if row is None or row[0] != "open" or row[1] > now:
-                return False
-            n = db.execute(
-                "SELECT COUNT(*) FROM uploads WHERE federation_id = ? AND round = ?", (fid, r)
-            ).fetchone()[0]
-            if n == 0:
-                return False
-            fed = self.get_federation(fid)
-            if fed is None:
-                return False
-            self._close_round(db, fed, r, now)
-            return True
-
-    def close_if_quorum(self, fid: str, r: int, now: float) -> bool:
-        """Close open round ``r`` if it already holds a quorum (recovery after a crash)."""
-        with self.transaction() as db:
-            fed = self.get_federation(fid)
-            row = db.execute(
-                "SELECT state FROM rounds WHERE federation_id = ? AND round = ?", (fid, r)
-            ).fetchone()
             if fed is None or row is None or row[0] != "open":
                 return False
-            n = db.execute(
-                "SELECT COUNT(*) FROM uploads WHERE federation_id = ? AND round = ?", (fid, r)
-            ).fetchone()[0]
-            if n < fed.spec.quorum:
+            n = self._count_uploads(db, fid, r)
+            if n < fed.spec.quorum and not (row[1] <= now and n >= 1):
                 return False
             self._close_round(db, fed, r, now)
             return True
