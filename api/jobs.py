@@ -17,14 +17,16 @@ from pathlib import Path
 import torch
 
 from ktl.api.store import commit_temp
+from ktl.generator import Generator
 
 __all__ = ["JobPlan", "StreamingSafetensors"]
 
 
 @dataclass(frozen=True)
 class JobPlan:
-    """Sources ``(s, W)`` on the generator's device, their class ids ``(s,)``, and images per source."""
+    """The generator, sources ``(s, W)`` on its device, their class ids ``(s,)``, and images per source."""
 
+    generator: Generator
     sources: torch.Tensor
     class_ids: torch.Tensor
     per_source: int

@@ -24,7 +24,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ktl.aligner import Aligner
-from ktl.api.errors import ApiError, from_payload_error
+from ktl.api.errors import ApiError
 from ktl.api.jobs import JobPlan, StreamingSafetensors
 from ktl.api.metrics import Metrics
 from ktl.api.ratelimit import RateLimiter
@@ -33,6 +33,7 @@ from ktl.api.settings import ServerSettings
 from ktl.api.store import ClientRecord, FederationRecord, JobRecord, RoundRecord, Store, UploadResult
 from ktl.api.worker import JOB_PRIORITY, ROUND_PRIORITY, DeviceWorker, Task
 from ktl.clients import simplex_etf
+from ktl.device import resolve_device
 from ktl.errors import ConfigError, PayloadError
 from ktl.generator import Generator, load_generator
 from ktl.imaging import image_grid
@@ -51,15 +52,6 @@ _UPLOAD_DTYPES = (torch.float16, torch.float32)
 def hash_token(token: str) -> str:
     """Tokens are 256-bit random strings, so a plain SHA-256 is a safe way to keep only a fingerprint."""
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but no CUDA device is available")
-    return device
 
 
 class KtlService:
@@ -143,13 +135,18 @@ class KtlService:
 
     # -- federations and clients ----------------------------------------------------------------------
 
-    def create_federation(self, spec: FederationSpec) -> FederationRecord:
-        if spec.generator not in self.generators:
+    def generator(self, name: str) -> Generator:
+        """A generator loaded at start-up, or 422 ``unknown_generator``."""
+        if name not in self.generators:
             raise ApiError(
                 422,
                 "unknown_generator",
-                f"generator {spec.generator!r} is not loaded; loaded: {sorted(self.generators)}",
+                f"generator {name!r} is not loaded; loaded: {sorted(self.generators)}",
             )
+        return self.generators[name]
+
+    def create_federation(self, spec: FederationSpec) -> FederationRecord:
+        self.generator(spec.generator)
         etf_seed = spec.etf_seed if spec.etf_seed is not None else secrets.randbelow(2**31)
         return self.store.create_federation(spec, etf_seed, self.clock())
 
@@ -228,14 +225,9 @@ class KtlService:
     ) -> UploadResult:
         """Validate and durably store one upload; close the round when it completes the quorum."""
         self.metrics.bytes_in.inc(len(body))
-        try:
-            protos = self.parse_upload(body, content_type)
-            protos.validate(num_classes=fed.spec.num_classes, dim=fed.spec.dim)
-        except PayloadError as exc:
-            raise from_payload_error(exc) from None
-        canonical = Prototypes(protos.vectors.float(), protos.class_ids, protos.counts).to_bytes(
-            torch.float32
-        )
+        protos = self.parse_upload(body, content_type)  # a PayloadError becomes its 4xx in the app
+        protos.validate(num_classes=fed.spec.num_classes, dim=fed.spec.dim)
+        canonical = protos.to_bytes(torch.float32)
         digest = hashlib.sha256(canonical).hexdigest()
         result = self.store.record_upload(
             fed, r, client.id, canonical, digest, protos.vectors.shape[0], len(body), self.clock()
@@ -371,14 +363,7 @@ class KtlService:
     def _job_generator(self, spec: JobSpec) -> Generator:
         if spec.federation_id is not None:
             return self.generators[self.federation(spec.federation_id).spec.generator]
-        name = spec.generator or "default"
-        if name not in self.generators:
-            raise ApiError(
-                422,
-                "unknown_generator",
-                f"generator {name!r} is not loaded; loaded: {sorted(self.generators)}",
-            )
-        return self.generators[name]
+        return self.generator(spec.generator or "default")
 
     def job_plan(self, spec: JobSpec) -> JobPlan:
         """Resolve a job's sources; raises `ApiError` for anything a client can fix."""
@@ -409,7 +394,9 @@ class KtlService:
                     422, "class_not_present", f"round {r} has no centroid for classes {missing[:10]}"
                 )
             sources, class_ids = data["centroids"][wanted], wanted
-        plan = JobPlan(sources.to(generator.device), class_ids, spec.per_class, spec.spread, spec.seed)
+        plan = JobPlan(
+            generator, sources.to(generator.device), class_ids, spec.per_class, spec.spread, spec.seed
+        )
         if plan.total > self.settings.max_job_images:
             raise ApiError(
                 422,
@@ -447,10 +434,10 @@ class KtlService:
             return None
         try:
             plan = self.job_plan(job.spec)
-            generator = self._job_generator(job.spec)
         except ApiError as exc:  # e.g. the federation's round files vanished
             self._job_failed(job_id, exc.message)
             return None
+        generator = plan.generator
         shape = (plan.total, generator.num_channels, generator.image_size, generator.image_size)
         writer = StreamingSafetensors(
             self.store.job_result_path(job_id),
@@ -461,17 +448,17 @@ class KtlService:
             },
         )
         self.store.update_job(job_id, only_if=("queued",), state="running", started_at=self.clock(), done=0)
-        return partial(self._job_step, job_id, plan, generator, writer, 0, time.perf_counter())
+        return partial(self._job_step, job_id, plan, writer, 0, time.perf_counter())
 
     def _job_step(
         self,
         job_id: str,
         plan: JobPlan,
-        generator: Generator,
         writer: StreamingSafetensors,
         start: int,
         t0: float,
     ) -> Task | None:
+        generator = plan.generator
         job = self.store.get_job(job_id)
         if job is None or job.state != "running":  # cancelled
             writer.abort()
@@ -493,7 +480,7 @@ class KtlService:
             self.metrics.images.inc(end - start)
             if end < plan.total:
                 self.store.update_job(job_id, only_if=("running",), done=end)
-                return partial(self._job_step, job_id, plan, generator, writer, end, t0)
+                return partial(self._job_step, job_id, plan, writer, end, t0)
             writer.finish()
             self.store.update_job(
                 job_id, only_if=("running",), done=end, state="done", finished_at=self.clock()

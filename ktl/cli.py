@@ -186,8 +186,9 @@ def _client_run(args: argparse.Namespace) -> int:
 
     from ktl.config import build_config
     from ktl.data import build_federated_data
+    from ktl.device import resolve_device
     from ktl.participant import take_pairs, train_and_upload
-    from ktl.simulate import build_client, resolve_device
+    from ktl.simulate import build_client
 
     config = build_config(preset=args.preset, config_file=args.config, overrides=_overrides(args))
     if not 0 <= args.client_index < config.num_clients:

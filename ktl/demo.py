@@ -19,10 +19,11 @@ from ktl.api.process import ServerThread, free_port
 from ktl.clients.sdk import KtlHttpClient
 from ktl.config import SimulateConfig, build_config
 from ktl.data import FederatedData, build_federated_data
+from ktl.device import resolve_device
 from ktl.errors import DataError
 from ktl.participant import take_pairs, train_and_upload
 from ktl.seeding import derive_seed
-from ktl.simulate import build_clients, evaluate_clients, resolve_device
+from ktl.simulate import build_clients, evaluate_clients
 
 __all__ = ["DemoOptions", "run_demo"]
 

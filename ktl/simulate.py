@@ -25,13 +25,13 @@ import ktl
 from ktl.clients import ClientModel, LocalClient, simplex_etf
 from ktl.config import SimulateConfig
 from ktl.data import FederatedData, build_federated_data
+from ktl.device import resolve_device
 from ktl.errors import ConfigError
 from ktl.methods import METHODS, MethodContext
 from ktl.seeding import derive_seed
 
 __all__ = [
     "run_simulation",
-    "resolve_device",
     "build_client",
     "build_clients",
     "prepare_run_dir",
@@ -39,17 +39,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device {name!r} asked for, but no CUDA device is available; use --device cpu or auto"
-        )
-    return device
 
 
 def prepare_run_dir(config: SimulateConfig, *, overwrite: bool = False) -> Path:
