@@ -9,7 +9,6 @@ least one upload; it is then *aligning* (the next round opens at once) while the
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import secrets
 import threading
@@ -36,7 +35,7 @@ from ktl.clients import simplex_etf
 from ktl.device import resolve_device
 from ktl.errors import ConfigError, PayloadError
 from ktl.generator import Generator, load_generator
-from ktl.imaging import image_grid
+from ktl.imaging import pairs_grid_png
 from ktl.records import Prototypes
 from ktl.round import KnowledgeTransferServer
 from ktl.seeding import torch_generator
@@ -317,12 +316,6 @@ class KtlService:
             staged = self.store.staging_dir(fid)
             server.save_pretrained(staged)
             self.store.commit_aligner(fid, r, staged, self.settings.keep_aligner_rounds)
-            names = fed.spec.class_names
-            labels = [names[c] if names else f"class {c}" for c in result.pairs.class_ids.tolist()]
-            png = io.BytesIO()
-            image_grid(
-                result.pairs.images, labels, columns=min(10, max(1, fed.spec.fedktl.pairs_per_class * 5))
-            ).save(png, "PNG")
             centroids = st_save(
                 {
                     "centroids": result.centroids.float().contiguous(),
@@ -335,7 +328,9 @@ class KtlService:
                 r,
                 {
                     "pairs.safetensors": result.pairs.to_bytes(),
-                    "pairs.png": png.getvalue(),
+                    "pairs.png": pairs_grid_png(
+                        result.pairs, fed.spec.class_names, fed.spec.fedktl.pairs_per_class
+                    ),
                     "centroids.safetensors": centroids,
                 },
                 stats,

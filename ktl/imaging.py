@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["image_grid", "save_image_grid"]
+from ktl.records import Pairs
+
+__all__ = ["image_grid", "pairs_grid_png"]
 
 
 def image_grid(
@@ -42,15 +44,13 @@ def image_grid(
     return canvas
 
 
-def save_image_grid(
-    path: str | Path,
-    images: torch.Tensor,
-    labels: Sequence[str] | None = None,
-    *,
-    columns: int = 10,
-    cell: int = 64,
-) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, labels, columns=columns, cell=cell).save(path, format="PNG")
-    return path
+def pairs_grid_png(pairs: Pairs, class_names: Sequence[str] | None, pairs_per_class: int) -> bytes:
+    """A round's pairs as a labelled PNG grid (run folders and the server's ``pairs.png``): one class per
+    row when classes have several pairs, else rows of 10; labels are class names, or ``class <c>``."""
+    ids = pairs.class_ids.tolist()
+    labels = [class_names[c] if class_names else f"class {c}" for c in ids]
+    buffer = io.BytesIO()
+    image_grid(pairs.images, labels, columns=pairs_per_class if pairs_per_class > 1 else 10).save(
+        buffer, "PNG"
+    )
+    return buffer.getvalue()

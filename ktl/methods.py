@@ -18,7 +18,7 @@ import torch
 
 from ktl.clients import LocalClient, TrainStats
 from ktl.generator import load_generator
-from ktl.imaging import save_image_grid
+from ktl.imaging import pairs_grid_png
 from ktl.records import Pairs, Prototypes
 from ktl.round import KnowledgeTransferServer, RoundResult
 
@@ -158,10 +158,7 @@ class FedKTL(Method):
         if self.last is not None:
             pairs = self.last.pairs
             (run_dir / "pairs.safetensors").write_bytes(pairs.to_bytes())  # the wire format clients receive
-            names = [self.ctx.class_names[c] for c in pairs.class_ids.tolist()]
-            columns = (
-                self.ctx.config.fedktl.pairs_per_class if self.ctx.config.fedktl.pairs_per_class > 1 else 10
-            )
-            save_image_grid(run_dir / "pairs.png", pairs.images, names, columns=columns)
+            grid = pairs_grid_png(pairs, self.ctx.class_names, self.ctx.config.fedktl.pairs_per_class)
+            (run_dir / "pairs.png").write_bytes(grid)
             out.update(pairs="pairs.safetensors", pairs_grid="pairs.png")
         return out
