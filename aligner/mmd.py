@@ -22,6 +22,11 @@ step only forms the ``n×n`` prototype block and the ``n×m`` prototype-vs-prior
 whole ``(n+m)²`` matrix (7× fewer kernel entries at n = 80, m = 512) — and the constant, from 1024
 draws, is less noisy than a per-step estimate.
 
+The default multipliers form a doubling ladder, so the five kernels cost one ``exp``: with
+``u = exp(-d / 4h₀)`` they are ``u, u², u⁴, u⁸, u¹⁶`` (four multiplications, `kernel_sum` with
+``doubling=True``). On a CPU the ``exp`` dominates the elementwise work, so this is ~3× cheaper per matrix
+than five ``exp`` calls and gives the same values to float rounding (tested).
+
 Squared distances are formed as ``‖a‖² + ‖b‖² - 2a·b`` and clamped at 0; there is no square root, so the
 gradient is finite at zero distance on every backend (a distance taken through ``sqrt`` has an infinite
 derivative there; an MMD built on ``torch.cdist`` gave NaN gradients at zero distance in an independent
@@ -35,6 +40,7 @@ import torch
 __all__ = [
     "DEFAULT_BANDWIDTH_MULTIPLIERS",
     "PriorKernel",
+    "is_doubling_ladder",
     "kernel_sum",
     "mmd2_rbf",
     "prior_bandwidths",
@@ -68,8 +74,25 @@ def prior_bandwidths(
     return h0 * torch.tensor(list(multipliers), dtype=h0.dtype, device=h0.device)
 
 
-def kernel_sum(d: torch.Tensor, bandwidths: torch.Tensor) -> torch.Tensor:
-    """``Σ_h exp(-d/h)`` elementwise over squared distances ``d``; one distance matrix serves every ``h``."""
+def is_doubling_ladder(multipliers: tuple[float, ...] | list[float]) -> bool:
+    """Whether the multipliers, sorted, each double the previous one (then one ``exp`` serves them all)."""
+    m = sorted(multipliers)
+    return len(m) > 1 and all(b == 2.0 * a for a, b in zip(m, m[1:], strict=False))
+
+
+def kernel_sum(d: torch.Tensor, bandwidths: torch.Tensor, *, doubling: bool = False) -> torch.Tensor:
+    """``Σ_h exp(-d/h)`` elementwise over squared distances ``d``; one distance matrix serves every ``h``.
+
+    With ``doubling=True`` (bandwidths a doubling ladder, see `is_doubling_ladder`) one ``exp`` at the
+    widest bandwidth is squared repeatedly instead of taking one ``exp`` per bandwidth.
+    """
+    if doubling:
+        u = torch.exp(-d / bandwidths.max().to(d.dtype))
+        out = u
+        for _ in range(bandwidths.numel() - 1):
+            u = u * u
+            out = out + u
+        return out
     out = torch.zeros_like(d)
     for h in bandwidths.to(d.dtype):
         out = out + torch.exp(-d / h)
@@ -113,13 +136,18 @@ class PriorKernel:
     ) -> None:
         prior = prior.detach().float()
         self.bandwidths = prior_bandwidths(prior, multipliers)
+        self.doubling = is_doubling_ladder(multipliers)
         sub = prior[:within_samples]
-        self.prior_within = _within(kernel_sum(squared_distances(sub), self.bandwidths), True)
+        self.prior_within = _within(self.kernel(squared_distances(sub)), True)
+
+    def kernel(self, d: torch.Tensor) -> torch.Tensor:
+        """The kernel mixture of squared distances ``d``."""
+        return kernel_sum(d, self.bandwidths, doubling=self.doubling)
 
     def mmd2(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """MMD² between ``x`` (n, W) and the prior, whose cross term is estimated with draws ``y`` (m, W)."""
-        kxx = kernel_sum(squared_distances(x), self.bandwidths)
-        kxy = kernel_sum(squared_distances(x, y.to(x.dtype)), self.bandwidths)
+        kxx = self.kernel(squared_distances(x))
+        kxy = self.kernel(squared_distances(x, y.to(x.dtype)))
         return _within(kxx, True) + self.prior_within.to(x.dtype) - 2.0 * kxy.mean()
 
 

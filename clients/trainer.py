@@ -67,6 +67,10 @@ class ClientSettings(BaseModel):
     margin: float = Field(0.5, ge=0, lt=3.14)  # ArcFace angular margin m (reference: 0.5)
     scale: float = Field(64.0, gt=0)  # ArcFace scale s (reference: 64)
     distill_batch_size: int | None = Field(None, ge=2)  # generated pairs per step; None = batch_size
+    # Rounds of server pairs kept for distillation (1 = the latest only, as the reference). A pair
+    # (G(z), z) stays a true input-output pair of the frozen generator in later rounds, so older pairs
+    # remain valid targets and enlarge the distillation set.
+    pairs_memory: int = Field(1, ge=1, le=100)
     eval_batch_size: int = Field(512, ge=1)  # forward-only batches (prototypes, evaluation)
 
 
@@ -152,6 +156,7 @@ class LocalClient:
         self._rng = torch.Generator().manual_seed(seed)  # batch order
         self._init_rng = torch.Generator().manual_seed((seed + 1) % 2**63)  # the projector's weights
         self._pairs: _HeldPairs | None = None
+        self._received: list[tuple[torch.Tensor, torch.Tensor]] = []  # the last `pairs_memory` rounds
 
     @property
     def num_train(self) -> int:
@@ -164,14 +169,20 @@ class LocalClient:
     # -- receiving the server's pairs ---------------------------------------------------------------
 
     def receive_pairs(self, pairs: Pairs | None) -> None:
-        """Keep the server's image-vector pairs for the distillation task of the next `train` calls."""
-        if pairs is None or len(pairs) == 0:
-            self._pairs = None
+        """Keep the server's image-vector pairs for the distillation task of the next `train` calls,
+        together with those of the previous ``pairs_memory - 1`` rounds."""
+        if pairs is None or len(pairs) == 0:  # nothing to distil from (e.g. a new federation): forget all
+            self._pairs, self._received = None, []
             return
         x = adapt_images(
             pairs.images.to(self.device), num_channels=self.data.num_channels, image_size=self.data.image_size
         )
         z = pairs.latents.to(self.device, torch.float32)
+        if self._received and self._received[-1][1].shape[1] != z.shape[1]:
+            self._received.clear()  # a different generator: older latents are another space
+        self._received = [*self._received, (x, z)][-self.settings.pairs_memory :]
+        x = torch.cat([x for x, _ in self._received])
+        z = torch.cat([z for _, z in self._received])
         self._pairs = _HeldPairs(x=x, z=z, rms=z.pow(2).mean().sqrt().clamp_min(1e-8))
         self.model.ensure_projector(int(z.shape[1]), generator=self._init_rng)
 

@@ -186,3 +186,23 @@ def test_projector_comes_from_the_clients_seed_not_the_global_rng() -> None:
     assert torch.equal(w1, w2) and torch.equal(b1, b2)
     bound = 1 / 512**0.5  # nn.Linear's default init range for 512 inputs
     assert float(w1.abs().max()) <= bound + 1e-6 and float(w1.std()) > 0.3 * bound
+
+
+def test_pairs_memory_keeps_the_last_rounds_pairs() -> None:
+    client = cnn_client(ClientSettings(pairs_memory=2))
+    rounds = [some_pairs(m=4), some_pairs(m=6), some_pairs(m=5)]
+    held = []
+    for pairs in rounds:
+        client.receive_pairs(pairs)
+        assert client._pairs is not None
+        held.append(client._pairs.z)
+    assert [len(z) for z in held] == [4, 10, 11]  # the latest round and the one before it
+    torch.testing.assert_close(held[2], torch.cat([rounds[1].latents, rounds[2].latents]))
+    client.receive_pairs(some_pairs(m=3, latent_dim=16))  # another generator: older latents dropped
+    assert client._pairs is not None and client._pairs.z.shape == (3, 16)
+    client.receive_pairs(None)
+    assert client._pairs is None
+    default = cnn_client()
+    for pairs in rounds:
+        default.receive_pairs(pairs)
+    assert default._pairs is not None and torch.equal(default._pairs.z, rounds[2].latents)

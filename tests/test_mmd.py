@@ -75,3 +75,17 @@ def test_prior_kernel_equals_the_two_sample_estimate_on_the_same_draws() -> None
     (g_fast,) = torch.autograd.grad(fast, x)
     (g_full,) = torch.autograd.grad(mmd2_rbf(x, y, kernel.bandwidths), x)
     torch.testing.assert_close(g_fast, g_full)
+
+
+def test_doubling_ladder_matches_one_exp_per_bandwidth() -> None:
+    from ktl.aligner.mmd import is_doubling_ladder, kernel_sum
+
+    assert is_doubling_ladder((0.25, 0.5, 1.0, 2.0, 4.0)) and is_doubling_ladder((4.0, 1.0, 2.0))
+    assert not is_doubling_ladder((1.0, 3.0)) and not is_doubling_ladder((1.0,))
+    d = (torch.rand(50, 60, dtype=torch.float64) * 40).requires_grad_(True)
+    h = torch.tensor([2.5, 5.0, 10.0, 20.0, 40.0], dtype=torch.float64)
+    fast, slow = kernel_sum(d, h, doubling=True), kernel_sum(d, h)
+    torch.testing.assert_close(fast, slow)
+    (g_fast,) = torch.autograd.grad(fast.sum(), d)
+    (g_slow,) = torch.autograd.grad(slow.sum(), d)
+    torch.testing.assert_close(g_fast, g_slow)
