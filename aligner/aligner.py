@@ -40,10 +40,11 @@ class AlignerSettings(BaseModel):
     )  # λ, weight of the centroid MSE (the reference: 1.0 for StyleGAN-XL)
     mmd_weight: float = Field(1.0, ge=0, le=1e6)  # weight of the MMD term (0 ablates it)
     prior_samples: int = Field(512, ge=2, le=100_000)  # prior draws per step for the MMD
-    # Rows of F(prototypes) in each step's MMD, drawn afresh each step on the device; all rows when there
-    # are fewer. Full-batch MMD is O(n²) in uploads (n = 10 000 at 100 clients × 100 classes); a random
-    # subset keeps the step's MMD cost constant while the centroid MSE still sees every row.
-    mmd_batch: int = Field(512, ge=2, le=100_000)
+    # Uploaded rows per step: all of them when there are fewer, else a fresh random subset drawn on the
+    # device each step (its centroid MSE uses the subset's class means). Full-batch MMD is O(n²) in
+    # uploads and F's pass O(n) — n = 10 000 at 100 clients × 100 classes; a subset keeps a step's cost
+    # constant. The returned centroids are always exact means over every row.
+    batch_size: int = Field(512, ge=2, le=100_000)
     bandwidth_samples: int = Field(
         4096, ge=2, le=100_000
     )  # prior draws, once per fit: RBF bandwidths and E k(y, y')
@@ -151,13 +152,9 @@ class Aligner:
         weights: torch.Tensor,
         prior: torch.Tensor,
         kernel: PriorKernel,
-        mmd_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two terms of the alignment objective for aligned rows ``q``: ``(mmd², centroid MSE)``.
-
-        The MMD sees the rows ``mmd_rows`` of ``q`` (all when None); the centroid MSE always sees every row.
-        """
-        mmd = kernel.mmd2(q if mmd_rows is None else q[mmd_rows], prior)
+        """The two terms of the alignment objective for aligned rows ``q``: ``(mmd², centroid MSE)``."""
+        mmd = kernel.mmd2(q, prior)
         centroids, _ = class_centroids(q, class_ids, weights, self.num_classes)
         mse = (q - centroids[class_ids]).pow(2).mean()
         return mmd, mse
@@ -171,7 +168,10 @@ class Aligner:
         sample_prior: PriorSampler,
         generator: torch.Generator,
     ) -> AlignResult:
-        """Run ``settings.steps`` full-batch Adam steps on ``mmd_weight·MMD² + λ·MSE`` and return centroids.
+        """Run ``settings.steps`` Adam steps on ``mmd_weight·MMD² + λ·MSE`` and return centroids.
+
+        Each step sees every uploaded row, or a fresh random ``settings.batch_size`` of them when there
+        are more; the returned centroids are exact count-weighted means over every row.
 
         Nothing crosses to the host inside the loop: prior draws come from ``sample_prior`` on the device,
         and the loss history is kept in a device tensor copied once at the end.
@@ -197,14 +197,14 @@ class Aligner:
         history = torch.zeros(s.steps, 3, device=self.device)
         n = x.shape[0]
         self.transformer.train()
+        xb, yb, wb = x, y, w
         for step in range(s.steps):
-            q = self.transformer(x)
-            prior = sample_prior(s.prior_samples, generator)
-            rows: torch.Tensor | None = None
-            if n > s.mmd_batch:  # a fresh subset of rows for the MMD (U-statistic: drawn without replacement)
-                rows = torch.randperm(n, generator=generator, device=generator.device)[: s.mmd_batch]
+            if n > s.batch_size:  # a fresh subset, drawn without replacement (the MMD is a U-statistic)
+                rows = torch.randperm(n, generator=generator, device=generator.device)[: s.batch_size]
                 rows = rows.to(self.device)
-            mmd, mse = self.losses(q, y, w, prior, kernel, mmd_rows=rows)
+                xb, yb, wb = x[rows], y[rows], w[rows]
+            q = self.transformer(xb)
+            mmd, mse = self.losses(q, yb, wb, sample_prior(s.prior_samples, generator), kernel)
             loss = s.mmd_weight * mmd + s.lam * mse
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

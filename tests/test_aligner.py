@@ -105,10 +105,10 @@ def test_feature_transformer_uses_no_batchnorm() -> None:
     assert f(torch.randn(1, 10)).shape == (1, W)
 
 
-def test_mmd_on_row_subsets_still_aligns_many_uploads() -> None:
-    # 100 clients × 10 classes = 1000 rows > mmd_batch: each step's MMD sees a fresh subset of 128 rows.
+def test_row_subsets_still_align_many_uploads() -> None:
+    # 100 clients × 10 classes = 1000 rows > batch_size: each step sees a fresh subset of 128 rows.
     v, y, n = uploads(num_clients=100)
-    settings = AlignerSettings(steps=150, mmd_batch=128)
+    settings = AlignerSettings(steps=150, batch_size=128)
     aligner = Aligner.create(num_classes=10, proto_dim=10, latent_dim=W, settings=settings, seed=0)
     result = aligner.fit(v, y, n, sample_prior=prior, generator=torch.Generator().manual_seed(0))
     losses = result.history["loss"]
