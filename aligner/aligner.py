@@ -150,7 +150,7 @@ class Aligner:
         q: torch.Tensor,
         class_ids: torch.Tensor,
         weights: torch.Tensor,
-        prior: torch.Tensor,
+        prior: torch.Tensor | None,
         kernel: PriorKernel,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The two terms of the alignment objective for aligned rows ``q``: ``(mmd², centroid MSE)``."""
@@ -167,6 +167,7 @@ class Aligner:
         *,
         sample_prior: PriorSampler,
         generator: torch.Generator,
+        standard_normal_prior: bool = False,
     ) -> AlignResult:
         """Run ``settings.steps`` Adam steps on ``mmd_weight·MMD² + λ·MSE`` and return centroids.
 
@@ -185,15 +186,23 @@ class Aligner:
         sample_prior
             Draws ``(m, W)`` latents from the generator's prior with the given ``torch.Generator``.
         generator
-            The RNG handed to ``sample_prior`` (on the generator's device).
+            The RNG handed to ``sample_prior`` (on the generator's device), and of the row batches.
+        standard_normal_prior
+            The prior is N(0, I): the MMD's prior terms are then exact (`PriorKernel.standard_normal`)
+            and no prior draws are made.
         """
         s = self.settings
         x = vectors.to(self.device, torch.float32)
         y = class_ids.to(self.device, torch.int64)
         w = counts.to(self.device, torch.float32)
-        kernel = PriorKernel(sample_prior(s.bandwidth_samples, generator), s.bandwidth_multipliers)
+        if standard_normal_prior:
+            kernel = PriorKernel.standard_normal(self.latent_dim, s.bandwidth_multipliers, device=self.device)
+        else:
+            kernel = PriorKernel(sample_prior(s.bandwidth_samples, generator), s.bandwidth_multipliers)
         params = list(self.transformer.parameters())
-        optimizer = torch.optim.Adam(params, lr=s.lr)
+        # One fused kernel for the whole update where the device has it (CPU and CUDA): 3× cheaper on CPU.
+        fused = self.device.type in ("cpu", "cuda")
+        optimizer = torch.optim.Adam(params, lr=s.lr, fused=fused)
         history = torch.zeros(s.steps, 3, device=self.device)
         n = x.shape[0]
         self.transformer.train()
@@ -204,7 +213,8 @@ class Aligner:
                 rows = rows.to(self.device)
                 xb, yb, wb = x[rows], y[rows], w[rows]
             q = self.transformer(xb)
-            mmd, mse = self.losses(q, yb, wb, sample_prior(s.prior_samples, generator), kernel)
+            prior = None if kernel.exact else sample_prior(s.prior_samples, generator)
+            mmd, mse = self.losses(q, yb, wb, prior, kernel)
             loss = s.mmd_weight * mmd + s.lam * mse
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,4 +1,6 @@
-"""Summarise run folders (each with summary.json) as a markdown table: mean ± std over seeds per method.
+"""Summarise run folders (each with summary.json) as a markdown table: mean ± std over seeds per variant.
+
+A run folder is named ``VARIANT-sSEED`` (e.g. ``fedktl-s0``, ``fedktl-ppc5-s1``); runs group by VARIANT.
 
 Usage: python benchmarks/summarize_runs.py RUNS_DIR
 """
@@ -6,6 +8,7 @@ Usage: python benchmarks/summarize_runs.py RUNS_DIR
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -22,11 +25,12 @@ def main(root: Path) -> str:
     groups: dict[str, list[dict]] = defaultdict(list)
     for path in sorted(root.glob("*/summary.json")):
         summary = json.loads(path.read_text())
-        groups[summary["method"]].append(summary)
+        variant = re.sub(r"-s\d+$", "", path.parent.name)
+        groups[variant].append(summary)
     if not groups:
         raise SystemExit(f"no */summary.json under {root}")
     rows = [
-        "| method | seeds | final accuracy (%) | best accuracy (%) | up B/client/round | down B/client/round | wall time (s) | generator |",
+        "| variant | seeds | final accuracy (%) | best accuracy (%) | up B/client/round | down B/client/round | wall time (s) | generator |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for method, runs in sorted(groups.items()):

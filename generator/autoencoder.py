@@ -52,6 +52,7 @@ class AutoencoderKLGenerator:
         self.description = description
         self.pretrained = pretrained
         self.batch_size = batch_size
+        self.latent_prior = "standard-normal"  # decode(z / scaling_factor) with z ~ N(0, I)
 
     @property
     def device(self) -> torch.device:

@@ -40,6 +40,10 @@ class Generator(Protocol):
         A one-line human description recorded in run summaries (says whether the weights are trained).
     pretrained
         False while the generator runs on untrained (seeded random) weights.
+
+    An adapter whose prior is exactly N(0, I) may also set ``latent_prior = "standard-normal"`` (optional;
+    anything else, or no attribute, means "sampled"): the aligner then uses the closed-form MMD prior
+    terms instead of drawing prior samples.
     """
 
     latent_dim: int

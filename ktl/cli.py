@@ -213,6 +213,24 @@ def _client_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from ktl.pretrain import PretrainSettings, pretrain_generator
+
+    given = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "sigma", "seed", "font")}
+    settings = PretrainSettings(**{k: v for k, v in given.items() if v is not None})
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    with logging_redirect_tqdm(loggers=[logging.getLogger("ktl")]):
+        result = pretrain_generator(args.out, settings, progress=not args.no_progress)
+    summary = {"out": str(result.out_dir), "seconds": round(result.seconds, 1), "kid": result.kid}
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     return int(args.bench_main(args))
 
@@ -311,6 +329,24 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (st, up, pr, run):
         p.set_defaults(func=_cmd_client)
 
+    pre = sub.add_parser(
+        "pretrain-generator",
+        help="train the embedded default generator on emoji (offline) and report its KID",
+        description="Train the default AutoencoderKL on Noto Color Emoji; e.g. "
+        "ktl pretrain-generator --out generator/default",
+    )
+    pre.add_argument("--out", type=Path, required=True, help="folder for config.json + safetensors")
+    # None: the default of ktl.pretrain.PretrainSettings (those of the shipped weights)
+    pre.add_argument("--steps", type=int, default=None, help="Adam steps (default 3000)")
+    pre.add_argument("--batch-size", type=int, default=None, help="default 64")
+    pre.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
+    pre.add_argument("--sigma", type=float, default=None, help="decoder pixel noise, the VAE balance (0.1)")
+    pre.add_argument("--seed", type=int, default=None, help="default 0")
+    pre.add_argument("--font", default=None, help="Noto Color Emoji font file (Debian's path by default)")
+    pre.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre.set_defaults(func=_cmd_pretrain)
+
     bench = sub.add_parser("bench", help="benchmarks (code in benchmarks/)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     from ktl.benchmarks import api as bench_api
@@ -320,6 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_api.add_arguments(api_parser)
     api_parser.set_defaults(func=_cmd_bench, bench_main=bench_api.main)
+    server_parser = bench_sub.add_parser(
+        "server",
+        help="server round vs a faithful re-run of the reference loop; generation throughput",
+        description="Time to the reference's alignment loss, ours vs the reference loop, same inputs; "
+        "batch-job vs bare-generator images/s. See docs/benchmarks.md.",
+    )
+    from ktl.benchmarks import server as bench_server
+
+    bench_server.add_arguments(server_parser)
+    server_parser.set_defaults(func=_cmd_bench, bench_main=bench_server.main)
     return parser
 
 

@@ -174,7 +174,14 @@ class KnowledgeTransferServer:
             return self.generator.sample_latents(n, generator=g).to(device)
 
         t0 = time.perf_counter()
-        fit = self.aligner.fit(vectors, class_ids, counts, sample_prior=sample_prior, generator=prior_rng)
+        fit = self.aligner.fit(
+            vectors,
+            class_ids,
+            counts,
+            sample_prior=sample_prior,
+            generator=prior_rng,
+            standard_normal_prior=getattr(self.generator, "latent_prior", "sampled") == "standard-normal",
+        )
         latents, pair_classes = self.pair_latents(
             fit, class_ids, torch_generator(self.seed, "pairs", round_index)
         )

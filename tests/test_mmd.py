@@ -89,3 +89,26 @@ def test_doubling_ladder_matches_one_exp_per_bandwidth() -> None:
     (g_fast,) = torch.autograd.grad(fast.sum(), d)
     (g_slow,) = torch.autograd.grad(slow.sum(), d)
     torch.testing.assert_close(g_fast, g_slow)
+
+
+def test_standard_normal_kernel_matches_a_large_prior_sample() -> None:
+    from ktl.aligner import PriorKernel
+
+    torch.manual_seed(0)
+    dim = 32
+    exact = PriorKernel.standard_normal(dim)
+    assert exact.exact
+    prior = torch.randn(20000, dim)
+    sampled = PriorKernel(prior, within_samples=4000)
+    torch.testing.assert_close(
+        exact.bandwidths, torch.full((5,), 2.0 * dim) * torch.tensor([0.25, 0.5, 1, 2, 4]), rtol=0.03, atol=0
+    )
+    torch.testing.assert_close(exact.prior_within, sampled.prior_within, rtol=0.03, atol=1e-3)
+    for x in (torch.randn(300, dim), torch.randn(300, dim) * 0.3 + 1.0):
+        a = float(exact.mmd2(x))
+        b = float(PriorKernel(prior, within_samples=4000).mmd2(x, prior[:8000]))
+        # the sampled kernel's bandwidths are estimated, so the two agree to a few percent of the scale
+        assert abs(a - b) < 0.03 * abs(b) + 0.005
+    assert float(exact.mmd2(torch.randn(300, dim) * 0.3 + 1.0)) > 10 * abs(
+        float(exact.mmd2(torch.randn(300, dim)))
+    )
