@@ -22,13 +22,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-# Fashion-MNIST (IDX .gz files) from Debian's package; needs root. Without it `ktl simulate`
-# says how to get it, and the tests use the synthetic data set.
+# Fashion-MNIST (IDX .gz files) and the Noto Color Emoji font (`ktl pretrain-generator`'s image set) from
+# Debian's packages; needs root. Without them `ktl simulate` / `ktl pretrain-generator` say how to get them.
+EMOJI := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 data:
-	@if [ ! -e $(FMNIST)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing dataset-fashion-mnist"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
-			|| echo "note: could not install dataset-fashion-mnist; pass --data.path or set KTL_DATA_DIR"; \
+	@if { [ ! -e $(FMNIST)/train-images-idx3-ubyte.gz ] || [ ! -e $(EMOJI) ]; } && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing dataset-fashion-mnist fonts-noto-color-emoji"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist fonts-noto-color-emoji >/dev/null) \
+			|| echo "note: could not install dataset-fashion-mnist / fonts-noto-color-emoji"; \
 	fi
 
 demo: setup
