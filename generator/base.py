@@ -20,6 +20,11 @@ class GeneratorSpec(BaseModel):
     path: Path | None = None  # a local model folder; None = the embedded default shipped with ktl
     seed: int = 0  # initialises the embedded default while it has no trained weights
     batch_size: int = Field(64, ge=1)  # images per forward pass in `synthesize`
+    num_inference_steps: int = Field(20, ge=1, le=1000)  # DDIM steps (eta 0) of "ddim" / "stable-diffusion"
+    prompt: str = Field("", max_length=1000)  # "stable-diffusion": the fixed prompt ("" = unconditional)
+    truncation_psi: float = Field(1.0, gt=0, le=2)  # "stylegan": w = w_avg + psi·(w - w_avg)
+    trust_pickle: bool = False  # "stylegan": loading a pickle runs its code; only for the operator's own file
+    code_path: Path | None = None  # "stylegan": folder holding the operator's dnnlib/ and torch_utils/
 
 
 @runtime_checkable
@@ -68,3 +73,8 @@ class Generator(Protocol):
 
 def resolve_path(path: Path | None, default: Path) -> Path:
     return default if path is None else Path(path).expanduser()
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (library errors often span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
