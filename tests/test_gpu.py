@@ -58,3 +58,29 @@ def test_service_round_and_job_on_cuda(tmp_path: Path) -> None:
         )
         assert job["state"] == "done" and admin.job_result(job["id"])["images"].shape[0] == 192
         assert "ktl_gpu_memory_peak_bytes" in http.get("/metrics").text
+
+
+def test_bench_server_runs_on_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from ktl.cli import main
+
+    args = ["-q", "bench", "server", "--device", "cuda", "--cases", "10x4", "--epochs", "2"]
+    assert main([*args, "--jobs", "64", "--batch-sizes", "16,64", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["device"].startswith("cuda") and res["peak_gpu_memory_mib"] > 0
+    assert res["cases"][0]["ours_default"]["loss"] == res["cases"][0]["ours_default"]["loss"]
+
+
+def test_diffusion_adapters_on_cuda(tmp_path: Path) -> None:
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from tests.test_generator_adapters import _tiny_unet
+
+    DDPMPipeline(unet=_tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(
+        tmp_path
+    )
+    cpu = load_generator(GeneratorSpec(kind="ddim", path=tmp_path, num_inference_steps=4), "cpu")
+    gpu = load_generator(GeneratorSpec(kind="ddim", path=tmp_path, num_inference_steps=4), "cuda")
+    z = cpu.sample_latents(4, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(gpu.synthesize(z).cpu(), cpu.synthesize(z), atol=2e-3, rtol=0)
