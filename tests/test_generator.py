@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,27 @@ TINY_VAE = dict(
 )
 
 
-def test_embedded_default_follows_the_protocol_and_says_it_is_untrained() -> None:
+def test_embedded_default_is_pretrained_and_small() -> None:
     g = load_generator(GeneratorSpec())
     assert isinstance(g, Generator)
     assert g.latent_dim == 256 and g.image_size == 32 and g.num_channels == 3
-    assert g.pretrained is False and "UNTRAINED" in g.description
+    assert g.pretrained is True and "UNTRAINED" not in g.description
+    default = Path(__file__).resolve().parents[1] / "generator" / "default"
+    weights = default / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size <= 30 * 2**20  # the repo ships it
+    meta = json.loads((default / "training.json").read_text())
+    assert "Open Font License" in meta["data"]["licence"]  # source and licence recorded
+
+
+def test_embedded_default_decodes_prior_draws_to_images_not_noise() -> None:
+    # A trained decoder maps neighbouring latents to similar images; an untrained one does too, but its
+    # images have almost no spatial structure: neighbouring pixels are nearly independent. Emoji are smooth.
+    g = load_generator(GeneratorSpec())
+    x = g.synthesize(g.sample_latents(64, torch.Generator().manual_seed(0)))
+    dx = (x[..., 1:] - x[..., :-1]).abs().mean()
+    spread = (x - x.mean(dim=(2, 3), keepdim=True)).abs().mean()
+    assert float(dx) < 0.5 * float(spread)
+    assert float(x.std(dim=0).mean()) > 0.05  # different latents, different images
 
 
 def test_synthesize_range_shape_batching_and_no_grad() -> None:
