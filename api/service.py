@@ -443,7 +443,8 @@ class KtlService:
             },
         )
         self.store.update_job(job_id, only_if=("queued",), state="running", started_at=self.clock(), done=0)
-        return partial(self._job_step, job_id, plan, writer, 0, time.perf_counter())
+        now = time.perf_counter()
+        return partial(self._job_step, job_id, plan, writer, 0, now, now)
 
     def _job_step(
         self,
@@ -452,6 +453,7 @@ class KtlService:
         writer: StreamingSafetensors,
         start: int,
         t0: float,
+        last_progress: float,
     ) -> Task | None:
         generator = plan.generator
         job = self.store.get_job(job_id)
@@ -474,8 +476,11 @@ class KtlService:
             writer.write("class_ids", start, class_ids)
             self.metrics.images.inc(end - start)
             if end < plan.total:
-                self.store.update_job(job_id, only_if=("running",), done=end)
-                return partial(self._job_step, job_id, plan, writer, end, t0)
+                now = time.perf_counter()
+                if now - last_progress >= self.settings.job_progress_interval_s:
+                    self.store.update_job(job_id, only_if=("running",), done=end)
+                    last_progress = now
+                return partial(self._job_step, job_id, plan, writer, end, t0, last_progress)
             writer.finish()
             self.store.update_job(
                 job_id, only_if=("running",), done=end, state="done", finished_at=self.clock()

@@ -42,6 +42,9 @@ class ServerSettings(BaseSettings):
     rate_limit_burst: int = Field(60, ge=1)  # requests a client may make at once
     scheduler_interval_s: float = Field(0.25, gt=0)  # how often round deadlines are checked
     job_batch_size: int = Field(256, ge=1)  # images per generator call in batch jobs
+    # Least seconds between a running job's progress writes (each is a durable SQLite commit, an fsync):
+    # writing after every small batch cost ~25 % of the images/s at batch 16 on 2 CPU cores.
+    job_progress_interval_s: float = Field(0.5, ge=0)
     max_job_images: int = Field(200_000, ge=1)  # per job
     keep_aligner_rounds: int = Field(2, ge=1)  # aligner snapshots kept per federation
 

@@ -256,15 +256,16 @@ def _throughput(gen: Generator, device: torch.device, images: int, batch_sizes: 
             service.start()
             try:
                 job = service.create_job(JobSpec(latents=[latent], per_class=images, spread=1.0))
-                t0 = time.perf_counter()
                 while service.job(job.id).state in ("queued", "running"):
-                    time.sleep(0.002)
-                seconds = time.perf_counter() - t0
-                state = service.job(job.id).state
+                    time.sleep(0.05)  # polling must not steal the worker's CPU
+                record = service.job(job.id)
+                state = record.state
             finally:
                 service.stop()
         if state != "done":
             raise RuntimeError(f"benchmark job ended {state}")
+        # The job's own start and finish (the device worker's clock), queueing and polling excluded.
+        seconds = (record.finished_at or 0.0) - (record.started_at or 0.0)
         job_rate = images / seconds
         rows.append({"batch_size": b, "bare_images_per_s": bare, "job_images_per_s": job_rate})
         logger.info("  batch %d: bare %.0f images/s, job %.0f images/s", b, bare, job_rate)

@@ -86,7 +86,7 @@ def test_result_before_done_and_cancel_while_queued(http, service, admin) -> Non
 
 
 def test_cancel_while_running_stops_between_batches(tmp_path: Path) -> None:
-    app = create_app(make_settings(tmp_path / "d", job_batch_size=1))
+    app = create_app(make_settings(tmp_path / "d", job_batch_size=1, job_progress_interval_s=0))
     with TestClient(app) as http:
         admin = KtlHttpClient("", ADMIN, http=http, retries=0)
         job = admin.submit_job({"latents": torch.randn(1, 256).tolist(), "per_class": 2000})
@@ -105,7 +105,7 @@ def test_cancel_while_running_stops_between_batches(tmp_path: Path) -> None:
 
 
 def test_progress_moves_to_done(tmp_path: Path) -> None:
-    app = create_app(make_settings(tmp_path / "d", job_batch_size=16))
+    app = create_app(make_settings(tmp_path / "d", job_batch_size=16, job_progress_interval_s=0))
     with TestClient(app) as http:
         admin = KtlHttpClient("", ADMIN, http=http, retries=0)
         job = admin.submit_job({"latents": torch.randn(4, 256).tolist(), "per_class": 50, "spread": 0.2})
@@ -155,7 +155,7 @@ def test_job_needs_a_published_round(http, service, admin) -> None:
 
 
 def test_a_long_job_blocks_neither_uploads_nor_rounds(tmp_path: Path) -> None:
-    app = create_app(make_settings(tmp_path / "d", job_batch_size=1))
+    app = create_app(make_settings(tmp_path / "d", job_batch_size=1, job_progress_interval_s=0))
     with TestClient(app) as http:
         admin = KtlHttpClient("", ADMIN, http=http, retries=0)
         job = admin.submit_job({"latents": torch.randn(1, 256).tolist(), "per_class": 5000})

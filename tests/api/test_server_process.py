@@ -46,7 +46,7 @@ def wait(
 
 
 def test_twenty_concurrent_clients_several_rounds_nothing_lost_and_job_progress(server_factory) -> None:
-    server = server_factory(KTL_JOB_BATCH_SIZE="16")
+    server = server_factory(KTL_JOB_BATCH_SIZE="16", KTL_JOB_PROGRESS_INTERVAL_S="0")
     admin = KtlHttpClient(server.url, ADMIN)
     fed = admin.create_federation({"num_classes": 10, "quorum": 20, "aligner": FAST_ALIGNER})
     fid = fed["id"]
@@ -84,7 +84,7 @@ def test_twenty_concurrent_clients_several_rounds_nothing_lost_and_job_progress(
 
 
 def test_kill_9_mid_round_and_mid_job_then_restart_loses_nothing(server_factory, tmp_path: Path) -> None:
-    server = server_factory(KTL_JOB_BATCH_SIZE="8")
+    server = server_factory(KTL_JOB_BATCH_SIZE="8", KTL_JOB_PROGRESS_INTERVAL_S="0")
     admin = KtlHttpClient(server.url, ADMIN)
     # A: an open round with 6 of 10 uploads acknowledged.
     fed_a = admin.create_federation({"num_classes": 10, "quorum": 10, "aligner": FAST_ALIGNER})
@@ -107,7 +107,7 @@ def test_kill_9_mid_round_and_mid_job_then_restart_loses_nothing(server_factory,
     assert admin.job(job["id"])["state"] == "running"
 
     server.kill9()
-    server = server_factory(server.data_dir, KTL_JOB_BATCH_SIZE="8")
+    server = server_factory(server.data_dir, KTL_JOB_BATCH_SIZE="8", KTL_JOB_PROGRESS_INTERVAL_S="0")
     admin = KtlHttpClient(server.url, ADMIN)
 
     state_a = admin.round(fed_a["id"], 1)
