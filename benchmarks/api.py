@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import secrets
 import statistics
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ktl.api.process import ServeProcess
-from ktl.benchmarks.common import machine, write_section
+from ktl.benchmarks.common import machine, report
 from ktl.clients.sdk import KtlHttpClient
 from ktl.records import Prototypes
 
@@ -238,10 +237,5 @@ def to_markdown(res: dict[str, Any], command: str) -> str:
 def main(args: argparse.Namespace) -> int:
     res = run(args)
     command = f"ktl bench api --clients {args.clients} --rounds-latency {args.rounds_latency} --tiny-rounds {args.tiny_rounds}"
-    if args.json:
-        print(json.dumps(res))  # noqa: T201 - the benchmark's output
-    else:
-        print(to_markdown(res, command))  # noqa: T201
-    if args.write is not None:
-        write_section(args.write, "api", to_markdown(res, command))
-    return 0
+    markdown = to_markdown(res, command)
+    return report(res, markdown, as_json=args.json, write=args.write, section="api")

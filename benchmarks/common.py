@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["machine", "write_section"]
+__all__ = ["machine", "report", "write_section"]
 
 
 def machine() -> str:
@@ -37,3 +40,12 @@ def write_section(path: Path, name: str, markdown: str) -> None:
         pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     )
     path.write_text(text)
+
+
+def report(res: dict[str, Any], markdown: str, *, as_json: bool, write: Path | None, section: str) -> int:
+    """A benchmark's output: one JSON object or the markdown table on stdout; the table also into
+    ``write``'s ``section`` when given."""
+    sys.stdout.write((json.dumps(res) if as_json else markdown) + "\n")
+    if write is not None:
+        write_section(write, section, markdown)
+    return 0

@@ -27,7 +27,6 @@ size; peak GPU memory is recorded on CUDA.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 import time
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ktl.aligner import Aligner, AlignerSettings, prior_bandwidths
-from ktl.benchmarks.common import machine, write_section
+from ktl.benchmarks.common import machine, report
 from ktl.benchmarks.reference_round import (
     ReferenceServer,
     ReferenceSettings,
@@ -335,10 +334,7 @@ def to_markdown(res: dict[str, Any], command: str) -> str:
 def main(args: argparse.Namespace) -> int:
     res = run(args)
     command = f"ktl bench server --device {args.device} --cases {args.cases}"
-    if args.json:
-        print(json.dumps(res))  # noqa: T201 - the benchmark's output
-    else:
-        print(to_markdown(res, command))  # noqa: T201
-    if args.write is not None:
-        write_section(args.write, f"server-{res['device'].split(':')[0]}", to_markdown(res, command))
-    return 0
+    markdown = to_markdown(res, command)
+    return report(
+        res, markdown, as_json=args.json, write=args.write, section=f"server-{res['device'].split(':')[0]}"
+    )

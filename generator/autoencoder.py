@@ -12,7 +12,7 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
 from ktl.errors import GeneratorLoadError
-from ktl.generator.base import GeneratorSpec, resolve_path
+from ktl.generator.base import GeneratorSpec, ModuleGenerator, resolve_path
 from ktl.generator.registry import register_generator
 
 __all__ = ["AutoencoderKLGenerator", "EMBEDDED_DEFAULT_DIR"]
@@ -22,7 +22,7 @@ EMBEDDED_DEFAULT_DIR = Path(__file__).parent / "default"
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-class AutoencoderKLGenerator:
+class AutoencoderKLGenerator(ModuleGenerator):
     """Generator protocol over the decoder of a diffusers ``AutoencoderKL``.
 
     Parameters
@@ -54,16 +54,8 @@ class AutoencoderKLGenerator:
         self.batch_size = batch_size
         self.latent_prior = "standard-normal"  # decode(z / scaling_factor) with z ~ N(0, I)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
-
-    def to(self, device: torch.device | str) -> AutoencoderKLGenerator:
-        torch.nn.Module.to(self.vae, device)
-        return self
-
-    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randn(n, self.latent_dim, generator=generator, device=self.device)
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.vae]
 
     @torch.inference_mode()
     def synthesize(self, latents: torch.Tensor) -> torch.Tensor:

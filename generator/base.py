@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Generator", "GeneratorSpec"]
+__all__ = ["Generator", "GeneratorSpec", "ModuleGenerator"]
 
 
 class GeneratorSpec(BaseModel):
@@ -69,6 +69,31 @@ class Generator(Protocol):
         ...
 
     def to(self, device: torch.device | str) -> Generator: ...
+
+
+class ModuleGenerator:
+    """Plumbing shared by adapters over torch modules: `device`, `to` and N(0, I) `sample_latents`.
+
+    Subclasses set ``latent_dim`` and return their modules from `modules` (the first one's parameters
+    tell the device).
+    """
+
+    latent_dim: int
+
+    def modules(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.modules()[0].parameters()).device
+
+    def to(self, device: torch.device | str) -> Self:
+        for module in self.modules():
+            torch.nn.Module.to(module, device)
+        return self
+
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn(n, self.latent_dim, generator=generator, device=self.device)
 
 
 def resolve_path(path: Path | None, default: Path) -> Path:

@@ -19,7 +19,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
 from ktl.errors import GeneratorLoadError
-from ktl.generator.base import GeneratorSpec, one_line
+from ktl.generator.base import GeneratorSpec, ModuleGenerator, one_line
 from ktl.generator.registry import register_generator
 
 __all__ = ["DDIMGenerator", "LatentDiffusionGenerator"]
@@ -67,7 +67,7 @@ def _denoise(
     return x
 
 
-class DDIMGenerator:
+class DDIMGenerator(ModuleGenerator):
     """An unconditional ``UNet2DModel`` + scheduler folder (``DDPMPipeline.save_pretrained`` layout).
 
     ``latent_dim = channels · size²``: the initial noise; ``synthesize`` runs DDIM (η = 0).
@@ -90,16 +90,8 @@ class DDIMGenerator:
         self._shape = (int(cfg["in_channels"]), self.image_size, self.image_size)
         self.latent_dim = self._shape[0] * self.image_size**2
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    def to(self, device: torch.device | str) -> DDIMGenerator:
-        torch.nn.Module.to(self.unet, device)
-        return self
-
-    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randn(n, self.latent_dim, generator=generator, device=self.device)
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.unet]
 
     @torch.inference_mode()
     def synthesize(self, latents: torch.Tensor) -> torch.Tensor:
@@ -127,7 +119,7 @@ def load_ddim(spec: GeneratorSpec, device: torch.device) -> DDIMGenerator:
     return gen.to(device)
 
 
-class LatentDiffusionGenerator:
+class LatentDiffusionGenerator(ModuleGenerator):
     """A Stable-Diffusion-style pipeline folder: text encoder + UNet2DConditionModel in a VAE's latent space.
 
     The fixed prompt is encoded once; the latent is the UNet's initial latent noise ``(4, h, h)``;
@@ -162,18 +154,13 @@ class LatentDiffusionGenerator:
         self.num_channels = int(vae.config["out_channels"])
         self.scaling_factor = float(vae.config["scaling_factor"])
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.unet, self.vae]
 
     def to(self, device: torch.device | str) -> LatentDiffusionGenerator:
-        torch.nn.Module.to(self.unet, device)
-        torch.nn.Module.to(self.vae, device)
+        super().to(device)
         self.prompt_embeds = self.prompt_embeds.to(device)
         return self
-
-    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randn(n, self.latent_dim, generator=generator, device=self.device)
 
     @torch.inference_mode()
     def synthesize(self, latents: torch.Tensor) -> torch.Tensor:

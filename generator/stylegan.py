@@ -20,13 +20,13 @@ from typing import Any
 import torch
 
 from ktl.errors import GeneratorLoadError
-from ktl.generator.base import GeneratorSpec, one_line
+from ktl.generator.base import GeneratorSpec, ModuleGenerator, one_line
 from ktl.generator.registry import register_generator
 
 __all__ = ["StyleGANGenerator"]
 
 
-class StyleGANGenerator:
+class StyleGANGenerator(ModuleGenerator):
     """Generator protocol over an NVlabs ``G_ema`` network (mapping + synthesis)."""
 
     latent_prior = "sampled"  # the mapping network's output: not a standard normal
@@ -41,13 +41,8 @@ class StyleGANGenerator:
         self.image_size = int(net.img_resolution)
         self.num_channels = int(net.img_channels)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.net.parameters()).device
-
-    def to(self, device: torch.device | str) -> StyleGANGenerator:
-        torch.nn.Module.to(self.net, device)
-        return self
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.net]
 
     def _labels(self, n: int) -> torch.Tensor | None:
         c_dim = int(getattr(self.net, "c_dim", 0))
