@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -291,6 +292,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cases": cases,
         "throughput": throughput,
         "job_vs_bare_at_best": best_job["job_images_per_s"] / best_bare["bare_images_per_s"],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
         "peak_gpu_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20
         if device.type == "cuda"
         else None,
@@ -326,6 +328,7 @@ def to_markdown(res: dict[str, Any], command: str) -> str:
         )
     lines.append("")
     lines.append(f"Best job rate / best bare rate: **{res['job_vs_bare_at_best']:.0%}**.")
+    lines.append(f"Peak process RSS (the whole benchmark): {res['peak_rss_mib']:.0f} MiB.")
     if res["peak_gpu_memory_mib"] is not None:
         lines.append(f"Peak GPU memory: {res['peak_gpu_memory_mib']:.0f} MiB.")
     return "\n".join(lines)

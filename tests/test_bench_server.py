@@ -39,4 +39,4 @@ def test_bench_server_json_has_timings_ratios_and_throughput(capsys: pytest.Capt
     assert [r["batch_size"] for r in res["throughput"]] == [4, 8]
     assert all(r["job_images_per_s"] > 0 and r["bare_images_per_s"] > 0 for r in res["throughput"])
     assert res["job_vs_bare_at_best"] > 0
-    assert res["peak_gpu_memory_mib"] is None
+    assert res["peak_gpu_memory_mib"] is None and res["peak_rss_mib"] > 0
