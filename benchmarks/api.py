@@ -171,11 +171,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             client = KtlHttpClient(server.url, admin.register_client(tiny["id"])["token"], timeout=60)
             one = Prototypes(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), torch.tensor([1]))
             rss: list[tuple[int, float]] = []
+            every = max(1, args.tiny_rounds // 20)  # ~20 RSS samples, the last round always among them
             t0 = time.perf_counter()
             for r in range(1, args.tiny_rounds + 1):
                 client.upload(tiny["id"], r, one)
                 client.wait_for_round(tiny["id"], r, timeout=60, poll=0.005)
-                if r % 50 == 0 or r == 10:
+                if r % every == 0 or r == 10 or r == args.tiny_rounds:
                     rss.append((r, proc.memory_info().rss / 2**20))
             tiny_seconds = time.perf_counter() - t0
     late = [m for r, m in rss if r >= args.tiny_rounds // 2]

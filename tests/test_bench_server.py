@@ -40,3 +40,11 @@ def test_bench_server_json_has_timings_ratios_and_throughput(capsys: pytest.Capt
     assert all(r["job_images_per_s"] > 0 and r["bare_images_per_s"] > 0 for r in res["throughput"])
     assert res["job_vs_bare_at_best"] > 0
     assert res["peak_gpu_memory_mib"] is None and res["peak_rss_mib"] > 0
+
+
+def test_bench_api_json_on_a_tiny_load(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["-q", "bench", "api", "--clients", "4", "--rounds-latency", "1", "--tiny-rounds", "3", "--json"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["uploads"] == 4 and res["upload_latency_ms"]["p50"] > 0
+    assert list(res["rss_mib"]) == ["1", "2", "3"] and res["tiny_rounds"] == 3
