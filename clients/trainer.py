@@ -17,7 +17,18 @@ from ktl.clients.losses import distillation_loss, etf_cosines, margin_loss
 from ktl.clients.model import ClientModel
 from ktl.records import Pairs, Prototypes
 
-__all__ = ["ClientSettings", "LocalData", "TrainStats", "LocalClient", "batchnorm_stats_frozen"]
+__all__ = [
+    "ClientSettings",
+    "LocalData",
+    "TrainStats",
+    "LocalClient",
+    "Regularizer",
+    "batchnorm_stats_frozen",
+]
+
+Regularizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""An extra loss on a batch's head outputs ``(B, K)`` and labels ``(B,)``, already weighted (baselines
+such as FedProto pull features towards global prototypes with one)."""
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +122,7 @@ class TrainStats:
     steps: int
     skipped: int  # steps whose loss was not finite (their update was not applied)
     supervised_loss: float
-    distill_loss: float
+    distill_loss: float  # the knowledge-transfer term: distillation on pairs, or a method's regulariser
 
 
 class LocalClient:
@@ -168,6 +179,22 @@ class LocalClient:
 
     # -- receiving the server's pairs ---------------------------------------------------------------
 
+    def receive_latent_targets(self, latents: torch.Tensor, class_ids: torch.Tensor) -> None:
+        """Distil towards class latents on the client's *own* images (the "no generator" ablation): each
+        local training image of a class the server sent is paired with that class's latent. Replaces any
+        held pairs (older rounds' targets are dropped); the projector is the one `receive_pairs` uses."""
+        z_by_class = torch.full((self.num_classes, latents.shape[1]), float("nan"))
+        z_by_class[class_ids.cpu()] = latents.float().cpu()
+        z = z_by_class.to(self.device)[self.data.train_y]
+        keep = torch.isfinite(z).all(dim=1)
+        if not bool(keep.any()):
+            self._pairs, self._received = None, []
+            return
+        x, z = normalize_pixels(self.data.train_x[keep]), z[keep]
+        self._received = [(x, z)]
+        self._pairs = _HeldPairs(x=x, z=z, rms=z.pow(2).mean().sqrt().clamp_min(1e-8))
+        self.model.ensure_projector(int(z.shape[1]), generator=self._init_rng)
+
     def receive_pairs(self, pairs: Pairs | None) -> None:
         """Keep the server's image-vector pairs for the distillation task of the next `train` calls,
         together with those of the previous ``pairs_memory - 1`` rounds."""
@@ -188,8 +215,9 @@ class LocalClient:
 
     # -- local training -----------------------------------------------------------------------------
 
-    def train(self, *, mu: float = 0.0) -> TrainStats:
-        """One round of local training: margin loss on private data + μ·distillation on held pairs.
+    def train(self, *, mu: float = 0.0, regularizer: Regularizer | None = None) -> TrainStats:
+        """One round of local training: margin loss on private data + μ·distillation on held pairs
+        (+ ``regularizer(head_outputs, labels)`` when a method gives one).
 
         A step whose loss is not finite is skipped (counted in ``TrainStats.skipped``), so one bad batch
         cannot poison the model; with the clamped margin loss, the RMS-scaled targets and gradient
@@ -211,12 +239,16 @@ class LocalClient:
                     continue
                 x = normalize_pixels(self.data.train_x[batch])
                 y = self.data.train_y[batch]
-                sup = margin_loss(model(x), self.etf, y, margin=s.margin, scale=s.scale)
+                out = model(x)
+                sup = margin_loss(out, self.etf, y, margin=s.margin, scale=s.scale)
                 loss = sup
                 dist = torch.zeros((), device=self.device)
                 if distillation is not None:
                     dist = distillation()
                     loss = sup + mu * dist
+                if regularizer is not None:
+                    dist = regularizer(out, y)
+                    loss = loss + dist
                 if not bool(torch.isfinite(loss)):
                     skipped += 1
                     continue
@@ -267,17 +299,40 @@ class LocalClient:
         outs = [self.model(normalize_pixels(x)) for x in images.split(self.settings.eval_batch_size)]
         return torch.cat(outs) if outs else images.new_zeros(0, self.etf.shape[0])
 
-    def prototypes(self) -> Prototypes:
+    def prototypes(self, *, noise_std: float = 0.0, generator: torch.Generator | None = None) -> Prototypes:
         """Per-class prototypes: the mean of L2-normalised head outputs over local training data,
         renormalised. Classes without local samples are not sent; ``counts`` says how many samples each
-        row stands for."""
+        row stands for.
+
+        With ``noise_std`` > 0 this is the Gaussian mechanism of `ktl.clients.privacy`: N(0, noise_std²)
+        is added to each class's *sum* of unit vectors (L2 sensitivity 1 when one sample is added or
+        removed) before renormalising, and ``counts`` are all sent as 1 (the true counts would leak).
+        """
         h = F.normalize(self._head_outputs(self.data.train_x), dim=1)
         y = self.data.train_y
         sums = h.new_zeros(self.num_classes, h.shape[1]).index_add_(0, y, h)
         counts = torch.bincount(y, minlength=self.num_classes)
         present = counts > 0
+        sums, counts = sums[present].cpu(), counts[present].cpu()
+        if noise_std > 0:
+            sums = sums + noise_std * torch.randn(sums.shape, generator=generator)
+            counts = torch.ones_like(counts)
         return Prototypes(
-            vectors=F.normalize(sums[present], dim=1).cpu(),
+            vectors=F.normalize(sums, dim=1),
+            class_ids=present.nonzero().flatten().cpu(),
+            counts=counts,
+        )
+
+    def mean_cosines(self) -> Prototypes:
+        """Per-class mean of the ETF cosines (the client's "logits", FedDistill's upload), in the same
+        per-class table as `prototypes` (rows are not unit vectors)."""
+        cos = etf_cosines(self._head_outputs(self.data.train_x), self.etf)
+        y = self.data.train_y
+        sums = cos.new_zeros(self.num_classes, cos.shape[1]).index_add_(0, y, cos)
+        counts = torch.bincount(y, minlength=self.num_classes)
+        present = counts > 0
+        return Prototypes(
+            vectors=(sums[present] / counts[present, None]).cpu(),
             class_ids=present.nonzero().flatten().cpu(),
             counts=counts[present].cpu(),
         )

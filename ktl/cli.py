@@ -366,6 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_server.add_arguments(server_parser)
     server_parser.set_defaults(func=_cmd_bench, bench_main=bench_server.main)
+    accuracy_parser = bench_sub.add_parser(
+        "accuracy",
+        help="every method (and FedKTL's ablations) in the same harness, mean ± std over seeds",
+        description="Runs a suite of ktl simulate runs (resumable: finished runs are kept) and builds the "
+        "table: last/best-round accuracy, bytes up/down per client per round, wall time; --write also "
+        "draws accuracy-per-round plots. See docs/results.md.",
+    )
+    from ktl.benchmarks import accuracy as bench_accuracy
+
+    bench_accuracy.add_arguments(accuracy_parser)
+    accuracy_parser.set_defaults(func=_cmd_bench, bench_main=bench_accuracy.main)
     return parser
 
 

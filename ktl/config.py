@@ -25,6 +25,7 @@ from ktl.clients.backbones import BACKBONES, available_backbones
 from ktl.data import DataConfig
 from ktl.errors import ConfigError
 from ktl.generator import GeneratorSpec
+from ktl.methods import BaselineSettings, PrivacySettings
 from ktl.round import FedKTLSettings
 
 __all__ = [
@@ -47,7 +48,7 @@ class SimulateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     preset: str | None = None  # the preset the run started from (recorded, not applied)
-    method: str = "fedktl"  # a registered method (fedktl | local)
+    method: str = "fedktl"  # a registered method: fedktl | local | fedproto | fedtgp | fd | fedktl-latents
     seed: int = 0  # seeds data, partitions, model init, batch order and the server's draws
     rounds: int = Field(20, ge=1)  # communication rounds
     num_clients: int = Field(20, ge=1)
@@ -60,6 +61,8 @@ class SimulateConfig(BaseModel):
     fedktl: FedKTLSettings = Field(default_factory=FedKTLSettings)
     aligner: AlignerSettings = Field(default_factory=AlignerSettings)
     generator: GeneratorSpec = Field(default_factory=GeneratorSpec)
+    baseline: BaselineSettings = Field(default_factory=BaselineSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
 
     @field_validator("models")
     @classmethod
@@ -72,7 +75,7 @@ class SimulateConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
-        from ktl.methods import METHODS, available_methods  # late: methods import this module's type
+        from ktl.methods import METHODS, available_methods
 
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; available: {', '.join(available_methods())}")

@@ -149,6 +149,7 @@ def run_simulation(
             accuracy, client_accuracy = evaluate_clients(clients)
             accuracies.append(accuracy)
             server = method.server_update(uploads, round_index)
+            method.save_round(run_dir, round_index, uploads)
             if server.payload is not None:
                 for client in clients:
                     method.client_receive(client, server.payload)

@@ -39,6 +39,9 @@ class DataConfig(BaseModel):
     classes_per_client: int = Field(2, ge=1)  # pathological partition only
     train_fraction: float = Field(0.75, gt=0, lt=1)  # per-client train share (PFLlib: 0.75)
     min_samples: int = Field(20, ge=2)  # Dirichlet redraws until every client holds this many samples
+    # Few-shot: keep at most this many labelled training samples per class on each client (seeded); the
+    # test split is untouched. None = all.
+    shots: int | None = Field(None, ge=1)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,16 @@ def _subsample(index: np.ndarray, fraction: float, rng: np.random.Generator) -> 
     return np.sort(rng.choice(index, size=size, replace=False))
 
 
+def _few_shot(train: np.ndarray, labels: np.ndarray, shots: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``shots`` indices of each class from ``train`` (seeded), in ascending order."""
+    keep = [
+        rng.choice(idx, size=min(shots, idx.shape[0]), replace=False)
+        for c in np.unique(labels[train])
+        for idx in [train[labels[train] == c]]
+    ]
+    return np.sort(np.concatenate(keep)) if keep else train
+
+
 def _to_local(images: ImageSet, train: np.ndarray, test: np.ndarray) -> LocalData:
     def pixels(idx: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(images.images[idx]).float().div_(255.0)
@@ -121,5 +134,7 @@ def build_federated_data(config: DataConfig, *, num_clients: int, seed: int) -> 
         splits = [
             (_subsample(tr, config.fraction, rng), _subsample(te, config.fraction, rng)) for tr, te in splits
         ]
+    if config.shots is not None:
+        splits = [(_few_shot(tr, images.labels, config.shots, rng), te) for tr, te in splits]
     clients = [_to_local(images, train, test) for train, test in splits]
     return FederatedData(clients=clients, class_names=images.class_names, source=images.source)

@@ -1,0 +1,407 @@
+"""``ktl bench accuracy``: every method in the same harness, side by side, mean ± std over seeds.
+
+A *suite* is scenarios × variants × seeds. Every run is an ordinary ``ktl simulate`` run (same models,
+data, partitions, local budget and seeds for every variant of a scenario), written to
+``RUNS/<suite>-<profile>/<scenario>/<variant>-s<seed>/``; a run whose ``summary.json`` exists is not
+run again, so an interrupted suite resumes where it stopped. The table is built from the run folders:
+last-round and best-round accuracy (test-sample-weighted over clients, %), bytes up and down per client
+per round, wall time per run. ``--write docs/results.md`` replaces the suite's section there and draws
+one PNG per scenario (mean accuracy per round, ± std shaded).
+
+Profiles: ``cpu`` finishes the main suite in about an hour on 2 cores (the cpu-small zoo and local
+budget, 15 rounds, "all data" scaled to 25 %); ``gpu`` is closer to the paper (the gpu preset: all of
+Fashion-MNIST, the paper's local training, ResNet-18 in the zoo, 100 rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ktl.benchmarks.common import machine, write_section
+from ktl.config import build_config
+from ktl.simulate import run_simulation
+
+__all__ = ["SUITES", "PROFILES", "Scenario", "Variant", "Suite", "add_arguments", "main", "summarize"]
+
+logger = logging.getLogger("ktl.bench.accuracy")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    overrides: dict[str, Any]  # nested config overrides on top of the profile
+    profile_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # profile → more overrides
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: dict[str, Any]  # nested config overrides, including the method
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    title: str
+    scenarios: tuple[Scenario, ...]
+    variants: tuple[Variant, ...]
+    reference: str | None = None  # the variant the others are compared with ("Δ vs" column)
+
+
+# profile → (preset, overrides applied to every run)
+PROFILES: dict[str, tuple[str, dict[str, Any]]] = {
+    "cpu": ("cpu-small", {"rounds": 15}),
+    "gpu": ("gpu", {}),
+}
+
+_ALL = Scenario(
+    "dir-all",
+    "Dirichlet 0.1, all the data",
+    {"data": {"partition": "dirichlet", "alpha": 0.1, "fraction": 1.0}},
+    {"cpu": {"data": {"fraction": 0.25}}},  # 2 cores: a quarter of Fashion-MNIST stands in for all
+)
+_LOW = Scenario(
+    "dir-lowdata",
+    "Dirichlet 0.1, low data (10 % of Fashion-MNIST)",
+    {"data": {"partition": "dirichlet", "alpha": 0.1, "fraction": 0.1}},
+)
+_PATHOLOGICAL = Scenario(
+    "pathological",
+    "Pathological, 2 classes per client (10 % of the data)",
+    {"data": {"partition": "pathological", "classes_per_client": 2, "fraction": 0.1}},
+    {"gpu": {"data": {"fraction": 1.0}}},
+)
+
+
+def _few_shot(shots: int) -> Scenario:
+    return Scenario(
+        f"one-client-{shots}shot",
+        f"One client, {shots} labelled samples per class (test: its 25 % split of 10 % of the data)",
+        {"num_clients": 1, "data": {"fraction": 0.1, "shots": shots}, "client": {"batch_size": 10}},
+    )
+
+
+_BASELINES = tuple(Variant(m, {"method": m}) for m in ("local", "fedproto", "fedtgp", "fd", "fedktl"))
+_FEDKTL = Variant("fedktl", {"method": "fedktl"})
+
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in (
+        Suite(
+            "main",
+            "Baselines and FedKTL",
+            (_LOW, _ALL, _PATHOLOGICAL),
+            _BASELINES,
+            reference="local",
+        ),
+        Suite(
+            "fewshot",
+            "One client, few shots: with and without the server's pairs",
+            (_few_shot(5), _few_shot(20)),
+            (Variant("local", {"method": "local"}), _FEDKTL),
+            reference="local",
+        ),
+        Suite(
+            "ablations",
+            "FedKTL ablations (low data)",
+            (_LOW,),
+            (
+                _FEDKTL,
+                Variant("no-mmd", {"method": "fedktl", "aligner": {"mmd_weight": 0.0}}),
+                Variant("no-centroid-mse", {"method": "fedktl", "aligner": {"lam": 0.0}}),
+                Variant("no-generator", {"method": "fedktl-latents"}),
+                Variant("mu-0.2", {"method": "fedktl", "fedktl": {"mu": 0.2}}),
+                Variant("mu-5", {"method": "fedktl", "fedktl": {"mu": 5.0}}),
+                Variant("lambda-0.1", {"method": "fedktl", "aligner": {"lam": 0.1}}),
+                Variant("lambda-10", {"method": "fedktl", "aligner": {"lam": 10.0}}),
+                Variant("pairs-5", {"method": "fedktl", "fedktl": {"pairs_per_class": 5}}),
+                Variant(
+                    "pairs-5-kept-5",
+                    {"method": "fedktl", "fedktl": {"pairs_per_class": 5}, "client": {"pairs_memory": 5}},
+                ),
+            ),
+            reference="fedktl",
+        ),
+        Suite(
+            "privacy",
+            "Differential privacy on uploaded prototypes (low data; ε over the whole run, δ = 1e-5)",
+            (_LOW,),
+            (
+                _FEDKTL,
+                Variant("fedktl-eps8", {"method": "fedktl", "privacy": {"epsilon": 8.0}}),
+                Variant("fedktl-eps1", {"method": "fedktl", "privacy": {"epsilon": 1.0}}),
+                Variant("fedproto-eps8", {"method": "fedproto", "privacy": {"epsilon": 8.0}}),
+                Variant("local", {"method": "local"}),
+            ),
+            reference="fedktl",
+        ),
+    )
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", default="main", choices=sorted(SUITES), help="which table (default main)")
+    parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES), help="cpu (default) or gpu")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench-accuracy"), help="run folders go here")
+    parser.add_argument("--device", default=None, help="override the profile's device (cpu, cuda, auto)")
+    parser.add_argument("--rounds", type=int, default=None, help="override the profile's rounds")
+    parser.add_argument(
+        "--scenarios", default=None, help="comma-separated subset of the suite's scenarios (default: all)"
+    )
+    parser.add_argument(
+        "--variants", default=None, help="comma-separated subset of the suite's variants (default: all)"
+    )
+    parser.add_argument(
+        "--summarize-only", action="store_true", help="build the table from existing run folders only"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--write", type=Path, default=None, help="write the table (and plots) into this file")
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def _pick(items: tuple[Any, ...], names: str | None, what: str) -> list[Any]:
+    if names is None:
+        return list(items)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = {i.name: i for i in items}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise SystemExit(f"ktl: error: unknown {what} {unknown[0]!r}; this suite has: {', '.join(known)}")
+    return [known[n] for n in wanted]
+
+
+def run_overrides(
+    profile: str, scenario: Scenario, variant: Variant, seed: int, out: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The nested overrides of one run: profile ← scenario ← its profile tweak ← variant ← seed, out."""
+    _, base = PROFILES[profile]
+    data = _merge(base, scenario.overrides)
+    data = _merge(data, scenario.profile_overrides.get(profile, {}))
+    data = _merge(data, variant.overrides)
+    data = _merge(data, {"seed": seed, "out": str(out)})
+    if args.device is not None:
+        data["device"] = args.device
+    if args.rounds is not None:
+        data["rounds"] = args.rounds
+    return data
+
+
+def run_suite(args: argparse.Namespace) -> Path:
+    """Run every missing (scenario, variant, seed) of the suite; returns the suite's folder."""
+    suite = SUITES[args.suite]
+    preset, _ = PROFILES[args.profile]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    scenarios = _pick(suite.scenarios, args.scenarios, "scenario")
+    variants = _pick(suite.variants, args.variants, "variant")
+    root = args.runs / f"{suite.name}-{args.profile}"
+    todo = []
+    for scenario in scenarios:
+        for variant in variants:
+            for seed in seeds:
+                out = root / scenario.name / f"{variant.name}-s{seed}"
+                if not (out / "summary.json").is_file():
+                    todo.append((scenario, variant, seed, out))
+    # Validate every config before the first run starts, so a typo fails in a second, not an hour in.
+    configs = [
+        build_config(preset=preset, overrides=run_overrides(args.profile, sc, v, s, out, args))
+        for sc, v, s, out in todo
+    ]
+    logger.info(
+        "suite %s (%s): %d runs to do, %d already done",
+        suite.name,
+        args.profile,
+        len(todo),
+        len(scenarios) * len(variants) * len(seeds) - len(todo),
+    )
+    for (scenario, variant, seed, _), config in tqdm(
+        list(zip(todo, configs, strict=True)), desc=suite.name, unit="run"
+    ):
+        t0 = time.perf_counter()
+        summary = run_simulation(config, overwrite=True, progress=False)
+        logger.info(
+            "%s / %s / seed %d: last %.2f %%, best %.2f %% (%.0f s)",
+            scenario.name,
+            variant.name,
+            seed,
+            100 * summary["final_accuracy"],
+            100 * summary["best_accuracy"],
+            time.perf_counter() - t0,
+        )
+    return root
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _accuracies(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["accuracy"] for line in lines if line.strip()]
+
+
+def summarize(root: Path, suite: Suite, seeds: list[int] | None = None) -> dict[str, Any]:
+    """Per scenario and variant: accuracy (last, best, per round) mean ± std over the seeds found, bytes
+    per client per round, wall time."""
+    out: dict[str, Any] = {"suite": suite.name, "scenarios": []}
+    for scenario in suite.scenarios:
+        rows = []
+        for variant in suite.variants:
+            runs = []
+            for path in sorted((root / scenario.name).glob(f"{variant.name}-s*/summary.json")):
+                seed = int(path.parent.name.rsplit("-s", 1)[1])
+                if seeds is None or seed in seeds:
+                    runs.append((json.loads(path.read_text()), _accuracies(path.parent)))
+            if not runs:
+                continue
+            summaries = [s for s, _ in runs]
+            curves = [c for _, c in runs]
+            length = min(len(c) for c in curves)
+            rows.append(
+                {
+                    "variant": variant.name,
+                    "method": summaries[0]["method"],
+                    "seeds": sorted(s["seed"] for s in summaries),
+                    "last": _mean_std([100 * s["final_accuracy"] for s in summaries]),
+                    "best": _mean_std([100 * s["best_accuracy"] for s in summaries]),
+                    "bytes_up": statistics.mean(s["bytes_up_per_client_round"] for s in summaries),
+                    "bytes_down": statistics.mean(s["bytes_down_per_client_round"] for s in summaries),
+                    "wall_s": statistics.mean(s["wall_time_s"] for s in summaries),
+                    "curve": [_mean_std([100 * c[i] for c in curves]) for i in range(length)],
+                    "privacy": summaries[0].get("privacy"),
+                    "rounds": summaries[0]["rounds"],
+                    "num_clients": summaries[0]["num_clients"],
+                    "data": summaries[0]["data"],
+                    "device": summaries[0]["device"],
+                }
+            )
+        if rows:
+            out["scenarios"].append({"name": scenario.name, "title": scenario.title, "rows": rows})
+    return out
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n:.0f} B"
+
+
+def to_markdown(res: dict[str, Any], suite: Suite, command: str, plots: dict[str, str]) -> str:
+    lines = [f"### {suite.title} — {res['profile']} profile", "", f"`{command}` on {res['machine']}."]
+    devices = sorted({r["device"] for sc in res["scenarios"] for r in sc["rows"]})
+    lines[-1] += f" Device: {', '.join(devices)}."
+    for sc in res["scenarios"]:
+        rows = sc["rows"]
+        first = rows[0]
+        lines += [
+            "",
+            f"**{sc['title']}** — {first['num_clients']} client(s), {first['rounds']} rounds, "
+            f"seeds {','.join(map(str, first['seeds']))}.",
+            "",
+            "| variant | last round (%) | best round (%) | Δ last vs "
+            f"{suite.reference or '—'} | up / client / round | down / client / round | wall time / run |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        ref = next((r for r in rows if r["variant"] == suite.reference), None)
+        for r in rows:
+            delta = "—" if ref is None or r is ref else f"{r['last'][0] - ref['last'][0]:+.2f}"
+            lines.append(
+                f"| {r['variant']} | {r['last'][0]:.2f} ± {r['last'][1]:.2f} | "
+                f"{r['best'][0]:.2f} ± {r['best'][1]:.2f} | {delta} | {_bytes(r['bytes_up'])} | "
+                f"{_bytes(r['bytes_down'])} | {r['wall_s']:.0f} s |"
+            )
+        verdict = _fedktl_verdict(rows)
+        if verdict:
+            lines += ["", verdict]
+        if sc["name"] in plots:
+            lines += ["", f"![{sc['title']}]({plots[sc['name']]})"]
+    return "\n".join(lines)
+
+
+def _fedktl_verdict(rows: list[dict[str, Any]]) -> str | None:
+    """One sentence: FedKTL's last-round mean against the best baseline's (methods other than FedKTL)."""
+    fedktl = next((r for r in rows if r["variant"] == "fedktl"), None)
+    baselines = [r for r in rows if not r["method"].startswith("fedktl") and r["variant"] == r["method"]]
+    if fedktl is None or not baselines:
+        return None
+    best = max(baselines, key=lambda r: r["last"][0])
+    gap = fedktl["last"][0] - best["last"][0]
+    return (
+        f"FedKTL vs the best baseline ({best['variant']}), last round: **{gap:+.2f} points** "
+        f"({'meets' if gap >= 2 else 'does not meet'} the +2-point target)."
+    )
+
+
+def plot(res: dict[str, Any], folder: Path, stem: str) -> dict[str, str]:
+    """One PNG per scenario: mean accuracy per round per variant, ± std shaded. Returns name → file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for sc in res["scenarios"]:
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+        for r in sc["rows"]:
+            mean = [m for m, _ in r["curve"]]
+            std = [s for _, s in r["curve"]]
+            x = list(range(1, len(mean) + 1))
+            ax.plot(x, mean, label=r["variant"], linewidth=1.4)
+            ax.fill_between(
+                x,
+                [m - s for m, s in zip(mean, std, strict=True)],
+                [m + s for m, s in zip(mean, std, strict=True)],
+                alpha=0.15,
+            )
+        ax.set_xlabel("round")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(sc["title"], fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        name = f"{stem}-{sc['name']}.png"
+        fig.savefig(folder / name)
+        plt.close(fig)
+        out[sc["name"]] = name
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    suite = SUITES[args.suite]
+    root = args.runs / f"{suite.name}-{args.profile}"
+    if not args.summarize_only:
+        root = run_suite(args)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    res = summarize(root, suite, seeds)
+    if not res["scenarios"]:
+        raise SystemExit(f"ktl: error: no finished runs under {root}")
+    res.update(profile=args.profile, machine=machine())
+    command = f"ktl bench accuracy --suite {suite.name} --profile {args.profile} --seeds {args.seeds}"
+    plots: dict[str, str] = {}
+    if args.write is not None:
+        images = args.write.parent / "images"
+        names = plot(res, images, f"accuracy-{suite.name}-{args.profile}")
+        plots = {k: f"images/{v}" for k, v in names.items()}
+    markdown = to_markdown(res, suite, command, plots)
+    if args.write is not None:
+        write_section(args.write, f"accuracy-{suite.name}-{args.profile}", markdown)
+    sys.stdout.write((json.dumps(res) if args.json else markdown) + "\n")
+    return 0
