@@ -193,6 +193,7 @@ def run_simulation(
         "num_clients": len(clients),
         "models": config.models,
         "data": data.source,
+        "class_names": data.class_names,
         "final_accuracy": accuracies[-1],
         "best_accuracy": max(accuracies),
         "best_round": accuracies.index(max(accuracies)) + 1,

@@ -1,0 +1,85 @@
+"""ktl bench accuracy: a tiny suite end to end (runs, resume, table, plots) and its merge rules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from ktl.benchmarks import accuracy
+from ktl.cli import build_parser
+
+
+def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
+    return build_parser().parse_args(
+        ["bench", "accuracy", "--runs", str(tmp_path / "runs"), "--seeds", "0,1", *extra]
+    )
+
+
+def test_overrides_merge_profile_scenario_variant_and_seed(tmp_path: Path) -> None:
+    suite = accuracy.SUITES["ablations"]
+    variant = next(v for v in suite.variants if v.name == "pairs-5-kept-5")
+    args = _args(tmp_path)
+    data = accuracy.run_overrides("cpu", suite.scenarios[0], variant, 2, tmp_path / "x", args)
+    assert data["rounds"] == 15 and data["seed"] == 2 and data["method"] == "fedktl"
+    assert data["data"] == {"partition": "dirichlet", "alpha": 0.1, "fraction": 0.1}
+    assert data["fedktl"] == {"pairs_per_class": 5} and data["client"] == {"pairs_memory": 5}
+    all_data = next(s for s in accuracy.SUITES["main"].scenarios if s.name == "dir-all")
+    cpu = accuracy.run_overrides("cpu", all_data, suite.variants[0], 0, tmp_path, args)
+    gpu = accuracy.run_overrides("gpu", all_data, suite.variants[0], 0, tmp_path, args)
+    assert cpu["data"]["fraction"] == 0.25 and gpu["data"]["fraction"] == 1.0
+
+
+def test_unknown_variant_is_one_readable_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="unknown variant 'fedavg'"):
+        accuracy.run_suite(_args(tmp_path, "--variants", "fedavg"))
+
+
+def test_tiny_suite_runs_resumes_and_writes_table_and_plots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the smoke preset (synthetic data, 4 clients) with one round stands in for the cpu profile
+    monkeypatch.setitem(accuracy.PROFILES, "cpu", ("smoke", {"rounds": 1, "aligner": {"steps": 10}}))
+    results = tmp_path / "docs" / "results.md"
+    results.parent.mkdir()
+    results.write_text("# Results\n\nkept text\n")
+    args = _args(
+        tmp_path, "--scenarios", "dir-lowdata", "--variants", "local,fedproto,fedktl", "--write", str(results)
+    )
+    assert accuracy.main(args) == 0
+    root = tmp_path / "runs" / "main-cpu" / "dir-lowdata"
+    assert sorted(p.name for p in root.iterdir()) == [
+        "fedktl-s0",
+        "fedktl-s1",
+        "fedproto-s0",
+        "fedproto-s1",
+        "local-s0",
+        "local-s1",
+    ]
+    table = capsys.readouterr().out
+    assert "| local |" in table and "| fedktl |" in table and "FedKTL vs the best baseline" in table
+    text = results.read_text()
+    assert "kept text" in text and "<!-- bench:accuracy-main-cpu:start -->" in text
+    png = tmp_path / "docs" / "images" / "accuracy-main-cpu-dir-lowdata.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second call finds every run done and only rebuilds the table
+    stamp = (root / "local-s0" / "summary.json").stat().st_mtime_ns
+    args_json = _args(
+        tmp_path,
+        "--scenarios",
+        "dir-lowdata",
+        "--variants",
+        "local,fedproto,fedtgp,fd,fedktl",
+        "--json",
+        "--summarize-only",
+    )
+    accuracy.main(args_json)
+    res = json.loads(capsys.readouterr().out)
+    assert (root / "local-s0" / "summary.json").stat().st_mtime_ns == stamp
+    rows = {r["variant"]: r for r in res["scenarios"][0]["rows"]}
+    assert set(rows) == {"local", "fedproto", "fedktl"}  # variants without runs are left out
+    assert rows["local"]["bytes_up"] == 0 and rows["fedktl"]["bytes_up"] > 0
+    assert rows["fedktl"]["seeds"] == [0, 1] and len(rows["fedktl"]["curve"]) == 1
+    assert all(0 <= r["last"][0] <= 100 for r in rows.values())

@@ -1,0 +1,42 @@
+"""The notebooks run top to bottom (on a tiny synthetic run) and are committed without outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat", reason="dev dependency: pip install -e .[dev]")
+nbclient = pytest.importorskip("nbclient", reason="dev dependency: pip install -e .[dev]")
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def test_both_notebooks_exist() -> None:
+    assert {p.name for p in NOTEBOOKS} >= {"inspect_alignment.ipynb", "quickstart.ipynb"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_stored_without_outputs(path: Path) -> None:
+    cells = json.loads(path.read_text())["cells"]
+    for cell in cells:
+        if cell["cell_type"] == "code":
+            assert cell.get("outputs") == [] and cell.get("execution_count") is None, path.name
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("KTL_RUN", "KTL_SERVER"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    # every notebook shows at least one image (the pairs grid)
+    assert any("image/png" in o.get("data", {}) for o in outputs), os.fspath(path)
