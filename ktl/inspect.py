@@ -104,7 +104,7 @@ class ServerView:
         return [r for r in range(1, last + 1) if self.sdk.round(self.fid, r)["state"] == "published"]
 
     def pairs(self, r: int) -> Pairs:
-        return self.sdk.pairs(self.fid, r)  # type: ignore[no-any-return]
+        return self.sdk.pairs(self.fid, r)
 
     def stats(self, r: int) -> dict[str, Any]:
         return dict(self.sdk.round(self.fid, r).get("stats") or {})
