@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,7 @@ def run_suite(args: argparse.Namespace) -> Path:
         build_config(preset=preset, overrides=run_overrides(args.profile, sc, v, s, out, args))
         for sc, v, s, out in todo
     ]
+    done = _finished_runs(args.runs)
     logger.info(
         "suite %s (%s): %d runs to do, %d already done",
         suite.name,
@@ -236,6 +238,14 @@ def run_suite(args: argparse.Namespace) -> Path:
     for (scenario, variant, seed, _), config in tqdm(
         list(zip(todo, configs, strict=True)), desc=suite.name, unit="run"
     ):
+        out = Path(str(config.out))
+        twin = done.get(_config_key(config))
+        if twin is not None:  # the same resolved config already ran in another suite: same numbers
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(twin, out)
+            (out / "reused_from.txt").write_text(f"{twin}\n")
+            logger.info("%s / %s / seed %d: identical to %s, copied", scenario.name, variant.name, seed, twin)
+            continue
         t0 = time.perf_counter()
         summary = run_simulation(config, overwrite=True, progress=False)
         logger.info(
@@ -248,6 +258,28 @@ def run_suite(args: argparse.Namespace) -> Path:
             time.perf_counter() - t0,
         )
     return root
+
+
+def _config_key(config: Any) -> str:
+    """A run's resolved config without its output folder and preset label: equal keys, equal runs."""
+    data = json.loads(config.model_dump_json())
+    data.pop("out", None)
+    data.pop("preset", None)
+    return json.dumps(data, sort_keys=True)
+
+
+def _finished_runs(runs: Path) -> dict[str, Path]:
+    """Every finished run folder under ``runs`` by its config key (for reuse across suites)."""
+    from ktl.config import SimulateConfig
+
+    found: dict[str, Path] = {}
+    for summary in sorted(runs.glob("*/*/*/summary.json")):
+        try:
+            config = SimulateConfig.model_validate_json((summary.parent / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        found.setdefault(_config_key(config), summary.parent)
+    return found
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -385,7 +417,12 @@ def plot(res: dict[str, Any], folder: Path, stem: str) -> dict[str, str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    suite = SUITES[args.suite]
+    full = SUITES[args.suite]
+    suite = replace(
+        full,
+        scenarios=tuple(_pick(full.scenarios, args.scenarios, "scenario")),
+        variants=tuple(_pick(full.variants, args.variants, "variant")),
+    )
     root = args.runs / f"{suite.name}-{args.profile}"
     if not args.summarize_only:
         root = run_suite(args)

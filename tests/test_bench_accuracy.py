@@ -83,3 +83,8 @@ def test_tiny_suite_runs_resumes_and_writes_table_and_plots(
     assert rows["local"]["bytes_up"] == 0 and rows["fedktl"]["bytes_up"] > 0
     assert rows["fedktl"]["seeds"] == [0, 1] and len(rows["fedktl"]["curve"]) == 1
     assert all(0 <= r["last"][0] <= 100 for r in rows.values())
+    # another suite with an identical run (same resolved config) copies it instead of running it again
+    accuracy.run_suite(_args(tmp_path, "--suite", "privacy", "--variants", "local"))
+    copied = tmp_path / "runs" / "privacy-cpu" / "dir-lowdata" / "local-s1"
+    assert (copied / "reused_from.txt").read_text().strip() == str(root / "local-s1")
+    assert (copied / "summary.json").read_text() == (root / "local-s1" / "summary.json").read_text()
