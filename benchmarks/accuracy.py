@@ -331,6 +331,11 @@ def summarize(root: Path, suite: Suite, seeds: list[int] | None = None) -> dict[
     return out
 
 
+def _pm(value: tuple[float, float], seeds: list[int]) -> str:
+    """``mean ± std`` over seeds; a single seed has no spread to show."""
+    return f"{value[0]:.2f} ± {value[1]:.2f}" if len(seeds) > 1 else f"{value[0]:.2f} (one seed)"
+
+
 def _bytes(n: float) -> str:
     return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n:.0f} B"
 
@@ -342,21 +347,22 @@ def to_markdown(res: dict[str, Any], suite: Suite, command: str, plots: dict[str
     for sc in res["scenarios"]:
         rows = sc["rows"]
         first = rows[0]
+        all_seeds = sorted({s for r in rows for s in r["seeds"]})
         lines += [
             "",
             f"**{sc['title']}** — {first['num_clients']} client(s), {first['rounds']} rounds, "
-            f"seeds {','.join(map(str, first['seeds']))}.",
+            f"seeds {','.join(map(str, all_seeds))}.",
             "",
-            "| variant | last round (%) | best round (%) | Δ last vs "
+            "| variant | seeds | last round (%) | best round (%) | Δ last vs "
             f"{suite.reference or '—'} | up / client / round | down / client / round | wall time / run |",
-            "|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|",
         ]
         ref = next((r for r in rows if r["variant"] == suite.reference), None)
         for r in rows:
             delta = "—" if ref is None or r is ref else f"{r['last'][0] - ref['last'][0]:+.2f}"
             lines.append(
-                f"| {r['variant']} | {r['last'][0]:.2f} ± {r['last'][1]:.2f} | "
-                f"{r['best'][0]:.2f} ± {r['best'][1]:.2f} | {delta} | {_bytes(r['bytes_up'])} | "
+                f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {_pm(r['last'], r['seeds'])} | "
+                f"{_pm(r['best'], r['seeds'])} | {delta} | {_bytes(r['bytes_up'])} | "
                 f"{_bytes(r['bytes_down'])} | {r['wall_s']:.0f} s |"
             )
         verdict = _fedktl_verdict(rows)
@@ -375,6 +381,11 @@ def _fedktl_verdict(rows: list[dict[str, Any]]) -> str | None:
         return None
     best = max(baselines, key=lambda r: r["last"][0])
     gap = fedktl["last"][0] - best["last"][0]
+    if len(fedktl["seeds"]) < 3 or len(best["seeds"]) < 3:
+        return (
+            f"FedKTL vs the best baseline ({best['variant']}), last round: {gap:+.2f} points on "
+            f"{min(len(fedktl['seeds']), len(best['seeds']))} seed(s) — too few to judge the +2-point target."
+        )
     return (
         f"FedKTL vs the best baseline ({best['variant']}), last round: **{gap:+.2f} points** "
         f"({'meets' if gap >= 2 else 'does not meet'} the +2-point target)."

@@ -88,3 +88,38 @@ def test_tiny_suite_runs_resumes_and_writes_table_and_plots(
     copied = tmp_path / "runs" / "privacy-cpu" / "dir-lowdata" / "local-s1"
     assert (copied / "reused_from.txt").read_text().strip() == str(root / "local-s1")
     assert (copied / "summary.json").read_text() == (root / "local-s1" / "summary.json").read_text()
+
+
+def _row(variant: str, seeds: list[int], last: float) -> dict[str, object]:
+    return {
+        "variant": variant,
+        "method": variant,
+        "seeds": seeds,
+        "last": (last, 1.0 if len(seeds) > 1 else 0.0),
+        "best": (last + 1, 0.5 if len(seeds) > 1 else 0.0),
+        "bytes_up": 345.0,
+        "bytes_down": 0.0,
+        "wall_s": 10.0,
+        "curve": [(last, 0.0)],
+        "num_clients": 20,
+        "rounds": 15,
+        "device": "cpu",
+    }
+
+
+def test_table_shows_each_rows_seeds_and_judges_only_three_seed_rows() -> None:
+    suite = accuracy.SUITES["main"]
+
+    def table(rows: list[dict[str, object]]) -> str:
+        res = {"profile": "cpu", "machine": "m", "scenarios": [{"name": "x", "title": "X", "rows": rows}]}
+        return accuracy.to_markdown(res, suite, "cmd", {})
+
+    partial = table([_row("local", [0, 1, 2], 90.0), _row("fedktl", [0], 93.0)])
+    assert "seeds 0,1,2." in partial and "| fedktl | 0 | 93.00 (one seed) |" in partial
+    assert "| local | 0,1,2 | 90.00 ± 1.00 |" in partial
+    assert "too few to judge" in partial and "meets" not in partial
+    full = table([_row("local", [0, 1, 2], 90.0), _row("fedktl", [0, 1, 2], 91.0)])
+    assert "**+1.00 points** (does not meet the +2-point target)" in full
+    assert "(meets the +2-point target)" in table(
+        [_row("local", [0, 1, 2], 90.0), _row("fedktl", [0, 1, 2], 92.5)]
+    )
