@@ -23,36 +23,68 @@ _SETTINGS_FILE = "aligner.json"
 
 
 class AlignerSettings(BaseModel):
-    """Hyperparameters of the server's alignment step."""
+    """Hyperparameters of the server's alignment step: the feature transformer F that maps uploaded
+    prototypes into the generator's latent space."""
 
     model_config = ConfigDict(extra="forbid")
 
     hidden_dim: int = Field(
-        256, ge=1, le=8192
-    )  # width of F's hidden layer (the reference used K, i.e. 10 at C = 10)
-    num_layers: int = Field(2, ge=1, le=16)  # linear layers in F; the reference's 2
-    lr: float = Field(0.01, gt=0, le=10)  # Adam learning rate; the reference's server_learning_rate
-    # Full-batch Adam steps per round. The reference runs 100 epochs of mini-batches of 100, i.e. 200 steps
-    # at C = 10 with 20 clients; full batches make each of ours an exact gradient of the round's loss.
-    steps: int = Field(200, ge=1, le=100_000)
-    lam: float = Field(
-        1.0, ge=0, le=1e6
-    )  # λ, weight of the centroid MSE (the reference: 1.0 for StyleGAN-XL)
-    mmd_weight: float = Field(1.0, ge=0, le=1e6)  # weight of the MMD term (0 ablates it)
-    prior_samples: int = Field(512, ge=2, le=100_000)  # prior draws per step for the MMD
-    # Uploaded rows per step: all of them when there are fewer, else a fresh random subset drawn on the
-    # device each step (its centroid MSE uses the subset's class means). Full-batch MMD is O(n²) in
-    # uploads and F's pass O(n) — n = 10 000 at 100 clients × 100 classes; a subset keeps a step's cost
-    # constant. The returned centroids are always exact means over every row.
-    batch_size: int = Field(512, ge=2, le=100_000)
-    bandwidth_samples: int = Field(
-        4096, ge=2, le=100_000
-    )  # prior draws, once per fit: RBF bandwidths and E k(y, y')
-    # × the prior's mean squared distance; non-empty, positive
-    bandwidth_multipliers: tuple[float, ...] = Field(
-        DEFAULT_BANDWIDTH_MULTIPLIERS, min_length=1, max_length=16
+        256,
+        ge=1,
+        le=8192,
+        description="Width of F's hidden layer (the reference used K, i.e. 10 at C = 10)",
     )
-    clip_grad_norm: float = Field(10.0, gt=0)  # guards against a spike from a degenerate upload
+    num_layers: int = Field(
+        2, ge=1, le=16, description="Linear layers in F, LayerNorm + GELU between (the reference's 2)"
+    )
+    lr: float = Field(
+        0.01, gt=0, le=10, description="Adam learning rate for F (the reference's server_learning_rate)"
+    )
+    # Up to batch_size rows, steps are full-batch: each is an exact gradient of the round's loss.
+    steps: int = Field(
+        200,
+        ge=1,
+        le=100_000,
+        description="Adam steps per round. The reference runs 100 epochs of mini-batches of 100, i.e. 200 "
+        "steps at C = 10 with 20 clients",
+    )
+    lam: float = Field(
+        1.0,
+        ge=0,
+        le=1e6,
+        description="λ, weight of the MSE to the per-class centroids (the reference: 1.0 for StyleGAN-XL)",
+    )
+    mmd_weight: float = Field(
+        1.0, ge=0, le=1e6, description="Weight of the MMD to the generator's prior (0 ablates it)"
+    )
+    prior_samples: int = Field(
+        512, ge=2, le=100_000, description="Prior draws per step for the MMD cross term"
+    )
+    # Full-batch MMD is O(n²) in uploads and F's pass O(n) — n = 10 000 at 100 clients × 100 classes; a
+    # subset keeps a step's cost constant.
+    batch_size: int = Field(
+        512,
+        ge=2,
+        le=100_000,
+        description="Uploaded rows per step: all of them when there are fewer, else a fresh random subset "
+        "each step (its centroid MSE uses the subset's class means); the returned centroids are always "
+        "exact means over every row",
+    )
+    bandwidth_samples: int = Field(
+        4096,
+        ge=2,
+        le=100_000,
+        description="Prior draws, once per fit, that set the RBF bandwidths and E k(y, y')",
+    )
+    bandwidth_multipliers: tuple[float, ...] = Field(
+        DEFAULT_BANDWIDTH_MULTIPLIERS,
+        min_length=1,
+        max_length=16,
+        description="RBF bandwidths as multiples of the prior's mean squared distance (positive, finite)",
+    )
+    clip_grad_norm: float = Field(
+        10.0, gt=0, description="Gradient-norm clip for F; guards against a spike from a degenerate upload"
+    )
 
     @field_validator("bandwidth_multipliers")
     @classmethod

@@ -13,11 +13,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ktl
-from ktl.api.errors import ApiError, from_payload_error
+from ktl.api.errors import ApiError, http_error
 from ktl.api.routers import federations, health, jobs, rounds
 from ktl.api.service import KtlService
 from ktl.api.settings import ServerSettings, load_settings
-from ktl.errors import KtlError, PayloadError
+from ktl.errors import KtlError
 
 __all__ = ["create_app"]
 
@@ -56,17 +56,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             service.metrics.rejects.labels(reason=exc.reason).inc()
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(request, exc)
-
-    @app.exception_handler(PayloadError)
-    async def _payload_error(request: Request, exc: PayloadError) -> JSONResponse:
-        return error_response(request, from_payload_error(exc))
-
     @app.exception_handler(KtlError)
     async def _ktl_error(request: Request, exc: KtlError) -> JSONResponse:
-        return error_response(request, ApiError(422, "invalid", str(exc)))
+        return error_response(request, http_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

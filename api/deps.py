@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import Depends, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from ktl.api.errors import ApiError
 from ktl.api.service import KtlService
 from ktl.api.store import ClientRecord, FederationRecord
+from ktl.errors import BadRequestError, ForbiddenError, TooLargeError, UnauthorizedError
 
 __all__ = [
     "Admin",
@@ -44,16 +44,16 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
 
 def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
     if credentials is None or not credentials.credentials:
-        raise ApiError(
-            401, "missing_token", "send Authorization: Bearer <token>", headers={"WWW-Authenticate": "Bearer"}
+        raise UnauthorizedError(
+            "missing_token", "send Authorization: Bearer <token>", headers={"WWW-Authenticate": "Bearer"}
         )
     return credentials.credentials
 
 
 async def require_admin(service: ServiceDep, credentials: Credentials) -> None:
     if not service.is_admin(_token(credentials)):
-        raise ApiError(
-            401, "bad_token", "this route needs the admin token", headers={"WWW-Authenticate": "Bearer"}
+        raise UnauthorizedError(
+            "bad_token", "this route needs the admin token", headers={"WWW-Authenticate": "Bearer"}
         )
 
 
@@ -75,10 +75,12 @@ async def get_caller(service: ServiceDep, credentials: Credentials) -> Caller:
     token = _token(credentials)
     if service.is_admin(token):
         return Caller(client=None)
-    client = service.authenticate(token)
+    client = service.federations.authenticate(token)
     if client is None:
-        raise ApiError(401, "bad_token", "unknown or revoked token", headers={"WWW-Authenticate": "Bearer"})
-    service.check_rate(client)
+        raise UnauthorizedError(
+            "bad_token", "unknown or revoked token", headers={"WWW-Authenticate": "Bearer"}
+        )
+    service.federations.check_rate(client)
     return Caller(client=client)
 
 
@@ -87,9 +89,9 @@ CallerDep = Annotated[Caller, Depends(get_caller)]
 
 async def federation_access(fid: FederationId, service: ServiceDep, caller: CallerDep) -> FederationRecord:
     """The federation, if the caller is the admin or one of its clients (404 / 403 otherwise)."""
-    fed = service.federation(fid)
+    fed = service.federations.get(fid)
     if caller.client is not None and caller.client.federation_id != fed.id:
-        raise ApiError(403, "wrong_federation", f"this client belongs to another federation, not {fed.id}")
+        raise ForbiddenError("wrong_federation", f"this client belongs to another federation, not {fed.id}")
     return fed
 
 
@@ -98,8 +100,8 @@ FederationAccess = Annotated[FederationRecord, Depends(federation_access)]
 
 async def client_caller(fed: FederationAccess, caller: CallerDep) -> ClientRecord:
     if caller.client is None:
-        raise ApiError(
-            403, "client_token_required", "uploads are made with a client token, not the admin token"
+        raise ForbiddenError(
+            "client_token_required", "uploads are made with a client token, not the admin token"
         )
     return caller.client
 
@@ -113,14 +115,14 @@ async def upload_body(request: Request, service: ServiceDep, client: ClientCalle
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
-            raise ApiError(400, "bad_content_length", "Content-Length must be a number of bytes")
+            raise BadRequestError("bad_content_length", "Content-Length must be a number of bytes")
         if int(declared) > limit:
-            raise ApiError(413, "too_large", f"body of {declared} bytes exceeds the limit of {limit}")
+            raise TooLargeError("too_large", f"body of {declared} bytes exceeds the limit of {limit}")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise ApiError(413, "too_large", f"body exceeds the limit of {limit} bytes")
+            raise TooLargeError("too_large", f"body exceeds the limit of {limit} bytes")
     return bytes(body)
 
 

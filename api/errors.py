@@ -1,16 +1,34 @@
-"""API errors: every 4xx carries ``{"error": {"reason": <code>, "message": <sentence>, ...}}``."""
+"""The one place where errors become HTTP answers: ``{"error": {"reason": <code>, "message": ..., ...}}``.
+
+The service and the store raise the project's own errors (`ktl.errors`): a `ServiceError` subclass says
+what kind of refusal it is, a `PayloadError` which check an upload failed. `http_error` maps them to a
+status here, and nowhere else.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ktl.errors import PayloadError
+from ktl.errors import (
+    BadRequestError,
+    ConflictError,
+    ForbiddenError,
+    InvalidRequestError,
+    KtlError,
+    NotFoundError,
+    PayloadError,
+    RateLimitedError,
+    ServiceError,
+    TooLargeError,
+    UnauthorizedError,
+    UnsupportedMediaError,
+)
 
-__all__ = ["ApiError", "PAYLOAD_STATUS", "from_payload_error"]
+__all__ = ["ApiError", "PAYLOAD_STATUS", "SERVICE_STATUS", "http_error"]
 
 
 class ApiError(Exception):
-    """An HTTP error with a machine-readable reason.
+    """An HTTP answer with a machine-readable reason (built only by `http_error` and the app's handlers).
 
     Parameters
     ----------
@@ -46,7 +64,21 @@ class ApiError(Exception):
         return {"error": {"reason": self.reason, "message": self.message, **self.extra}}
 
 
-# PayloadError reasons (ktl.records) → HTTP status.
+# The kind of refusal → HTTP status.
+SERVICE_STATUS: dict[type[ServiceError], int] = {
+    BadRequestError: 400,
+    UnauthorizedError: 401,
+    ForbiddenError: 403,
+    NotFoundError: 404,
+    ConflictError: 409,
+    TooLargeError: 413,
+    UnsupportedMediaError: 415,
+    InvalidRequestError: 422,
+    RateLimitedError: 429,
+}
+
+# PayloadError reasons (`Method.validate_upload`, `ktl.records`) → HTTP status: unreadable is 400, a
+# readable upload whose values do not fit the federation is 422.
 PAYLOAD_STATUS = {
     "not_safetensors": 400,
     "missing_tensor": 400,
@@ -57,6 +89,7 @@ PAYLOAD_STATUS = {
     "dtype": 422,
     "non_finite": 422,
     "norm": 422,
+    "range": 422,
     "class_range": 422,
     "class_repeated": 422,
     "counts": 422,
@@ -65,5 +98,11 @@ PAYLOAD_STATUS = {
 }
 
 
-def from_payload_error(exc: PayloadError) -> ApiError:
-    return ApiError(PAYLOAD_STATUS.get(exc.reason, 422), exc.reason, str(exc))
+def http_error(exc: KtlError) -> ApiError:
+    """The HTTP answer for one of the project's errors."""
+    if isinstance(exc, ServiceError):
+        status = next((code for kind, code in SERVICE_STATUS.items() if isinstance(exc, kind)), 422)
+        return ApiError(status, exc.reason, exc.message, headers=exc.headers, **exc.extra)
+    if isinstance(exc, PayloadError):
+        return ApiError(PAYLOAD_STATUS.get(exc.reason, 422), exc.reason, str(exc))
+    return ApiError(422, "invalid", str(exc))

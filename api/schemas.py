@@ -7,7 +7,16 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ktl.aligner import AlignerSettings
-from ktl.round import FedKTLSettings
+from ktl.errors import ConfigError
+from ktl.methods import (
+    METHODS,
+    BaselineSettings,
+    FedKTLSettings,
+    Method,
+    MethodSettings,
+    PrivacySettings,
+    available_methods,
+)
 
 __all__ = [
     "ClientCreated",
@@ -17,6 +26,7 @@ __all__ = [
     "FederationSpec",
     "JobOut",
     "JobSpec",
+    "PrivacyOut",
     "PrototypesJSON",
     "RoundOut",
     "UploadOut",
@@ -27,22 +37,53 @@ JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 
 
+# The method sections a federation spec can carry; a method reads the ones its settings model names.
+_SECTIONS = ("fedktl", "aligner", "baseline", "privacy")
+
+
 class FederationSpec(BaseModel):
-    """What an operator chooses when creating a federation."""
+    """What an operator chooses when creating a federation: the method, its settings sections, the round
+    rules. Sections the method does not read are refused; those it reads are filled with their defaults."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, max_length=200)
-    num_classes: int = Field(..., ge=2, le=1000)  # C
-    proto_dim: int | None = Field(None, ge=2, le=4096)  # K; default C (FedKTL's choice)
-    class_names: list[Annotated[str, Field(max_length=100)]] | None = None  # labels for the PNG grids
-    generator: str = "default"  # one of the generators the server loaded at start-up
-    fedktl: FedKTLSettings = Field(default_factory=FedKTLSettings)  # μ, pairs per class, upload dtype
-    aligner: AlignerSettings = Field(default_factory=AlignerSettings)
-    quorum: int = Field(1, ge=1, le=100_000)  # uploads that close a round
-    round_deadline_s: float = Field(3600.0, gt=0, le=30 * 86400)  # a round also closes here with ≥ 1 upload
-    etf_seed: int | None = Field(None, ge=0, lt=2**31)  # None: the server draws one
-    seed: int = Field(0, ge=0, lt=2**62)  # the server's own draws (prior samples, pair choice)
+    name: str | None = Field(None, max_length=200, description="A label for people.")
+    method: str = Field(
+        "fedktl",
+        description="The federated method (a registered one that exchanges payloads): fedktl, fedproto, "
+        "fedtgp, fd or fedktl-latents.",
+    )
+    num_classes: int = Field(..., ge=2, le=1000, description="C, the number of classes.")
+    proto_dim: int | None = Field(
+        None, ge=2, le=4096, description="K, the prototype dimension; none = C (FedKTL's choice)."
+    )
+    class_names: list[Annotated[str, Field(max_length=100)]] | None = Field(
+        None, description="Class labels, for the PNG grids."
+    )
+    generator: str = Field(
+        "default", description="One of the generators the server loaded at start-up (methods that use one)."
+    )
+    fedktl: FedKTLSettings | None = Field(None, description="fedktl, fedktl-latents: μ, pairs, upload dtype.")
+    aligner: AlignerSettings | None = Field(None, description="fedktl, fedktl-latents: the server's aligner.")
+    baseline: BaselineSettings | None = Field(None, description="fedproto, fedtgp, fd: pull weight, FedTGP.")
+    privacy: PrivacySettings | None = Field(
+        None,
+        description="Differential privacy of the clients' uploads: the federation's budget. With epsilon, "
+        "privacy.rounds is required and no upload past that round is accepted.",
+    )
+    quorum: int = Field(1, ge=1, le=100_000, description="Uploads that close a round.")
+    round_deadline_s: float = Field(
+        3600.0, gt=0, le=30 * 86400, description="Seconds after which a round also closes with ≥ 1 upload."
+    )
+    etf_seed: int | None = Field(
+        None, ge=0, lt=2**31, description="Seed of the shared ETF classifier; none = the server draws one."
+    )
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**62,
+        description="The method's own draws (prior samples, pair choice, server models, privacy noise).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationSpec:
@@ -52,11 +93,40 @@ class FederationSpec(BaseModel):
             )
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ValueError(f"class_names has {len(self.class_names)} names for {self.num_classes} classes")
+        cls = METHODS.get(self.method)
+        if cls is None:
+            raise ValueError(f"unknown method {self.method!r}; available: {', '.join(available_methods())}")
+        if not cls.exchanges:
+            raise ValueError(f"method {self.method!r} exchanges nothing; run it with ktl simulate")
+        reads = cls.settings_model.sections()
+        foreign = [s for s in _SECTIONS if getattr(self, s) is not None and s not in reads]
+        if foreign:
+            raise ValueError(
+                f"section(s) {', '.join(foreign)} do not apply to method {self.method!r} "
+                f"(it reads {', '.join(reads) or 'none'})"
+            )
+        try:
+            settings = cls.settings_from(self)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        for section in reads:  # show the settings in force, defaults included
+            setattr(self, section, getattr(settings, section))
+        privacy = getattr(settings, "privacy", None)
+        if isinstance(privacy, PrivacySettings) and privacy.enabled and privacy.rounds is None:
+            raise ValueError("privacy.rounds is required with privacy.epsilon: the rounds the budget covers")
         return self
 
     @property
     def dim(self) -> int:
         return self.proto_dim or self.num_classes
+
+    @property
+    def method_class(self) -> type[Method]:
+        return METHODS[self.method]
+
+    def method_settings(self) -> MethodSettings:
+        """The settings of this federation's method (the sections it reads)."""
+        return self.method_class.settings_from(self)
 
 
 class GeneratorInfo(BaseModel):
@@ -67,15 +137,29 @@ class GeneratorInfo(BaseModel):
     pretrained: bool
 
 
+class PrivacyOut(BaseModel):
+    """A federation's DP budget and what its clients have spent of it (each upload is one release)."""
+
+    epsilon: float
+    delta: float
+    rounds: int
+    noise_std: float
+    releases: int = Field(description="The most rounds any one client has uploaded to.")
+    epsilon_spent: float = Field(description="ε accounted for that client after its releases (zCDP).")
+
+
 class FederationOut(BaseModel):
     id: str
+    method: str
     spec: FederationSpec
     proto_dim: int
     etf_seed: int
     etf: list[list[float]] | None = None  # (K, C), with ?include_etf=true
     current_round: int
     created_at: float
-    generator: GeneratorInfo
+    generator: GeneratorInfo | None  # None for methods without a generator
+    broadcast_file: str  # what each published round's broadcast is called (GET …/rounds/{r}/broadcast)
+    privacy: PrivacyOut | None  # None without differential privacy
     clients: int
 
 

@@ -30,23 +30,39 @@ class ServerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="KTL_", env_nested_delimiter="__", extra="forbid")
 
-    data_dir: Path = Path("ktl-data")  # SQLite metadata + safetensors tensors
-    host: str = "127.0.0.1"  # loopback unless an operator says otherwise
-    port: int = Field(8000, ge=0, le=65535)
-    admin_token: SecretStr | None = None  # required: the server refuses to start without one
-    device: str = "auto"  # where alignment and generation run: cpu | cuda | cuda:N | auto
-    # Generators loaded once at start-up; federations refer to them by name.
-    generators: dict[str, GeneratorSpec] = Field(default_factory=lambda: {"default": GeneratorSpec()})
-    max_upload_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # larger bodies get 413
-    rate_limit_per_minute: float = Field(600.0, gt=0)  # sustained requests per client token
-    rate_limit_burst: int = Field(60, ge=1)  # requests a client may make at once
-    scheduler_interval_s: float = Field(0.25, gt=0)  # how often round deadlines are checked
-    job_batch_size: int = Field(256, ge=1)  # images per generator call in batch jobs
-    # Least seconds between a running job's progress writes (each is a durable SQLite commit, an fsync):
-    # writing after every small batch cost ~25 % of the images/s at batch 16 on 2 CPU cores.
-    job_progress_interval_s: float = Field(0.5, ge=0)
-    max_job_images: int = Field(200_000, ge=1)  # per job
-    keep_aligner_rounds: int = Field(2, ge=1)  # aligner snapshots kept per federation
+    data_dir: Path = Field(
+        Path("ktl-data"), description="Where state lives: SQLite metadata + safetensors tensors"
+    )
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless an operator says otherwise")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of the operator; required: the server refuses to start without one",
+    )
+    device: str = Field("auto", description="Where alignment and generation run: cpu, cuda, cuda:N or auto")
+    generators: dict[str, GeneratorSpec] = Field(
+        default_factory=lambda: {"default": GeneratorSpec()},
+        description="Generators loaded once at start-up, by name, each with the fields of ktl simulate's "
+        "generator.* settings (kind, path, …); federations pick one by name",
+    )
+    max_upload_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body; larger uploads get 413"
+    )
+    rate_limit_per_minute: float = Field(
+        600.0, gt=0, description="Sustained requests per minute per client token (token bucket; 429 beyond)"
+    )
+    rate_limit_burst: int = Field(60, ge=1, description="Requests a client token may make at once")
+    scheduler_interval_s: float = Field(0.25, gt=0, description="Seconds between checks of round deadlines")
+    job_batch_size: int = Field(256, ge=1, description="Images per generator call in batch jobs")
+    # Writing after every small batch cost ~25 % of the images/s at batch 16 on 2 CPU cores.
+    job_progress_interval_s: float = Field(
+        0.5,
+        ge=0,
+        description="Least seconds between a running job's progress writes (each is a durable SQLite "
+        "commit, an fsync)",
+    )
+    max_job_images: int = Field(200_000, ge=1, description="Most images one batch job may generate")
+    keep_aligner_rounds: int = Field(2, ge=1, description="Aligner snapshots kept per federation")
 
     @classmethod
     def settings_customise_sources(

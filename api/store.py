@@ -9,8 +9,10 @@ Layout under ``data_dir``::
 
     ktl.sqlite3
     federations/<fid>/rounds/<r>/uploads/<client>.safetensors
-    federations/<fid>/rounds/<r>/pairs.safetensors, pairs.png, centroids.safetensors
-    federations/<fid>/aligner/round-<r>/          (F after round r, HF-style)
+    federations/<fid>/rounds/<r>/<the method's broadcast file and published files>
+                                                  (fedktl: pairs.safetensors, pairs.png, centroids.safetensors, …;
+                                                   the table methods: table.safetensors)
+    federations/<fid>/state/round-<r>/            (the method's server state after round r, HF-style)
     jobs/<job>.safetensors
 """
 
@@ -28,9 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ktl.api.errors import ApiError
 from ktl.api.schemas import FederationSpec, JobSpec
-from ktl.records import Prototypes
+from ktl.errors import ConflictError
 
 __all__ = [
     "ClientRecord",
@@ -179,7 +180,7 @@ class Store:
         for pattern in (".*.tmp", ".*.partial"):
             for path in self.root.rglob(pattern):
                 path.unlink(missing_ok=True)
-        for path in self.root.glob("federations/*/aligner/.staging-*"):
+        for path in self.root.glob("federations/*/state/.staging-*"):
             shutil.rmtree(path, ignore_errors=True)
 
     def close(self) -> None:
@@ -209,8 +210,8 @@ class Store:
     def upload_path(self, fid: str, r: int, client_id: str) -> Path:
         return self.round_dir(fid, r) / "uploads" / f"{client_id}.safetensors"
 
-    def aligner_dir(self, fid: str, r: int) -> Path:
-        return self.root / "federations" / fid / "aligner" / f"round-{r}"
+    def state_dir(self, fid: str, r: int) -> Path:
+        return self.root / "federations" / fid / "state" / f"round-{r}"
 
     def job_result_path(self, job_id: str) -> Path:
         return self.root / "jobs" / f"{job_id}.safetensors"
@@ -338,7 +339,7 @@ class Store:
     ) -> UploadResult:
         """Store an upload for round ``r`` and close the round if it completes the quorum.
 
-        Raises `ApiError` 409 for a round that is not the open one, or for a different second upload
+        Raises `ConflictError` for a round that is not the open one, or for a different second upload
         by the same client; in both cases nothing is written.
         """
         final = self.upload_path(fed.id, r, client_id)
@@ -359,8 +360,7 @@ class Store:
                 if prior is not None:  # checked before the round's state: a retry of the upload that
                     # completed the quorum (its answer lost) must still get its 200
                     if prior[0] != digest:
-                        raise ApiError(
-                            409,
+                        raise ConflictError(
                             "conflicting_upload",
                             f"client {client_id} already uploaded different prototypes for round {r}",
                             current_round=current,
@@ -369,8 +369,7 @@ class Store:
                     return UploadResult(duplicate=True, uploads=count, state=str(state), closed=False)
                 if r != current or state != "open":
                     late = r < current
-                    raise ApiError(
-                        409,
+                    raise ConflictError(
                         "round_closed" if late else "round_not_open",
                         f"round {r} is {'closed' if late else 'not open yet'}; the current round is {current}",
                         current_round=current,
@@ -425,11 +424,17 @@ class Store:
         )
         return [(row[0], row[1]) for row in rows]
 
-    def load_uploads(self, fid: str, r: int) -> dict[str, Prototypes]:
-        return {
-            u.client_id: Prototypes.from_bytes(self.upload_path(fid, r, u.client_id).read_bytes())
-            for u in self.uploads(fid, r)
-        }
+    def load_uploads(self, fid: str, r: int) -> dict[str, bytes]:
+        """A round's stored uploads (client id → bytes) in the clients' registration order."""
+        return {u.client_id: self.upload_path(fid, r, u.client_id).read_bytes() for u in self.uploads(fid, r)}
+
+    def most_uploads_by_one_client(self, fid: str) -> int:
+        """The largest number of rounds any one client of ``fid`` uploaded to (its privacy releases)."""
+        rows = self._query(
+            "SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM uploads WHERE federation_id = ? GROUP BY client_id)",
+            (fid,),
+        )
+        return int(rows[0][0] or 0)
 
     def publish_round(
         self, fid: str, r: int, files: dict[str, bytes], stats: dict[str, Any], now: float
@@ -452,30 +457,31 @@ class Store:
                 (now, error[:2000], fid, r),
             )
 
-    # -- aligner snapshots ------------------------------------------------------------------------
+    # -- the method's server state, one snapshot per round ----------------------------------------------
 
-    def commit_aligner(self, fid: str, r: int, staged: Path, keep: int) -> None:
-        """Move a staged aligner folder into place as the snapshot after round ``r``; prune old ones."""
-        final = self.aligner_dir(fid, r)
-        for f in staged.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+    def commit_state(self, fid: str, r: int, staged: Path, keep: int) -> None:
+        """Move a staged state folder into place as the snapshot after round ``r``; prune old ones."""
+        final = self.state_dir(fid, r)
+        for f in staged.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if final.exists():  # a previous attempt at this round crashed after saving
             shutil.rmtree(final)
         os.replace(staged, final)
         _fsync_dir(final.parent)
-        snapshots = sorted(self.aligner_snapshots(fid))
+        snapshots = sorted(self.state_snapshots(fid))
         for old in snapshots[:-keep]:
-            shutil.rmtree(self.aligner_dir(fid, old), ignore_errors=True)
+            shutil.rmtree(self.state_dir(fid, old), ignore_errors=True)
 
-    def aligner_snapshots(self, fid: str) -> list[int]:
-        folder = self.root / "federations" / fid / "aligner"
+    def state_snapshots(self, fid: str) -> list[int]:
+        folder = self.root / "federations" / fid / "state"
         if not folder.is_dir():
             return []
         return [int(p.name.removeprefix("round-")) for p in folder.iterdir() if p.name.startswith("round-")]
 
     def staging_dir(self, fid: str) -> Path:
-        path = self.root / "federations" / fid / "aligner" / f".staging-{secrets.token_hex(4)}"
+        path = self.root / "federations" / fid / "state" / f".staging-{secrets.token_hex(4)}"
         path.mkdir(parents=True)
         return path
 

@@ -270,7 +270,7 @@ def _throughput(
             service = KtlService(settings)
             service.start()
             try:
-                gen = service.generator("default")
+                gen = service.federations.generator("default")
                 z = gen.sample_latents(images, torch.Generator(device=device).manual_seed(1))
                 latent = z[0].tolist()
                 bare_rates: list[float] = []
@@ -279,9 +279,9 @@ def _throughput(
                 for _ in range(repeats):
                     service.worker.submit(JOB_PRIORITY, partial(_time_bare, gen, z, b, device, bare_rates))
                     service.worker.wait_idle()
-                    job = service.create_job(JobSpec(latents=[latent], per_class=images, spread=1.0))
+                    job = service.jobs.create(JobSpec(latents=[latent], per_class=images, spread=1.0))
                     service.worker.wait_idle()
-                    record = service.job(job.id)
+                    record = service.jobs.get(job.id)
                     if record.state != "done":
                         raise RuntimeError(f"benchmark job ended {record.state}: {record.error}")
                     # The job's own start and finish on the device thread; queueing excluded.

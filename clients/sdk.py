@@ -144,11 +144,15 @@ class KtlHttpClient:
         self, fid: str, r: int, prototypes: Prototypes, *, dtype: torch.dtype = torch.float16
     ) -> dict[str, Any]:
         """Upload prototypes for round ``r`` as safetensors (fp16 by default: half the bytes)."""
+        return self.upload_bytes(fid, r, prototypes.to_bytes(dtype))
+
+    def upload_bytes(self, fid: str, r: int, payload: bytes) -> dict[str, Any]:
+        """Upload a method's payload (safetensors bytes, as `Method.client_update` made them)."""
         return dict(
             self._json(
                 "POST",
                 f"/v1/federations/{fid}/rounds/{r}/prototypes",
-                content=prototypes.to_bytes(dtype),
+                content=payload,
                 headers={"Content-Type": "application/octet-stream"},
             )
         )
@@ -165,6 +169,11 @@ class KtlHttpClient:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"round {r} of {fid} is still {state['state']} after {timeout:.0f}s")
             self._sleep(poll)
+
+    def broadcast(self, fid: str, r: int) -> bytes:
+        """A published round's broadcast bytes, whatever the federation's method (`Method.client_receive`
+        takes them)."""
+        return self.request("GET", f"/v1/federations/{fid}/rounds/{r}/broadcast").content
 
     def pairs(self, fid: str, r: int) -> Pairs:
         return Pairs.from_bytes(self.request("GET", f"/v1/federations/{fid}/rounds/{r}/pairs").content)

@@ -67,22 +67,37 @@ class ClientSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lr: float = Field(0.01, gt=0)  # SGD learning rate (paper: 0.01)
-    batch_size: int = Field(10, ge=2)  # paper: 10; ≥ 2 because BatchNorm backbones need 2 samples
-    epochs: int = Field(1, ge=1)  # local epochs per round (paper: 1)
-    momentum: float = Field(0.0, ge=0, lt=1)  # paper: plain SGD
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(0.01, gt=0, description="SGD learning rate (paper: 0.01)")
+    batch_size: int = Field(
+        10, ge=2, description="Local batch size (paper: 10); ≥ 2 because BatchNorm backbones need 2 samples"
+    )
+    epochs: int = Field(1, ge=1, description="Local epochs per round (paper: 1)")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (paper: 0, plain SGD)")
+    weight_decay: float = Field(0.0, ge=0, description="SGD weight decay")
     # Clipping the global gradient norm keeps the margin loss (scale 64) and the distillation MSE finite
     # on every backbone; in an independent check it also lifted training alone from 90.6 % to 96.1 %.
-    clip_grad_norm: float = Field(5.0, gt=0)
-    margin: float = Field(0.5, ge=0, lt=3.14)  # ArcFace angular margin m (reference: 0.5)
-    scale: float = Field(64.0, gt=0)  # ArcFace scale s (reference: 64)
-    distill_batch_size: int | None = Field(None, ge=2)  # generated pairs per step; None = batch_size
-    # Rounds of server pairs kept for distillation (1 = the latest only, as the reference). A pair
-    # (G(z), z) stays a true input-output pair of the frozen generator in later rounds, so older pairs
-    # remain valid targets and enlarge the distillation set.
-    pairs_memory: int = Field(1, ge=1, le=100)
-    eval_batch_size: int = Field(512, ge=1)  # forward-only batches (prototypes, evaluation)
+    clip_grad_norm: float = Field(
+        5.0,
+        gt=0,
+        description="Global gradient-norm clip on every client step; keeps the margin loss (scale 64) and "
+        "the distillation MSE finite on every backbone",
+    )
+    margin: float = Field(0.5, ge=0, lt=3.14, description="ArcFace angular margin m (reference: 0.5)")
+    scale: float = Field(64.0, gt=0, description="ArcFace scale s (reference: 64)")
+    distill_batch_size: int | None = Field(
+        None, ge=2, description="Generated pairs per local distillation step; none = client.batch_size"
+    )
+    pairs_memory: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="Rounds of server pairs kept for distillation (1 = the latest only, as the reference). "
+        "A pair (G(z), z) stays a true input-output pair of the frozen generator in later rounds, so older "
+        "pairs remain valid targets and enlarge the distillation set",
+    )
+    eval_batch_size: int = Field(
+        512, ge=1, description="Batch size of forward-only passes (prototypes, evaluation)"
+    )
 
 
 @dataclass

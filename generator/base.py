@@ -16,15 +16,36 @@ class GeneratorSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = "autoencoder-kl"  # a registered adapter (see `ktl.generator.available_generators`)
-    path: Path | None = None  # a local model folder; None = the embedded default shipped with ktl
-    seed: int = 0  # initialises the embedded default while it has no trained weights
-    batch_size: int = Field(64, ge=1)  # images per forward pass in `synthesize`
-    num_inference_steps: int = Field(20, ge=1, le=1000)  # DDIM steps (eta 0) of "ddim" / "stable-diffusion"
-    prompt: str = Field("", max_length=1000)  # "stable-diffusion": the fixed prompt ("" = unconditional)
-    truncation_psi: float = Field(1.0, gt=0, le=2)  # "stylegan": w = w_avg + psi·(w - w_avg)
-    trust_pickle: bool = False  # "stylegan": loading a pickle runs its code; only for the operator's own file
-    code_path: Path | None = None  # "stylegan": folder holding the operator's dnnlib/ and torch_utils/
+    kind: str = Field("autoencoder-kl", description="A registered generator adapter (`ktl list` shows them)")
+    path: Path | None = Field(
+        None,
+        description="A local model folder (a .pkl file for stylegan); none = the embedded pretrained "
+        "default shipped with ktl",
+    )
+    seed: int = Field(
+        0,
+        description="Initialises the embedded default only while it has no trained weights (they ship "
+        "with the package)",
+    )
+    batch_size: int = Field(64, ge=1, description="Latents per generator forward pass")
+    num_inference_steps: int = Field(
+        20, ge=1, le=1000, description="DDIM steps (η = 0) of the ddim and stable-diffusion kinds"
+    )
+    prompt: str = Field(
+        "",
+        max_length=1000,
+        description="stable-diffusion: the fixed prompt, encoded once (empty = unconditional)",
+    )
+    truncation_psi: float = Field(
+        1.0, gt=0, le=2, description="stylegan: truncation ψ of w, w = w_avg + ψ·(w − w_avg)"
+    )
+    trust_pickle: bool = Field(
+        False,
+        description="stylegan: load the pickle (loading it runs its code); only for the operator's own file",
+    )
+    code_path: Path | None = Field(
+        None, description="stylegan: folder holding the operator's NVlabs dnnlib/ and torch_utils/"
+    )
 
 
 @runtime_checkable

@@ -32,20 +32,52 @@ def _setup_logging(verbosity: int) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def _preset_in(argv: Sequence[str] | None) -> str | None:
+    """The preset ``argv`` names (``--preset X`` or ``--preset=X``; the last wins, as in argparse), found
+    before parsing so that the settings flags' help can show that preset's values."""
+    preset = None
+    args = list(argv or ())
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--preset" and i + 1 < len(args):
+            preset = args[i + 1]
+        elif arg.startswith("--preset="):
+            preset = arg.partition("=")[2]
+    return preset
+
+
 def _add_config_flags(
-    parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset({"preset"})
+    parser: argparse.ArgumentParser,
+    exclude: frozenset[str] = frozenset({"preset"}),
+    preset: str | None = None,
 ) -> None:
+    """A flag per setting; its help is the setting's description, its default and, where the preset
+    (``preset``, else the parser's ``--preset`` default) sets it, that preset's value."""
     from ktl.config import config_fields
 
-    group = parser.add_argument_group("settings (override the preset; see docs/configuration.md)")
-    for dotted, _annotation, help_text in config_fields():
+    if preset is None:
+        preset = parser.get_default("preset")
+    try:
+        fields = list(config_fields(preset=preset))
+    except KtlError:  # an unknown or broken preset: parsing reports it; the help shows the defaults
+        preset, fields = None, list(config_fields())
+    title = "settings (override the preset; see docs/configuration.md)"
+    if preset is not None:
+        title = f"settings (override the preset, here {preset}; see docs/configuration.md)"
+    group = parser.add_argument_group(title)
+    for dotted, _annotation, help_text in fields:
         if dotted in exclude:
             continue
         names = [f"--{dotted.replace('_', '-')}"]
         if "_" in dotted:
             names.append(f"--{dotted}")
         group.add_argument(
-            *names, dest=f"set:{dotted}", default=argparse.SUPPRESS, metavar="V", help=help_text
+            *names,
+            dest=f"set:{dotted}",
+            default=argparse.SUPPRESS,
+            metavar="V",
+            help=help_text.replace("%", "%%"),
         )
 
 
@@ -119,6 +151,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         preset=args.preset,
         out=args.out,
         keep_serving=args.keep_serving,
+        method=args.method,
+        overrides=_overrides(args),
     )
     if options.rounds < 1 or options.clients < 1:
         raise KtlError("--rounds and --clients must be at least 1")
@@ -181,34 +215,76 @@ def _client_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_federation_settings(overrides: dict[str, Any], federation: dict[str, Any]) -> None:
+    """The method and its settings sections are the federation's: a flag that would change them is
+    refused with one line, never ignored."""
+    from ktl.methods import get_method
+
+    method = federation["method"]
+    given_method = overrides.pop("method", None)
+    if given_method is not None and given_method != method:
+        raise KtlError(f"federation {federation['id']} runs method {method!r}, not {given_method!r}")
+    cls = get_method(method)
+    for section in ("fedktl", "aligner", "baseline", "privacy"):
+        given = overrides.pop(section, None)
+        if not given:
+            continue
+        if section not in cls.settings_model.sections():
+            raise KtlError(f"--{section}.* settings do not apply to method {method!r}")
+        held = federation["spec"][section]
+        try:
+            wanted = cls.settings_from({section: {**held, **given}}).model_dump()[section]
+        except KtlError as exc:
+            raise KtlError(f"--{section}.*: {exc}") from None
+        changed = sorted(k for k in given if wanted[k] != held[k])
+        if changed:
+            raise KtlError(
+                f"{section}.{changed[0]} is the federation's setting ({held[changed[0]]!r} in "
+                f"{federation['id']}); it is chosen when the federation is created"
+            )
+
+
 def _client_run(args: argparse.Namespace) -> int:
+    import secrets
+
     import torch
 
     from ktl.config import build_config
     from ktl.data import build_federated_data
     from ktl.device import resolve_device
-    from ktl.participant import take_pairs, train_and_upload
+    from ktl.participant import method_for_federation, take_broadcast, train_and_upload
     from ktl.simulate import build_client
 
-    config = build_config(preset=args.preset, config_file=args.config, overrides=_overrides(args))
-    if not 0 <= args.client_index < config.num_clients:
-        raise KtlError(f"--client-index must lie in [0, {config.num_clients})")
-    data = build_federated_data(config.data, num_clients=config.num_clients, seed=config.seed)
+    overrides = _overrides(args)
+    if args.method is not None:
+        overrides["method"] = args.method
     with _client_sdk(args) as sdk:
         fed = sdk.federation(args.federation, include_etf=True)
+        _refuse_federation_settings(overrides, fed)
+        config = build_config(preset=args.preset, config_file=args.config, overrides=overrides)
+        if not 0 <= args.client_index < config.num_clients:
+            raise KtlError(f"--client-index must lie in [0, {config.num_clients})")
+        data = build_federated_data(config.data, num_clients=config.num_clients, seed=config.seed)
         if fed["spec"]["num_classes"] != data.num_classes:
             raise KtlError(
                 f"federation has {fed['spec']['num_classes']} classes, the local data {data.num_classes}"
             )
-        client = build_client(
-            config, data, args.client_index, torch.tensor(fed["etf"]), resolve_device(config.device)
-        )
-        mu = float(fed["spec"]["fedktl"]["mu"])
+        device = resolve_device(config.device)
+        client = build_client(config, data, args.client_index, torch.tensor(fed["etf"]), device)
+        # The client's privacy noise comes from a secret seed: a server that knew it could remove it.
+        method = method_for_federation(fed, seed=secrets.randbits(62), device=device)
+        if fed["privacy"]:
+            logger.info(
+                "privacy: the federation's budget ε = %g over %d rounds (noise σ = %.3g per release)",
+                fed["privacy"]["epsilon"],
+                fed["privacy"]["rounds"],
+                fed["privacy"]["noise_std"],
+            )
         start = int(fed["current_round"])
         for r in range(start, start + args.rounds):
-            train_and_upload(client, sdk, args.federation, r, mu=mu)
+            train_and_upload(method, client, sdk, args.federation, r)
             correct, total = client.evaluate()
-            take_pairs(client, sdk, args.federation, r, timeout=args.wait)
+            take_broadcast(method, client, sdk, args.federation, r, timeout=args.wait)
             logger.info("round %d: local accuracy %.4f (%d test samples)", r, correct / max(total, 1), total)
     return 0
 
@@ -235,7 +311,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return int(args.bench_main(args))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``ktl`` parser; ``argv``, when given, is pre-scanned for ``--preset`` (see `_add_config_flags`)."""
+    preset = _preset_in(argv)
     parser = argparse.ArgumentParser(prog="ktl", description="Generator-based knowledge transfer (FedKTL).")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -254,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace the contents of an existing --out folder"
     )
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_config_flags(sim)
+    _add_config_flags(sim, preset=preset)
     sim.set_defaults(func=_cmd_simulate)
 
     lst = sub.add_parser("list", help="presets, methods, data sets, generators and models")
@@ -286,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=None, help="run folder (default runs/demo-<time>)")
     demo.add_argument(
         "--keep-serving", action="store_true", help="leave the server up afterwards (Ctrl-C stops)"
+    )
+    demo.add_argument(
+        "--method", default="fedktl", help="a method that exchanges payloads: fedktl, fedproto, fedtgp, fd, …"
+    )
+    _add_config_flags(
+        demo, exclude=frozenset({"preset", "rounds", "num_clients", "seed", "out", "method"}), preset=preset
     )
     demo.set_defaults(func=_cmd_demo)
 
@@ -324,7 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--wait", type=float, default=3600.0, help="seconds to wait for each round's pairs")
     run.add_argument("--preset", default="cpu-small")
     run.add_argument("--config", type=Path, default=None)
-    _add_config_flags(run, exclude=frozenset({"preset", "rounds", "method", "out"}))
+    run.add_argument(
+        "--method", default=None, help="check that the federation runs this method (it decides which)"
+    )
+    _add_config_flags(run, exclude=frozenset({"preset", "rounds", "method", "out"}), preset=preset)
+    run.epilog = (
+        "The method and its settings (fedktl.*, aligner.*, baseline.*, privacy.*) are the federation's; "
+        "a flag that would change them is refused."
+    )
     run.set_defaults(client_func=_client_run)
     for p in (st, up, pr, run):
         p.set_defaults(func=_cmd_client)
@@ -381,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     _setup_logging(-1 if args.quiet else args.verbose)
     try:

@@ -7,17 +7,20 @@ Precedence, lowest first: model defaults → ``--preset`` → ``--config FILE`` 
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
+import sys
 import types
 import typing
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from ktl.aligner import AlignerSettings
 from ktl.clients import ClientSettings
@@ -25,16 +28,22 @@ from ktl.clients.backbones import BACKBONES, available_backbones
 from ktl.data import DataConfig
 from ktl.errors import ConfigError
 from ktl.generator import GeneratorSpec
-from ktl.methods import BaselineSettings, PrivacySettings
-from ktl.round import FedKTLSettings
+from ktl.methods import BaselineSettings, FedKTLSettings, PrivacySettings
 
 __all__ = [
+    "Setting",
     "SimulateConfig",
     "available_presets",
     "build_config",
     "config_fields",
     "format_validation_error",
+    "format_value",
+    "generated_docs",
+    "iter_settings",
     "load_preset",
+    "preset_settings",
+    "preset_value",
+    "update_docs",
 ]
 
 # HtFLlib-style heterogeneous zoo, assigned to clients round-robin.
@@ -47,15 +56,35 @@ class SimulateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    preset: str | None = None  # the preset the run started from (recorded, not applied)
-    method: str = "fedktl"  # a registered method: fedktl | local | fedproto | fedtgp | fd | fedktl-latents
-    seed: int = 0  # seeds data, partitions, model init, batch order and the server's draws
-    rounds: int = Field(20, ge=1)  # communication rounds
-    num_clients: int = Field(20, ge=1)
-    models: list[str] = Field(default_factory=lambda: list(DEFAULT_MODELS), min_length=1)  # round-robin
-    etf_seed: int = 0  # the shared simplex-ETF classifier
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda when available)
-    out: Path | None = None  # run folder; default runs/<method>-<preset>-s<seed>-<timestamp>
+    preset: str | None = Field(
+        None,
+        description="The preset the run started from: recorded in config.json, not applied (use --preset)",
+    )
+    method: str = Field(
+        "fedktl",
+        description="A registered method: fedktl, local (training alone: same models, data and budget), the "
+        "baselines fedproto, fedtgp, fd, and the ablation fedktl-latents (the server sends only the class "
+        "latents; clients distil their own images towards them); see docs/results.md",
+    )
+    seed: int = Field(
+        0,
+        description="Seeds data subsampling, partitions, model init, batch order and the server's draws; "
+        "same seed, same numbers on CPU",
+    )
+    rounds: int = Field(20, ge=1, description="Communication rounds")
+    num_clients: int = Field(20, ge=1, description="Number of clients; a pfl-npz folder must hold this many")
+    models: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_MODELS),
+        min_length=1,
+        description="Backbones assigned to clients round-robin (`ktl list` shows them)",
+    )
+    etf_seed: int = Field(0, description="Seed of the shared simplex-ETF classifier")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N, mps or auto (cuda when available, else cpu)")
+    out: Path | None = Field(
+        None,
+        description="Run folder; none = runs/<method>-<preset>-s<seed>-<timestamp>. An existing non-empty "
+        "folder is refused unless --overwrite",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     client: ClientSettings = Field(default_factory=ClientSettings)
     fedktl: FedKTLSettings = Field(default_factory=FedKTLSettings)
@@ -175,19 +204,104 @@ def _is_optional(annotation: Any) -> bool:
     )
 
 
-def config_fields(
-    model: type[BaseModel] = SimulateConfig, prefix: str = ""
-) -> Iterator[tuple[str, Any, str]]:
-    """Yield ``(dotted name, annotation, description)`` for every leaf setting of ``model``."""
+@dataclass(frozen=True)
+class Setting:
+    """One leaf setting of a settings model."""
+
+    name: str  # dotted, e.g. ``data.alpha``
+    annotation: Any
+    description: str  # the field's ``description``: the one place its meaning is written
+    default: Any  # the built-in default (default factories called)
+    model: type[BaseModel]  # the model that declares it
+
+
+def iter_settings(model: type[BaseModel] = SimulateConfig, prefix: str = "") -> Iterator[Setting]:
+    """Every leaf setting of ``model``, depth first in declaration order; nested models are walked."""
     for name, info in model.model_fields.items():
         if _is_model(info.annotation):
-            yield from config_fields(info.annotation, f"{prefix}{name}.")  # type: ignore[arg-type]
+            yield from iter_settings(info.annotation, f"{prefix}{name}.")  # type: ignore[arg-type]
         else:
-            yield (
-                f"{prefix}{name}",
-                info.annotation,
-                f"default: {info.get_default(call_default_factory=True)!r}",
+            yield Setting(
+                name=f"{prefix}{name}",
+                annotation=info.annotation,
+                description=(info.description or "").strip(),
+                default=info.get_default(call_default_factory=True),
+                model=model,
             )
+
+
+def format_value(value: Any) -> str:
+    """A value as it is written on the command line: ``none``, ``true``, ``a,b,c``, ``0.01``."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value if value else '""'
+    if isinstance(value, (list, tuple)):
+        return ",".join(format_value(v) for v in value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, BaseModel):
+        changed = value.model_dump(exclude_defaults=True)
+        return (
+            f"{type(value).__name__}(" + ", ".join(f"{k}={format_value(v)}" for k, v in changed.items()) + ")"
+        )
+    if isinstance(value, SecretStr):
+        return "***"
+    return str(value)
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _lookup(config: BaseModel, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        if not isinstance(value, BaseModel) or part not in type(value).model_fields:
+            raise ConfigError(f"unknown setting {dotted!r}")
+        value = getattr(value, part)
+    return value
+
+
+def preset_settings(preset: str) -> dict[str, Any]:
+    """What preset ``preset`` sets: dotted name → value, validated (as a run sees it)."""
+    config = build_config(preset=preset)
+    return {dotted: _lookup(config, dotted) for dotted in _flatten(load_preset(preset))}
+
+
+def preset_value(preset: str | None, dotted: str) -> Any:
+    """The value of setting ``dotted`` (e.g. ``client.lr``) under ``preset``: the preset's own value where
+    it sets one, else the built-in default; ``preset=None`` gives the default."""
+    return _lookup(build_config(preset=preset), dotted)
+
+
+def flag_help(setting: Setting, preset: str | None = None, chosen: dict[str, Any] | None = None) -> str:
+    """A flag's help: its meaning, its default and, where ``chosen`` (the preset's settings) sets it, the
+    preset's value, e.g. ``SGD learning rate (paper: 0.01). default 0.01; preset cpu-small: 0.05``."""
+    text = setting.description.rstrip(". ") or "(undocumented)"
+    text += f". default {format_value(setting.default)}"
+    if preset is not None and chosen and setting.name in chosen:
+        text += f"; preset {preset}: {format_value(chosen[setting.name])}"
+    return text
+
+
+def config_fields(
+    model: type[BaseModel] = SimulateConfig, prefix: str = "", *, preset: str | None = None
+) -> Iterator[tuple[str, Any, str]]:
+    """Yield ``(dotted name, annotation, help)`` for every leaf setting of ``model``; the help is the
+    setting's description and default, plus the value of ``preset`` where that preset sets it (an unknown
+    preset is a `ConfigError`)."""
+    chosen = preset_settings(preset) if preset is not None else {}
+    for setting in iter_settings(model, prefix):
+        yield setting.name, setting.annotation, flag_help(setting, preset, chosen)
 
 
 def parse_flag_value(annotation: Any, raw: str) -> Any:
@@ -209,3 +323,125 @@ def nest(dotted: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return out
+
+
+# -- the settings reference (docs/configuration.md) ------------------------------------------------
+# The page keeps hand-written prose around generated blocks, each between
+# ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``; `update_docs` rewrites the blocks from the models.
+# Regenerate with ``python -m ktl.config --write-docs docs/configuration.md`` (``--check`` only checks).
+
+
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell: RST ``code`` as Markdown `code`, ``<``/``>`` outside code escaped
+    (``runs/<method>`` is not an HTML tag), ``|`` escaped."""
+    parts = " ".join(text.replace("``", "`").split()).split("`")
+    parts[::2] = [p.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") for p in parts[::2]]
+    return "`".join(parts).replace("|", "\\|")
+
+
+def _code(value: Any) -> str:
+    text = format_value(value)
+    return "none" if text == "none" else "`" + text.replace("|", "\\|") + "`"
+
+
+def _doc_of(model: type[BaseModel]) -> str:
+    doc = model.__dict__.get("__doc__") or ""
+    return " ".join(inspect.cleandoc(doc).split("\n\n", 1)[0].split())
+
+
+def _settings_markdown(model: type[BaseModel], title: str) -> str:
+    """One section per (nested) model: its docstring, then a table of its leaf settings."""
+    groups: dict[str, list[Setting]] = {}
+    for setting in iter_settings(model):
+        groups.setdefault(setting.name.rpartition(".")[0], []).append(setting)
+    out: list[str] = []
+    for prefix, settings in groups.items():
+        heading = f"`{prefix}`" if prefix else title
+        out += [f"### {heading}", ""]
+        if doc := _doc_of(settings[0].model):
+            out += [_cell(doc), ""]
+        out += ["| setting | default | meaning |", "|---|---|---|"]
+        out += [f"| `{s.name}` | {_code(s.default)} | {_cell(s.description)} |" for s in settings]
+        out.append("")
+    return "\n".join(out).rstrip("\n")
+
+
+def _presets_markdown() -> str:
+    """Rows: every setting some preset sets; columns: the built-in default, then each preset's value."""
+    presets = available_presets()
+    chosen = {name: preset_settings(name) for name in presets}
+    rows = [s for s in iter_settings() if any(s.name in c for c in chosen.values())]
+    out = [
+        "| setting | default | " + " | ".join(f"`{p}`" for p in presets) + " |",
+        "|---|---|" + "---|" * len(presets),
+    ]
+    for s in rows:
+        values = [_code(chosen[p][s.name]) if s.name in chosen[p] else "" for p in presets]
+        out.append(f"| `{s.name}` | {_code(s.default)} | " + " | ".join(values) + " |")
+    return "\n".join(out)
+
+
+def _serve_markdown() -> str:
+    from ktl.api.settings import ServerSettings
+
+    prefix = str(ServerSettings.model_config.get("env_prefix", ""))
+    sep = str(ServerSettings.model_config.get("env_nested_delimiter") or "__")
+    out = ["| setting | environment | default | meaning |", "|---|---|---|---|"]
+    for s in iter_settings(ServerSettings):
+        env = prefix + s.name.replace(".", sep).upper()
+        args = typing.get_args(s.annotation)
+        if typing.get_origin(s.annotation) is dict and len(args) == 2 and _is_model(args[1]):
+            env += f"{sep}<NAME>{sep}<FIELD>"
+        out.append(f"| `{s.name}` | `{env}` | {_code(s.default)} | {_cell(s.description)} |")
+    return "\n".join(out)
+
+
+def generated_docs() -> dict[str, str]:
+    """The generated blocks of docs/configuration.md, by marker name."""
+    return {
+        "presets": _presets_markdown(),
+        "settings": _settings_markdown(SimulateConfig, "Run"),
+        "serve": _serve_markdown(),
+    }
+
+
+def update_docs(text: str) -> str:
+    """``text`` with every generated block rewritten; a block whose markers are missing is a `ConfigError`."""
+    for name, body in generated_docs().items():
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        head, found, rest = text.partition(begin)
+        _, found_end, tail = rest.partition(end)
+        if not (found and found_end):
+            raise ConfigError(f"the page lacks the markers {begin} … {end}")
+        note = "<!-- generated from the settings models: python -m ktl.config --write-docs FILE -->"
+        text = f"{head}{begin}\n{note}\n\n{body}\n\n{end}{tail}"
+    return text
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ktl.config", description="Regenerate the settings reference of a Markdown page."
+    )
+    parser.add_argument(
+        "--write-docs", type=Path, required=True, metavar="FILE", help="e.g. docs/configuration.md"
+    )
+    parser.add_argument("--check", action="store_true", help="only check: exit 1 if FILE is stale")
+    args = parser.parse_args(argv)
+    text = args.write_docs.read_text()
+    new = update_docs(text)
+    if args.check:
+        if new != text:
+            sys.stderr.write(
+                f"{args.write_docs} is stale: run python -m ktl.config --write-docs {args.write_docs}\n"
+            )
+            return 1
+        return 0
+    if new != text:
+        args.write_docs.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,16 +1,21 @@
 """``ktl demo``: the whole system on one machine — a ktl server on 127.0.0.1 (a free port) and N
 heterogeneous clients that train on Fashion-MNIST partitions and talk to it through the SDK over real
-HTTP, round after round.
+HTTP, round after round, with any method that exchanges payloads (``--method``).
+
+The clients are built as ``ktl simulate`` builds them and drive the same method steps, so with the same
+seed, clients and rounds the demo reproduces ``ktl simulate``'s per-round accuracies.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,10 +25,11 @@ from ktl.clients.sdk import KtlHttpClient
 from ktl.config import SimulateConfig, build_config
 from ktl.data import FederatedData, build_federated_data
 from ktl.device import resolve_device
-from ktl.errors import DataError
-from ktl.participant import take_pairs, train_and_upload
+from ktl.errors import ConfigError, DataError
+from ktl.methods import get_method
+from ktl.participant import method_for_federation, take_broadcast, train_and_upload
 from ktl.seeding import derive_seed
-from ktl.simulate import build_clients, evaluate_clients
+from ktl.simulate import build_clients, evaluate_clients, method_settings
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -38,13 +44,25 @@ class DemoOptions:
     preset: str = "cpu-small"  # data, models and local training of this preset
     out: Path | None = None  # run folder; default runs/demo-<time>
     keep_serving: bool = False  # leave the server up (Ctrl-C to stop) for a look at /docs and the grids
+    method: str = "fedktl"  # any registered method that exchanges payloads
+    overrides: dict[str, Any] = field(default_factory=dict)  # settings, as `ktl simulate` takes them
 
 
 def run_demo(options: DemoOptions) -> dict[str, object]:
     config = build_config(
         preset=options.preset,
-        overrides={"num_clients": options.clients, "rounds": options.rounds, "seed": options.seed},
+        overrides={
+            **options.overrides,
+            "num_clients": options.clients,
+            "rounds": options.rounds,
+            "seed": options.seed,
+            "method": options.method,
+        },
     )
+    if not get_method(config.method).exchanges:
+        raise ConfigError(
+            f"method {config.method!r} exchanges nothing over a server; run it with ktl simulate"
+        )
     try:
         data = build_federated_data(config.data, num_clients=config.num_clients, seed=config.seed)
     except DataError as exc:
@@ -60,7 +78,12 @@ def run_demo(options: DemoOptions) -> dict[str, object]:
     host, port = "127.0.0.1", free_port()
     admin_token = secrets.token_urlsafe(24)
     settings = ServerSettings(
-        data_dir=out / "server", host=host, port=port, admin_token=admin_token, device=config.device
+        data_dir=out / "server",
+        host=host,
+        port=port,
+        admin_token=admin_token,
+        device=config.device,
+        generators={"default": config.generator},
     )
     server = ServerThread(create_app(settings), host, port).start()
     logger.info(
@@ -83,57 +106,91 @@ def _run_clients(
     config: SimulateConfig, data: FederatedData, url: str, admin_token: str, options: DemoOptions, out: Path
 ) -> dict[str, object]:
     admin = KtlHttpClient(url, admin_token)
+    # The federation carries the method's settings sections, resolved as ktl simulate resolves them (a
+    # privacy budget covers the demo's rounds).
+    settings = method_settings(config)
     fed = admin.create_federation(
         {
             "name": "demo",
+            "method": config.method,
             "num_classes": data.num_classes,
             "class_names": data.class_names,
             "quorum": len(data.clients),
             "round_deadline_s": 600,
-            "fedktl": config.fedktl.model_dump(),
-            "aligner": config.aligner.model_dump(),
             "seed": config.seed,
             "etf_seed": config.etf_seed,
+            **settings.model_dump(mode="json"),
         }
     )
     fid = fed["id"]
+    generator = fed["generator"]["description"] if fed["generator"] else "none"
     logger.info(
-        "federation %s: %d classes, generator: %s", fid, data.num_classes, fed["generator"]["description"]
+        "federation %s: %s, %d classes, generator: %s", fid, config.method, data.num_classes, generator
     )
-    etf = torch.tensor(admin.federation(fid, include_etf=True)["etf"])
-    clients = build_clients(config, data, etf, resolve_device(config.device))
+    fed = admin.federation(fid, include_etf=True)
+    device = resolve_device(config.device)
+    clients = build_clients(config, data, torch.tensor(fed["etf"]), device)
     sdks = [KtlHttpClient(url, admin.register_client(fid, c.client_id)["token"]) for c in clients]
-    mu = config.fedktl.mu
-    dtype = getattr(torch, config.fedktl.upload_dtype)
+    # The run seed seeds the clients' privacy noise, as in ktl simulate (a deployed client keeps its own).
+    method = method_for_federation(fed, seed=config.seed, device=device)
     history = []
-    for r in range(1, options.rounds + 1):
-        t0 = time.perf_counter()
-        for client, sdk in zip(clients, sdks, strict=True):
-            train_and_upload(client, sdk, fid, r, mu=mu, dtype=dtype)
-        accuracy, _ = evaluate_clients(clients)
-        published = [take_pairs(client, sdk, fid, r) for client, sdk in zip(clients, sdks, strict=True)]
-        state = admin.round(fid, r)
-        history.append(accuracy)
+    metrics_path = out / "metrics.jsonl"
+    with metrics_path.open("w") as metrics_file:
+        for r in range(1, options.rounds + 1):
+            t0 = time.perf_counter()
+            for client, sdk in zip(clients, sdks, strict=True):
+                train_and_upload(method, client, sdk, fid, r)
+            accuracy, client_accuracy = evaluate_clients(clients)
+            published = [
+                take_broadcast(method, client, sdk, fid, r) for client, sdk in zip(clients, sdks, strict=True)
+            ]
+            state = admin.round(fid, r)
+            history.append(accuracy)
+            record = {
+                "round": r,
+                "accuracy": accuracy,
+                "client_accuracy": client_accuracy,
+                "state": state["state"],
+                "bytes_up": state["bytes_received"],
+                "round_seconds": time.perf_counter() - t0,
+                **(state.get("stats") or {}),
+            }
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            logger.info(
+                "round %d/%d  accuracy %.4f  (%d uploads, round %s)  %.1fs",
+                r,
+                options.rounds,
+                accuracy,
+                state["uploads"],
+                state["state"] if all(published) else "failed",
+                record["round_seconds"],
+            )
+    round_dir = out / "server" / "federations" / fid / "rounds" / str(options.rounds)
+    grid = round_dir / "pairs.png"
+    if grid.is_file():
+        logger.info("pairs grid: %s", grid.resolve())
         logger.info(
-            "round %d/%d  accuracy %.4f  (%d uploads, round %s, align %.2fs)  %.1fs",
-            r,
+            "pairs grid URL: %s/v1/federations/%s/rounds/%d/pairs.png (bearer token needed)",
+            url,
+            fid,
             options.rounds,
-            accuracy,
-            state["uploads"],
-            state["state"] if all(published) else "failed",
-            (state.get("stats") or {}).get("align_seconds", float("nan")),
-            time.perf_counter() - t0,
         )
-    grid = out / "server" / "federations" / fid / "rounds" / str(options.rounds) / "pairs.png"
-    logger.info("pairs grid: %s", grid.resolve())
-    logger.info(
-        "pairs grid URL: %s/v1/federations/%s/rounds/%d/pairs.png (bearer token needed)",
-        url,
-        fid,
-        options.rounds,
-    )
-    logger.info("final accuracy %.4f, best %.4f", history[-1], max(history))
+    logger.info("broadcast: %s/v1/federations/%s/rounds/%d/broadcast", url, fid, options.rounds)
+    final = admin.federation(fid)
+    if final["privacy"]:
+        logger.info(
+            "privacy: ε spent %.3f of %.3f", final["privacy"]["epsilon_spent"], final["privacy"]["epsilon"]
+        )
+    logger.info("final accuracy %.4f, best %.4f; metrics: %s", history[-1], max(history), metrics_path)
     for sdk in sdks:
         sdk.close()
     admin.close()
-    return {"federation": fid, "accuracy": history, "grid": str(grid), "url": url}
+    return {
+        "federation": fid,
+        "method": config.method,
+        "accuracy": history,
+        "grid": str(grid) if grid.is_file() else None,
+        "url": url,
+        "privacy": final["privacy"],
+    }

@@ -38,3 +38,56 @@ class PayloadError(KtlError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ServiceError(KtlError):
+    """A request the server refuses, with a machine-readable ``reason`` and extra fields for the answer.
+
+    The service and the store raise the subclasses below, which say what kind of refusal it is; only the
+    HTTP layer (``ktl.api.errors``) turns a kind into a status code.
+    """
+
+    def __init__(
+        self, reason: str, message: str, *, headers: dict[str, str] | None = None, **extra: object
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.headers = headers
+        self.extra = extra
+
+
+class NotFoundError(ServiceError):
+    """The named federation, client, round or job does not exist."""
+
+
+class ConflictError(ServiceError):
+    """The request contradicts the current state (a closed round, a different second upload, …)."""
+
+
+class InvalidRequestError(ServiceError):
+    """The request is well-formed but its values cannot be used (an unknown generator, too many images)."""
+
+
+class UnauthorizedError(ServiceError):
+    """No credentials, or credentials nobody issued."""
+
+
+class ForbiddenError(ServiceError):
+    """Valid credentials that do not allow this request."""
+
+
+class RateLimitedError(ServiceError):
+    """Too many requests from one caller; ``retry_after_s`` says when to come back."""
+
+
+class TooLargeError(ServiceError):
+    """A request body over its limit."""
+
+
+class UnsupportedMediaError(ServiceError):
+    """A body in an encoding the route does not read."""
+
+
+class BadRequestError(ServiceError):
+    """A malformed request (e.g. a Content-Length that is not a number)."""

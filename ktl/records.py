@@ -74,9 +74,10 @@ class Prototypes:
             raise PayloadError("dtype", f"class_ids and counts must be int64, got {c.dtype} and {n.dtype}")
 
     def validate(
-        self, *, num_classes: int, dim: int, norm_tolerance: float = PROTOTYPE_NORM_TOLERANCE
+        self, *, num_classes: int, dim: int, norm_tolerance: float | None = PROTOTYPE_NORM_TOLERANCE
     ) -> None:
-        """Check the values against a federation's shape; raise `PayloadError` with a reason code."""
+        """Check the values against a federation's shape; raise `PayloadError` with a reason code.
+        ``norm_tolerance`` None: rows need not be unit vectors (e.g. FedDistill's mean cosines)."""
         v = self.vectors
         if v.shape[0] == 0:
             raise PayloadError("empty", "an upload must hold at least one prototype")
@@ -84,12 +85,12 @@ class Prototypes:
             raise PayloadError("dim", f"prototypes have K={v.shape[1]}, this federation expects K={dim}")
         if not bool(torch.isfinite(v).all()):
             raise PayloadError("non_finite", "prototypes contain NaN or Inf")
-        norms = v.double().norm(dim=1)
-        worst = float((norms - 1).abs().max())
-        if worst > norm_tolerance:
-            raise PayloadError(
-                "norm", f"prototype norms must be 1 (±{norm_tolerance}); worst is off by {worst:.3g}"
-            )
+        if norm_tolerance is not None:
+            worst = float((v.double().norm(dim=1) - 1).abs().max())
+            if worst > norm_tolerance:
+                raise PayloadError(
+                    "norm", f"prototype norms must be 1 (±{norm_tolerance}); worst is off by {worst:.3g}"
+                )
         ids = self.class_ids
         if bool(((ids < 0) | (ids >= num_classes)).any()):
             raise PayloadError("class_range", f"class_ids must lie in [0, {num_classes})")

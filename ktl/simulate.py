@@ -27,13 +27,16 @@ from ktl.config import SimulateConfig
 from ktl.data import FederatedData, build_federated_data
 from ktl.device import resolve_device
 from ktl.errors import ConfigError
-from ktl.methods import METHODS, MethodContext
+from ktl.generator import load_generator
+from ktl.methods import Method, MethodContext, MethodSettings, get_method
 from ktl.seeding import derive_seed
 
 __all__ = [
     "run_simulation",
     "build_client",
     "build_clients",
+    "build_method",
+    "method_settings",
     "prepare_run_dir",
     "evaluate_clients",
 ]
@@ -88,6 +91,36 @@ def build_clients(
     return [build_client(config, data, i, etf, device) for i in range(len(data.clients))]
 
 
+def method_settings(config: SimulateConfig) -> MethodSettings:
+    """The sections of ``config`` that its method reads; a privacy budget without ``privacy.rounds``
+    covers the run's rounds. A DP setting the method cannot apply is refused, never ignored."""
+    cls = get_method(config.method)
+    if config.privacy.epsilon is not None and "privacy" not in cls.settings_model.sections():
+        raise ConfigError(f"privacy.epsilon is not available for method {config.method!r}")
+    if config.privacy.rounds is None:
+        config = config.model_copy(
+            update={"privacy": config.privacy.model_copy(update={"rounds": config.rounds})}
+        )
+    return cls.settings_from(config)
+
+
+def build_method(
+    config: SimulateConfig, num_classes: int, class_names: list[str], device: torch.device
+) -> Method:
+    """``config.method`` with its own settings; the generator is loaded only for methods that use one."""
+    cls = get_method(config.method)
+    generator = load_generator(config.generator, device) if cls.uses_generator else None
+    ctx = MethodContext(
+        num_classes=num_classes,
+        proto_dim=num_classes,  # K = C
+        class_names=class_names,
+        device=device,
+        seed=config.seed,
+        generator=generator,
+    )
+    return cls(method_settings(config), ctx)
+
+
 def evaluate_clients(clients: list[LocalClient]) -> tuple[float, list[float | None]]:
     """Test-sample-weighted mean accuracy over clients (PFLlib's figure) and each client's accuracy."""
     scores = [client.evaluate() for client in clients]
@@ -106,15 +139,7 @@ def run_simulation(
     num_classes = data.num_classes
     etf = simplex_etf(num_classes, num_classes, seed=config.etf_seed)  # K = C
     clients = build_clients(config, data, etf, device)
-    method = METHODS[config.method](
-        MethodContext(
-            config=config,
-            num_classes=num_classes,
-            proto_dim=num_classes,
-            class_names=data.class_names,
-            device=device,
-        )
-    )
+    method = build_method(config, num_classes, data.class_names, device)
     run_dir = prepare_run_dir(config, overwrite=overwrite)
     resolved = config.model_copy(update={"out": run_dir})
     (run_dir / "config.json").write_text(resolved.model_dump_json(indent=2) + "\n")
@@ -133,6 +158,7 @@ def run_simulation(
 
     accuracies: list[float] = []
     bytes_up = bytes_down = 0
+    published: dict[str, bytes] = {}  # the last broadcast and the files the method publishes beside it
     bar = tqdm(total=config.rounds * len(clients), desc=config.method, unit="client", disable=not progress)
     with (run_dir / "metrics.jsonl").open("w") as metrics_file:
         for round_index in range(1, config.rounds + 1):
@@ -148,13 +174,17 @@ def run_simulation(
             t_trained = time.perf_counter()
             accuracy, client_accuracy = evaluate_clients(clients)
             accuracies.append(accuracy)
-            server = method.server_update(uploads, round_index)
-            method.save_round(run_dir, round_index, uploads)
-            if server.payload is not None:
-                for client in clients:
-                    method.client_receive(client, server.payload)
+            server = method.server_update(uploads, round_index) if uploads else None
+            if server is not None:
+                method.save_round(run_dir, round_index, uploads)
+                published = dict(server.files)
+                if server.payload is not None:
+                    published[method.broadcast_file] = server.payload
+                    for client in clients:
+                        method.client_receive(client, server.payload)
             round_up = sum(len(p) for p in uploads.values())
-            round_down = len(server.payload) * len(clients) if server.payload is not None else 0
+            broadcast = server.payload if server is not None else None
+            round_down = len(broadcast) * len(clients) if broadcast is not None else 0
             bytes_up += round_up
             bytes_down += round_down
             record = {
@@ -168,7 +198,7 @@ def run_simulation(
                 "bytes_down": round_down,
                 "train_seconds": t_trained - t_round,
                 "round_seconds": time.perf_counter() - t_round,
-                **server.metrics,
+                **(server.metrics if server is not None else {}),
             }
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
@@ -183,7 +213,10 @@ def run_simulation(
             )
     bar.close()
 
-    artifacts = method.save_artifacts(run_dir)
+    for name, content in published.items():
+        (run_dir / name).write_bytes(content)
+    artifacts = {name: name for name in published}
+    artifacts.update(method.save_artifacts(run_dir))
     n_transfers = len(clients) * config.rounds
     summary: dict[str, Any] = {
         "method": config.method,

@@ -8,7 +8,7 @@ import torch
 from ktl.aligner import AlignerSettings
 from ktl.config import build_config
 from ktl.generator import GeneratorSpec, load_generator
-from ktl.round import KnowledgeTransferServer
+from ktl.methods import KnowledgeTransferServer
 from ktl.simulate import run_simulation
 from tests.test_round import UPLOADS
 

@@ -16,17 +16,19 @@ from ktl.clients.privacy import epsilon_for, noise_std
 from ktl.config import build_config
 from ktl.data import DataConfig, build_federated_data
 from ktl.errors import ConfigError
-from ktl.methods import METHODS, FedTGP, MethodContext, adaptive_margin, class_mean_table
+from ktl.methods import METHODS, Method, MethodContext, adaptive_margin, class_mean_table
 from ktl.records import Prototypes
-from ktl.simulate import run_simulation
+from ktl.simulate import method_settings, run_simulation
 from tests.test_client import C, cnn_client, crafted_client
 from tests.test_simulate import TINY, tiny
 
 
+def table(vectors: list[list[float]], ids: list[int], counts: list[int]) -> Prototypes:
+    return Prototypes(vectors=torch.tensor(vectors), class_ids=torch.tensor(ids), counts=torch.tensor(counts))
+
+
 def upload(vectors: list[list[float]], ids: list[int], counts: list[int]) -> bytes:
-    return Prototypes(
-        vectors=torch.tensor(vectors), class_ids=torch.tensor(ids), counts=torch.tensor(counts)
-    ).to_bytes()
+    return table(vectors, ids, counts).to_bytes()
 
 
 def test_every_method_is_registered_by_name() -> None:
@@ -36,14 +38,14 @@ def test_every_method_is_registered_by_name() -> None:
 
 def test_class_mean_table_weights_by_sample_counts() -> None:
     uploads = {
-        "a": upload([[1.0, 0.0], [0.0, 1.0]], [0, 2], [3, 1]),
-        "b": upload([[0.0, 1.0]], [0], [1]),
+        "a": table([[1.0, 0.0], [0.0, 1.0]], [0, 2], [3, 1]),
+        "b": table([[0.0, 1.0]], [0], [1]),
     }
-    table, counts = class_mean_table(uploads, 3)
-    torch.testing.assert_close(table[0], torch.tensor([0.75, 0.25]))
-    torch.testing.assert_close(table[2], torch.tensor([0.0, 1.0]))
+    means, counts = class_mean_table(uploads, 3)
+    torch.testing.assert_close(means[0], torch.tensor([0.75, 0.25]))
+    torch.testing.assert_close(means[2], torch.tensor([0.0, 1.0]))
     assert counts.tolist() == [4.0, 0.0, 1.0]
-    assert table[1].abs().sum() == 0  # nobody sent class 1
+    assert means[1].abs().sum() == 0  # nobody sent class 1
 
 
 def test_adaptive_margin_is_the_largest_nearest_class_distance_capped() -> None:
@@ -55,26 +57,22 @@ def test_adaptive_margin_is_the_largest_nearest_class_distance_capped() -> None:
     assert adaptive_margin(vectors[:1], ids[:1], 3, threshold=100.0) == 0.0
 
 
-def _context(tmp_path: Path, **extra: object) -> MethodContext:
-    config = tiny(tmp_path, "ctx", **extra)
-    return MethodContext(
-        config=config,
-        num_classes=C,
-        proto_dim=C,
-        class_names=[str(i) for i in range(C)],
-        device=torch.device("cpu"),
-    )
+def _method(tmp_path: Path, name: str, **extra: object) -> Method:
+    """Method ``name`` with the settings of a tiny config (and ``extra``), for C classes."""
+    config = tiny(tmp_path, "ctx", method=name, **extra)
+    ctx = MethodContext(num_classes=C, proto_dim=C, class_names=[str(i) for i in range(C)], seed=config.seed)
+    return METHODS[name](method_settings(config), ctx)
 
 
 def test_fedtgp_learns_prototypes_that_classify_the_uploads(tmp_path: Path) -> None:
-    method = FedTGP(_context(tmp_path, baseline={"tgp_steps": 200}))
+    method = _method(tmp_path, "fedtgp", baseline={"tgp_steps": 200})
     g = torch.Generator().manual_seed(0)
     centres = F.normalize(torch.randn(C, C, generator=g), dim=1)
     uploads = {}
     for client in range(5):
         noisy = F.normalize(centres + 0.2 * torch.randn(C, C, generator=g), dim=1)
         uploads[f"c{client}"] = upload(noisy.tolist(), list(range(C)), [10] * C)
-    table, counts = method.aggregate(uploads, 1)
+    table, counts = method.aggregate(method.decode_uploads(uploads), 1)  # type: ignore[attr-defined]
     assert table.shape == (C, C) and bool(torch.isfinite(table).all())
     assert counts.tolist() == [50.0] * C
     # every upload's nearest global prototype is its own class's
@@ -84,13 +82,13 @@ def test_fedtgp_learns_prototypes_that_classify_the_uploads(tmp_path: Path) -> N
 
 
 def test_table_regulariser_pulls_towards_the_global_row_and_ignores_absent_classes(tmp_path: Path) -> None:
-    method = METHODS["fedproto"](_context(tmp_path))
+    method = _method(tmp_path, "fedproto")
     client = crafted_client()
     table = torch.zeros(C, C)
     table[0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
     payload = Prototypes(vectors=table[:1], class_ids=torch.tensor([0]), counts=torch.tensor([3])).to_bytes()
     method.client_receive(client, payload)
-    pull = method._regularizer(client)
+    pull = method._regularizer(client)  # type: ignore[attr-defined]
     assert pull is not None
     head = torch.tensor(
         [[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 5.0, 0.0]], requires_grad=True
@@ -213,3 +211,43 @@ def test_fedktl_run_folder_keeps_every_rounds_pairs_and_aligner_history(tmp_path
     torch.testing.assert_close(
         uploads.vectors.norm(dim=1), torch.ones(len(uploads.vectors)), atol=1e-2, rtol=0
     )
+
+
+def test_a_method_reads_only_its_own_sections(tmp_path: Path) -> None:
+    config = tiny(tmp_path, "x", baseline={"lam": 3.0}, fedktl={"mu": 2.0}, privacy={"epsilon": 5.0})
+    proto = METHODS["fedproto"].settings_from(config)
+    ktl = METHODS["fedktl"].settings_from(config)
+    assert set(proto.model_dump()) == {"baseline", "privacy"} and proto.baseline.lam == 3.0  # type: ignore[attr-defined]
+    assert set(ktl.model_dump()) == {"fedktl", "aligner", "privacy"} and ktl.fedktl.mu == 2.0  # type: ignore[attr-defined]
+    assert METHODS["local"].settings_from(config).model_dump() == {}
+    with pytest.raises(ConfigError, match="not available for method 'fd'"):
+        METHODS["fd"].settings_from(config)
+
+
+def test_fedktl_state_round_trips_and_the_next_round_is_the_same_warm_or_reloaded(tmp_path: Path) -> None:
+    from ktl.generator import GeneratorSpec, load_generator
+    from ktl.methods import load_method
+
+    config = tiny(tmp_path, "ktl")
+    ctx = MethodContext(
+        num_classes=C, proto_dim=C, class_names=None, seed=3, generator=load_generator(GeneratorSpec(), "cpu")
+    )
+    g = torch.Generator().manual_seed(0)
+
+    def uploads() -> dict[str, bytes]:
+        return {
+            f"c{i}": upload(
+                F.normalize(torch.randn(C, C, generator=g), dim=1).tolist(), list(range(C)), [5] * C
+            )
+            for i in range(3)
+        }
+
+    warm = METHODS["fedktl"](method_settings(config), ctx)
+    warm.server_update(uploads(), 1)
+    warm.save_pretrained(tmp_path / "state")
+    reloaded = load_method(tmp_path / "state", ctx)
+    assert type(reloaded) is type(warm) and reloaded.settings == warm.settings
+    second = uploads()
+    assert warm.server_update(second, 2).payload == reloaded.server_update(second, 2).payload
+    with pytest.raises(ConfigError, match="C=4"):
+        load_method(tmp_path / "state", MethodContext(num_classes=5, proto_dim=5, class_names=None))

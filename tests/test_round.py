@@ -6,8 +6,8 @@ from ktl.aligner import AlignerSettings
 from ktl.clients import simplex_etf
 from ktl.errors import PayloadError
 from ktl.generator import GeneratorSpec, load_generator
+from ktl.methods import KnowledgeTransferServer, stack_uploads
 from ktl.records import Prototypes
-from ktl.round import KnowledgeTransferServer, stack_uploads
 
 C = 10
 

@@ -8,7 +8,15 @@ from fastapi import APIRouter, Body, Path, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from ktl.api.deps import Admin, FederationAccess, FederationId, ServiceDep
-from ktl.api.schemas import ClientCreated, ClientOut, ErrorBody, FederationOut, FederationSpec, GeneratorInfo
+from ktl.api.schemas import (
+    ClientCreated,
+    ClientOut,
+    ErrorBody,
+    FederationOut,
+    FederationSpec,
+    GeneratorInfo,
+    PrivacyOut,
+)
 from ktl.api.service import KtlService
 from ktl.api.store import ClientRecord, FederationRecord
 
@@ -22,24 +30,42 @@ class ClientRegistration(BaseModel):
 
 
 def federation_out(service: KtlService, fed: FederationRecord, include_etf: bool = False) -> FederationOut:
-    gen = service.generators[fed.spec.generator]
-    etf = service.etf(fed.spec.num_classes, fed.spec.dim, fed.etf_seed).tolist() if include_etf else None
-    return FederationOut(
-        id=fed.id,
-        spec=fed.spec,
-        proto_dim=fed.spec.dim,
-        etf_seed=fed.etf_seed,
-        etf=etf,
-        current_round=fed.current_round,
-        created_at=fed.created_at,
-        generator=GeneratorInfo(
+    federations = service.federations
+    gen = federations.generator_of(fed)
+    generator = None
+    if gen is not None:
+        generator = GeneratorInfo(
             name=fed.spec.generator,
             latent_dim=gen.latent_dim,
             image_size=gen.image_size,
             description=gen.description,
             pretrained=gen.pretrained,
-        ),
-        clients=service.store.count_active_clients(fed.id),
+        )
+    privacy = federations.privacy(fed)
+    privacy_out = None
+    if privacy is not None and privacy.epsilon is not None and privacy.rounds is not None:
+        releases = federations.privacy_releases(fed)
+        privacy_out = PrivacyOut(
+            epsilon=privacy.epsilon,
+            delta=privacy.delta,
+            rounds=privacy.rounds,
+            noise_std=privacy.noise_std(),
+            releases=releases,
+            epsilon_spent=privacy.spent(releases),
+        )
+    return FederationOut(
+        id=fed.id,
+        method=fed.spec.method,
+        spec=fed.spec,
+        proto_dim=fed.spec.dim,
+        etf_seed=fed.etf_seed,
+        etf=federations.etf(fed).tolist() if include_etf else None,
+        current_round=fed.current_round,
+        created_at=fed.created_at,
+        generator=generator,
+        broadcast_file=fed.spec.method_class.broadcast_file,
+        privacy=privacy_out,
+        clients=federations.active_clients(fed.id),
     )
 
 
@@ -55,14 +81,15 @@ def client_out(c: ClientRecord, active: bool | None = None) -> ClientOut:
 
 @router.post("", status_code=status.HTTP_201_CREATED, responses={422: {"model": ErrorBody}})
 def create_federation(spec: FederationSpec, service: ServiceDep, _: Admin) -> FederationOut:
-    """Create a federation (admin). Round 1 opens at once."""
-    return federation_out(service, service.create_federation(spec))
+    """Create a federation (admin) running ``spec.method`` with its settings sections. Round 1 opens at
+    once."""
+    return federation_out(service, service.federations.create(spec))
 
 
 @router.get("")
 def list_federations(service: ServiceDep, _: Admin) -> list[FederationOut]:
     """All federations (admin)."""
-    return [federation_out(service, f) for f in service.store.list_federations()]
+    return [federation_out(service, f) for f in service.federations.all()]
 
 
 @router.get("/{fid}", responses={403: {"model": ErrorBody}, 404: {"model": ErrorBody}})
@@ -71,7 +98,8 @@ def get_federation(
     service: ServiceDep,
     include_etf: Annotated[bool, Query(description="also return the (K, C) ETF matrix")] = False,
 ) -> FederationOut:
-    """A federation's settings, current round, generator and ETF seed (admin or its clients)."""
+    """A federation's method and settings, current round, generator, privacy budget and ETF seed (admin
+    or its clients)."""
     return federation_out(service, fed, include_etf)
 
 
@@ -83,14 +111,13 @@ def register_client(
     registration: Annotated[ClientRegistration | None, Body()] = None,
 ) -> ClientCreated:
     """Register a client (admin); the token is shown once and stored only as a hash."""
-    client, token = service.add_client(fid, registration.name if registration else None)
+    client, token = service.federations.add_client(fid, registration.name if registration else None)
     return ClientCreated(client_id=client.id, federation_id=client.federation_id, token=token)
 
 
 @router.get("/{fid}/clients", responses={404: {"model": ErrorBody}})
 def list_clients(fid: FederationId, service: ServiceDep, _: Admin) -> list[ClientOut]:
-    service.federation(fid)
-    return [client_out(c) for c in service.store.list_clients(fid)]
+    return [client_out(c) for c in service.federations.clients(fid)]
 
 
 @router.delete("/{fid}/clients/{client_id}", responses={404: {"model": ErrorBody}})
@@ -101,4 +128,4 @@ def remove_client(
     _: Admin,
 ) -> ClientOut:
     """Remove a client (admin): its token stops working; its uploads so far stay."""
-    return client_out(service.remove_client(fid, client_id), active=False)
+    return client_out(service.federations.remove_client(fid, client_id), active=False)

@@ -20,7 +20,7 @@ def healthz() -> dict[str, str]:
 @router.get("/readyz", responses={503: {"description": "not ready"}})
 def readyz(service: ServiceDep) -> JSONResponse:
     """Generators loaded, store open, device worker running."""
-    ready = service.ready and service.worker.alive
+    ready = service.alive
     body = {
         "status": "ready" if ready else "starting",
         "generators": sorted(service.generators),

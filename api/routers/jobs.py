@@ -46,13 +46,13 @@ def job_out(job: JobRecord) -> JobOut:
 def create_job(spec: JobSpec, service: ServiceDep, _: Admin) -> JobOut:
     """Queue a batch generation job (admin): ``per_class`` images per class centroid of a published round,
     or per given latent; ``spread`` adds that much prior noise around each source."""
-    return job_out(service.create_job(spec))
+    return job_out(service.jobs.create(spec))
 
 
 @router.get("/{job_id}")
 def get_job(job_id: JobId, service: ServiceDep, _: Admin) -> JobOut:
     """Progress (done / total, ETA) and state."""
-    return job_out(service.job(job_id))
+    return job_out(service.jobs.get(job_id))
 
 
 @router.get(
@@ -68,11 +68,11 @@ def get_job(job_id: JobId, service: ServiceDep, _: Admin) -> JobOut:
 )
 def get_job_result(job_id: JobId, service: ServiceDep, _: Admin) -> FileResponse:
     """The finished job's images, latents and class ids (class id -1 for given latents)."""
-    path = service.job_result_path(job_id)
+    path = service.jobs.result_path(job_id)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}.safetensors")
 
 
 @router.delete("/{job_id}", responses={409: {"model": ErrorBody}})
 def cancel_job(job_id: JobId, service: ServiceDep, _: Admin) -> JobOut:
     """Cancel a queued or running job (it stops before its next batch)."""
-    return job_out(service.cancel_job(job_id))
+    return job_out(service.jobs.cancel(job_id))

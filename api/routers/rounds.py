@@ -1,4 +1,4 @@
-"""``/v1/federations/{fid}/rounds/{r}``: uploads, round state, pairs."""
+"""``/v1/federations/{fid}/rounds/{r}``: uploads, round state, the broadcast (and FedKTL's pairs)."""
 
 from __future__ import annotations
 
@@ -50,13 +50,14 @@ def upload_prototypes(
     body: UploadBody,
     service: ServiceDep,
 ) -> UploadOut:
-    """Upload this client's prototypes for round ``r`` (client token).
+    """Upload this client's payload for round ``r`` (client token), checked by the federation's method.
 
-    Body: safetensors (``application/octet-stream``) with ``prototypes`` (n × K, float16 or float32, unit
-    rows), ``class_ids`` (n, int64, distinct, < C) and ``counts`` (n, int64, > 0); or the same as JSON.
+    Body: safetensors (``application/octet-stream``) with ``prototypes`` (n × K, float16 or float32),
+    ``class_ids`` (n, int64, distinct, < C) and ``counts`` (n, int64, > 0); or the same as JSON. fedktl,
+    fedproto and fedtgp send unit rows (prototypes), fd its per-class mean ETF cosines (n × C, in [−1, 1]).
     The identical upload again answers 200 and changes nothing; a different one answers 409.
     """
-    result = service.submit_upload(fed, r, client, body, request.headers.get("content-type"))
+    result = service.rounds.submit_upload(fed, r, client, body, request.headers.get("content-type"))
     if result.duplicate:
         response.status_code = status.HTTP_200_OK
     return UploadOut(
@@ -74,9 +75,9 @@ def upload_prototypes(
 @router.get("")
 def get_round(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> RoundOut:
     """Round state (open / aligning / published / failed) and the uploads so far."""
-    rnd = service.round_record(fed.id, r)
-    uploads = service.store.uploads(fed.id, r)
-    current = service.federation(fed.id).current_round
+    rnd = service.rounds.get(fed.id, r)
+    uploads = service.rounds.uploads(fed.id, r)
+    current = service.federations.get(fed.id).current_round
     return RoundOut(
         federation_id=fed.id,
         round=r,
@@ -108,7 +109,7 @@ def get_round(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Roun
 )
 def get_pairs(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Response:
     """The round's image-vector pairs as safetensors (once published)."""
-    data = service.round_file(fed.id, r, "pairs.safetensors")
+    data = service.rounds.send_file(fed, r, "pairs.safetensors")
     return Response(
         data,
         media_type="application/octet-stream",
@@ -126,4 +127,26 @@ def get_pairs(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Resp
 )
 def get_pairs_png(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Response:
     """The round's generated images as a labelled PNG grid (once published)."""
-    return Response(service.round_file(fed.id, r, "pairs.png"), media_type="image/png")
+    return Response(service.rounds.send_file(fed, r, "pairs.png"), media_type="image/png")
+
+
+@router.get(
+    "/broadcast",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}},
+            "description": "safetensors: the method's broadcast (fedktl: the pairs; fedproto, fedtgp, fd: "
+            "the global table as prototypes, class_ids, counts)",
+        },
+        409: {"model": ErrorBody},
+    },
+)
+def get_broadcast(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Response:
+    """What every client of round ``r`` downloads, whatever the method (once published)."""
+    name = fed.spec.method_class.broadcast_file
+    return Response(
+        service.rounds.broadcast(fed, r),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{fed.id}-round-{r}-{name}"'},
+    )

@@ -31,17 +31,44 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = "fashion-mnist"  # one of DATASETS: fashion-mnist | synthetic | pfl-npz
-    path: Path | None = None  # data folder; fashion-mnist falls back to $KTL_DATA_DIR, then Debian's path
-    fraction: float = Field(1.0, gt=0, le=1)  # seeded random subsample of the whole set, before partitioning
-    partition: Literal["dirichlet", "pathological"] = "dirichlet"
-    alpha: float = Field(0.1, gt=0)  # Dirichlet concentration; 0.1 = strongly label-skewed
-    classes_per_client: int = Field(2, ge=1)  # pathological partition only
-    train_fraction: float = Field(0.75, gt=0, lt=1)  # per-client train share (PFLlib: 0.75)
-    min_samples: int = Field(20, ge=2)  # Dirichlet redraws until every client holds this many samples
-    # Few-shot: keep at most this many labelled training samples per class on each client (seeded); the
-    # test split is untouched. None = all.
-    shots: int | None = Field(None, ge=1)
+    dataset: str = Field(
+        "fashion-mnist",
+        description="fashion-mnist, synthetic, or pfl-npz (per-client .npz folders as PFLlib writes them)",
+    )
+    path: Path | None = Field(
+        None,
+        description="Data folder; for fashion-mnist the fallbacks are $KTL_DATA_DIR, then "
+        "/usr/share/datasets/fashion-mnist",
+    )
+    fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Seeded random subsample of the whole set, before partitioning (per client for pfl-npz)",
+    )
+    partition: Literal["dirichlet", "pathological"] = Field(
+        "dirichlet",
+        description="dirichlet (label skew by Dirichlet(α)) or pathological (k classes per client)",
+    )
+    alpha: float = Field(
+        0.1, gt=0, description="Dirichlet concentration; smaller is more skewed (0.1 = strongly label-skewed)"
+    )
+    classes_per_client: int = Field(2, ge=1, description="k of the pathological partition")
+    train_fraction: float = Field(
+        0.75,
+        gt=0,
+        lt=1,
+        description="Per-client train share; the rest is that client's test set (PFLlib's 0.75)",
+    )
+    min_samples: int = Field(
+        20, ge=2, description="Dirichlet draws are repeated until every client holds this many samples"
+    )
+    shots: int | None = Field(
+        None,
+        ge=1,
+        description="Few-shot: keep at most this many labelled training samples per class on each client "
+        "(seeded); the test split is untouched. none = all",
+    )
 
 
 @dataclass(frozen=True)

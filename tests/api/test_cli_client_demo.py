@@ -13,8 +13,10 @@ from ktl.api import create_app
 from ktl.api.process import ServerThread, free_port
 from ktl.cli import main
 from ktl.clients.sdk import KtlHttpClient
+from ktl.config import build_config
 from ktl.demo import DemoOptions, run_demo
 from ktl.records import Pairs
+from ktl.simulate import run_simulation
 from tests.api.conftest import ADMIN, FAST_ALIGNER, make_settings, protos
 
 
@@ -95,13 +97,72 @@ def test_client_run_participates_in_rounds(server: ServerThread, capsys) -> None
     assert "round 2: local accuracy" in capsys.readouterr().err
 
 
-def test_demo_runs_rounds_over_http_and_reproduces(tmp_path: Path) -> None:
-    result = run_demo(DemoOptions(rounds=2, clients=3, preset="smoke", out=tmp_path / "demo"))
-    assert len(result["accuracy"]) == 2 and all(0 <= a <= 1 for a in result["accuracy"])  # type: ignore[arg-type]
-    again = run_demo(DemoOptions(rounds=2, clients=3, preset="smoke", out=tmp_path / "again"))
-    assert again["accuracy"] == result["accuracy"]  # same seed, same numbers, through HTTP too
-    assert Path(str(result["grid"])).read_bytes()[:4] == b"\x89PNG"
+@pytest.mark.parametrize(
+    ("method", "overrides"),
+    [("fedktl", {}), ("fedproto", {}), ("fedproto", {"privacy": {"epsilon": 8.0}})],
+    ids=["fedktl", "fedproto", "fedproto-dp"],
+)
+def test_demo_over_http_gives_the_per_round_accuracies_of_simulate(
+    tmp_path: Path, method: str, overrides: dict[str, object]
+) -> None:
+    """Parity: the same method steps, driven over HTTP by the demo and in one loop by simulate, with the
+    same seed, clients and rounds, give the same accuracies (exactly: nothing is re-implemented)."""
+    torch.manual_seed(1234)
+    result = run_demo(
+        DemoOptions(
+            rounds=2, clients=3, preset="smoke", out=tmp_path / "demo", method=method, overrides=overrides
+        )
+    )
+    torch.manual_seed(1234)
+    config = build_config(
+        preset="smoke",
+        overrides={
+            **overrides,
+            "method": method,
+            "num_clients": 3,
+            "rounds": 2,
+            "out": str(tmp_path / "sim"),
+        },
+    )
+    run_simulation(config, progress=False)
+    simulated = [
+        json.loads(x)["accuracy"] for x in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert result["accuracy"] == simulated and len(simulated) == 2
     assert str(result["url"]).startswith("http://127.0.0.1:")
+    if method == "fedktl":
+        assert Path(str(result["grid"])).read_bytes()[:4] == b"\x89PNG"
+    if overrides:  # the federation carries the budget and accounts what the clients spent
+        privacy = result["privacy"]
+        assert isinstance(privacy, dict) and privacy["epsilon"] == 8.0 and privacy["rounds"] == 2
+        assert privacy["epsilon_spent"] == pytest.approx(8.0)
+
+
+def test_demo_refuses_a_method_that_exchanges_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--method", "local", "--rounds", "1", "--clients", "1", "--preset", "smoke"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "exchanges nothing" in err
+
+
+def test_client_run_refuses_settings_that_are_the_federations(server: ServerThread, capsys) -> None:
+    admin = KtlHttpClient(server.url, ADMIN)
+    fed = admin.create_federation({"num_classes": 10, "quorum": 1, "aligner": FAST_ALIGNER})
+    token = admin.register_client(fed["id"])["token"]
+    common = ["client", "run", "--url", server.url, "--federation", fed["id"], "--token", token]
+    common += ["--client-index", "0", "--preset", "smoke"]
+    for flags, words in [
+        (["--privacy.epsilon", "8"], "privacy.epsilon is the federation's setting"),
+        (["--method", "fedproto"], "runs method 'fedktl', not 'fedproto'"),
+        (["--baseline.lam", "2"], "do not apply to method 'fedktl'"),
+        (["--fedktl.mu", "3"], "fedktl.mu is the federation's setting"),
+    ]:
+        assert main([*common, *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and words in err, err
+    assert admin.round(fed["id"], 1)["uploads"] == 0  # nothing was sent
+    assert (
+        main([*common, "--fedktl.mu", "1.0", "--rounds", "1", "--wait", "120"]) == 0
+    )  # the same value: fine
 
 
 def test_demo_falls_back_to_synthetic_data_with_a_notice(tmp_path: Path, monkeypatch, caplog) -> None:

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from ktl.api.service import KtlService
 from ktl.clients import simplex_etf
 from ktl.clients.sdk import KtlApiError, KtlHttpClient
+from ktl.methods import KnowledgeTransferServer
 from ktl.records import Pairs
-from ktl.round import KnowledgeTransferServer
 from tests.api.conftest import ADMIN, auth, federation, protos, register
 
 
@@ -57,7 +57,7 @@ def test_deadline_closes_a_round_with_an_upload_but_not_an_empty_one(http, servi
     fed = federation(admin, quorum=5, round_deadline_s=0.2)
     (a,) = register(admin, http, fed["id"], 1)
     time.sleep(0.5)  # round 1 is past its deadline with no upload: it stays open
-    assert service.close_due_rounds() == 0
+    assert service.rounds.close_due() == 0
     assert a.round(fed["id"], 1)["state"] == "open"
     a.upload(fed["id"], 1, protos([4]))
     state = wait_state(a, fed["id"], 1, ("published",))
@@ -104,7 +104,7 @@ def test_aligner_is_warm_across_rounds(http, service, admin) -> None:
         a.upload(fed["id"], r, protos([0, 1, 2, 3]))
         firsts.append(wait_state(a, fed["id"], r, ("published",))["stats"]["align_loss_first"])
     assert firsts[1] < firsts[0]
-    assert service.store.aligner_snapshots(fed["id"]) == [1, 2]
+    assert service.store.state_snapshots(fed["id"]) == [1, 2]
 
 
 def test_a_failed_alignment_marks_the_round_failed_and_the_next_round_proceeds(
@@ -206,7 +206,7 @@ def test_leftovers_of_a_crash_are_removed_at_start_up(tmp_path) -> None:
         root / "federations/f/rounds/1/uploads/.x.safetensors.ab12.tmp",
         root / "jobs/.job-1.safetensors.partial",
     ]
-    staged = root / "federations/f/aligner/.staging-1234"
+    staged = root / "federations/f/state/.staging-1234"
     keep = root / "federations/f/rounds/1/pairs.safetensors"
     for path in [*junk, keep]:
         path.parent.mkdir(parents=True, exist_ok=True)

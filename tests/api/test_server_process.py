@@ -123,3 +123,41 @@ def test_kill_9_mid_round_and_mid_job_then_restart_loses_nothing(server_factory,
     final = admin.wait_for_job(job["id"], timeout=300, poll=0.1)
     assert final["state"] == "done" and final["restarts"] == 1 and final["done"] == 4000
     assert admin.job_result(job["id"])["images"].shape[0] == 4000
+
+
+def test_kill_9_during_fedproto_and_fedtgp_rounds_recovers_like_fedktl(server_factory) -> None:
+    """The table methods keep every guarantee: acknowledged uploads survive kill -9, a round that was
+    being computed is computed again after the restart, and the broadcast is the method's."""
+    from ktl.methods import class_mean_table
+
+    server = server_factory()
+    admin = KtlHttpClient(server.url, ADMIN)
+    proto = admin.create_federation({"num_classes": 10, "quorum": 4, "method": "fedproto"})
+    tokens = [admin.register_client(proto["id"])["token"] for _ in range(4)]
+    sent = {}
+    for i in range(2):  # 2 of 4 uploads acknowledged when the process dies
+        p = protos([i, (i + 5) % 10], seed=i)
+        sent[KtlHttpClient(server.url, tokens[i]).upload(proto["id"], 1, p)["client_id"]] = p
+    tgp = admin.create_federation(  # a long server step, running at the kill
+        {"num_classes": 10, "quorum": 1, "method": "fedtgp", "baseline": {"tgp_steps": 30_000}}
+    )
+    tgp_token = admin.register_client(tgp["id"])["token"]
+    KtlHttpClient(server.url, tgp_token).upload(tgp["id"], 1, protos([1, 2, 3], seed=9))
+    assert admin.round(tgp["id"], 1)["state"] == "aligning"
+
+    server.kill9()
+    server = server_factory(server.data_dir)
+    admin = KtlHttpClient(server.url, ADMIN)
+    state = admin.round(proto["id"], 1)
+    assert state["state"] == "open" and sorted(state["clients"]) == sorted(sent)
+    for i in range(2, 4):
+        p = protos([i], seed=i)
+        sent[KtlHttpClient(server.url, tokens[i]).upload(proto["id"], 1, p)["client_id"]] = p
+    assert wait(admin, proto["id"], 1, ("published", "failed"))["state"] == "published"
+    table = Prototypes.from_bytes(KtlHttpClient(server.url, tokens[0]).broadcast(proto["id"], 1))
+    half = {cid: Prototypes(p.vectors.half().float(), p.class_ids, p.counts) for cid, p in sent.items()}
+    means, counts = class_mean_table(half, 10)
+    present = (counts > 0).nonzero().flatten()
+    assert table.class_ids.tolist() == present.tolist()
+    torch.testing.assert_close(table.vectors.float(), means[present], atol=1e-3, rtol=0)  # fp16 table
+    assert wait(admin, tgp["id"], 1, ("published", "failed"), timeout=300)["state"] == "published"

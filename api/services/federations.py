@@ -1,0 +1,149 @@
+"""Federations and their clients: creation, lookup, tokens, the shared ETF, the method's context."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable
+from functools import lru_cache
+
+import torch
+
+from ktl.api.ratelimit import RateLimiter
+from ktl.api.schemas import FederationSpec
+from ktl.api.settings import ServerSettings
+from ktl.api.store import ClientRecord, FederationRecord, Store
+from ktl.clients import simplex_etf
+from ktl.errors import InvalidRequestError, NotFoundError, RateLimitedError
+from ktl.generator import Generator
+from ktl.methods import Method, MethodContext, PrivacySettings
+
+__all__ = ["FederationService", "hash_token"]
+
+
+def hash_token(token: str) -> str:
+    """Tokens are 256-bit random strings, so a plain SHA-256 is a safe way to keep only a fingerprint."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@lru_cache(maxsize=64)
+def _etf(num_classes: int, dim: int, seed: int) -> torch.Tensor:
+    return simplex_etf(num_classes, dim, seed=seed)
+
+
+class FederationService:
+    """What the routes under ``/v1/federations`` do, and what the other services ask of a federation."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: ServerSettings,
+        generators: dict[str, Generator],
+        device: torch.device,
+        clock: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.generators = generators  # filled at start-up
+        self.device = device
+        self.clock = clock
+        self.limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+        self._validators: dict[str, Method] = {}
+
+    # -- federations ------------------------------------------------------------------------------------
+
+    def generator(self, name: str) -> Generator:
+        """A generator loaded at start-up, or ``unknown_generator``."""
+        if name not in self.generators:
+            raise InvalidRequestError(
+                "unknown_generator", f"generator {name!r} is not loaded; loaded: {sorted(self.generators)}"
+            )
+        return self.generators[name]
+
+    def generator_of(self, fed: FederationRecord) -> Generator | None:
+        """The federation's generator, for methods that use one."""
+        return self.generators[fed.spec.generator] if fed.spec.method_class.uses_generator else None
+
+    def create(self, spec: FederationSpec) -> FederationRecord:
+        if spec.method_class.uses_generator:
+            self.generator(spec.generator)
+        etf_seed = spec.etf_seed if spec.etf_seed is not None else secrets.randbelow(2**31)
+        return self.store.create_federation(spec, etf_seed, self.clock())
+
+    def get(self, fid: str) -> FederationRecord:
+        fed = self.store.get_federation(fid)
+        if fed is None:
+            raise NotFoundError("unknown_federation", f"no federation {fid!r}")
+        return fed
+
+    def all(self) -> list[FederationRecord]:
+        return self.store.list_federations()
+
+    def etf(self, fed: FederationRecord) -> torch.Tensor:
+        """The ``(K, C)`` simplex ETF every client of ``fed`` trains against."""
+        return _etf(fed.spec.num_classes, fed.spec.dim, fed.etf_seed)
+
+    def method_context(self, fed: FederationRecord, *, with_generator: bool = True) -> MethodContext:
+        """What the federation's method may know, on this server's device."""
+        return MethodContext(
+            num_classes=fed.spec.num_classes,
+            proto_dim=fed.spec.dim,
+            class_names=fed.spec.class_names,
+            device=self.device,
+            seed=fed.spec.seed,
+            generator=self.generator_of(fed) if with_generator else None,
+        )
+
+    def validator(self, fed: FederationRecord) -> Method:
+        """An instance of the federation's method for checking uploads (no generator, no training)."""
+        method = self._validators.get(fed.id)
+        if method is None:
+            cls = fed.spec.method_class
+            method = cls(fed.spec.method_settings(), self.method_context(fed, with_generator=False))
+            self._validators[fed.id] = method
+        return method
+
+    @staticmethod
+    def privacy(fed: FederationRecord) -> PrivacySettings | None:
+        """The federation's DP budget (None: no DP)."""
+        privacy = getattr(fed.spec.method_settings(), "privacy", None)
+        return privacy if isinstance(privacy, PrivacySettings) and privacy.enabled else None
+
+    def privacy_releases(self, fed: FederationRecord) -> int:
+        """The most rounds any one client of ``fed`` has uploaded to: the releases its ε is spent on."""
+        return self.store.most_uploads_by_one_client(fed.id)
+
+    # -- clients ----------------------------------------------------------------------------------------
+
+    def add_client(self, fid: str, name: str | None) -> tuple[ClientRecord, str]:
+        """Register a client; returns it and its token (shown once, stored only as a hash)."""
+        self.get(fid)
+        token = secrets.token_urlsafe(32)
+        return self.store.add_client(fid, name, hash_token(token), self.clock()), token
+
+    def clients(self, fid: str) -> list[ClientRecord]:
+        self.get(fid)
+        return self.store.list_clients(fid)
+
+    def active_clients(self, fid: str) -> int:
+        return self.store.count_active_clients(fid)
+
+    def remove_client(self, fid: str, client_id: str) -> ClientRecord:
+        client = self.store.get_client(client_id)
+        if client is None or client.federation_id != fid:
+            raise NotFoundError("unknown_client", f"no client {client_id!r} in federation {fid!r}")
+        self.store.deactivate_client(client_id)
+        return client
+
+    def authenticate(self, token: str) -> ClientRecord | None:
+        return self.store.client_by_token_hash(hash_token(token))
+
+    def check_rate(self, client: ClientRecord) -> None:
+        wait = self.limiter.acquire(client.id)
+        if wait > 0:
+            raise RateLimitedError(
+                "rate_limited",
+                f"client {client.id} is over {self.settings.rate_limit_per_minute:g} requests per minute",
+                headers={"Retry-After": str(max(1, round(wait + 0.5)))},
+                retry_after_s=round(wait, 3),
+            )

@@ -1,0 +1,75 @@
+"""Federated methods, one module each, behind the one `Method` protocol (see `ktl.methods.base`).
+
+Importing this package registers the built-in methods: ``local``, ``fedktl``, ``fedktl-latents``,
+``fedproto``, ``fedtgp`` and ``fd``.
+"""
+
+from ktl.methods.base import (
+    METHODS,
+    UPLOAD_DTYPES,
+    ClientUpdate,
+    Method,
+    MethodContext,
+    MethodSettings,
+    ServerUpdate,
+    available_methods,
+    decode_prototypes,
+    get_method,
+    load_method,
+    register_method,
+)
+from ktl.methods.fedktl import (
+    FedKTL,
+    FedKTLLatents,
+    FedKTLMethodSettings,
+    FedKTLSettings,
+    KnowledgeTransferServer,
+    RoundResult,
+    stack_uploads,
+)
+from ktl.methods.local import LocalOnly
+from ktl.methods.privacy import PrivacySettings, privacy_facts, private_prototypes
+from ktl.methods.tables import (
+    BaselineSettings,
+    FedDistill,
+    FedProto,
+    FedTGP,
+    TableMethod,
+    TableMethodSettings,
+    adaptive_margin,
+    class_mean_table,
+)
+
+__all__ = [
+    "METHODS",
+    "UPLOAD_DTYPES",
+    "BaselineSettings",
+    "ClientUpdate",
+    "FedDistill",
+    "FedKTL",
+    "FedKTLLatents",
+    "FedKTLMethodSettings",
+    "FedKTLSettings",
+    "FedProto",
+    "FedTGP",
+    "KnowledgeTransferServer",
+    "LocalOnly",
+    "Method",
+    "MethodContext",
+    "MethodSettings",
+    "PrivacySettings",
+    "RoundResult",
+    "ServerUpdate",
+    "TableMethod",
+    "TableMethodSettings",
+    "adaptive_margin",
+    "available_methods",
+    "class_mean_table",
+    "decode_prototypes",
+    "get_method",
+    "load_method",
+    "private_prototypes",
+    "privacy_facts",
+    "register_method",
+    "stack_uploads",
+]

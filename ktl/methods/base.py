@@ -1,0 +1,302 @@
+"""The one `Method` protocol every transport drives, and the registry of methods.
+
+A federated method is written once, as small steps that know nothing about transport:
+
+- client side: `Method.client_update` (train locally, return the payload bytes to upload, privacy noise
+  included) and `Method.client_receive` (take the bytes of a round's broadcast);
+- server side: `Method.validate_upload` (the one place that says what a valid upload is) and
+  `Method.server_update` (a round's uploads → the broadcast bytes, the files worth publishing beside it,
+  and metrics);
+- state: `Method.save_pretrained` / `Method.from_pretrained` (config.json + safetensors), so a server
+  restarts warm.
+
+``ktl simulate`` drives these steps in one loop, the HTTP server (``ktl serve``) behind its store, rounds
+and quorum, and a participant (``ktl client run``, ``ktl demo``) over the SDK. A method owns its
+settings: `Method.settings_model` is a pydantic model whose fields are the configuration *sections* it
+reads (``fedktl``, ``aligner``, ``baseline``, ``privacy``, …), the same sections ``ktl simulate``'s
+config and an HTTP federation spec carry. A method never sees any other section.
+
+New methods register with ``@register_method("name")``.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors.torch import load_file, save_file
+
+from ktl.clients import LocalClient, TrainStats
+from ktl.errors import ConfigError, PayloadError
+from ktl.generator import Generator
+from ktl.records import Prototypes
+
+__all__ = [
+    "METHODS",
+    "ClientUpdate",
+    "Method",
+    "MethodContext",
+    "MethodSettings",
+    "ServerUpdate",
+    "UPLOAD_DTYPES",
+    "available_methods",
+    "get_method",
+    "load_method",
+    "register_method",
+]
+
+# Uploaded prototypes travel as float16 (half the bytes) or float32; anything else is refused.
+UPLOAD_DTYPES = (torch.float16, torch.float32)
+_CONFIG_FILE = "config.json"
+_STATE_FILE = "state.safetensors"
+
+
+class MethodSettings(BaseModel):
+    """A method's settings: each field is one configuration section the method reads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def sections(cls) -> tuple[str, ...]:
+        return tuple(cls.model_fields)
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may know about the federation, whatever the transport.
+
+    Attributes
+    ----------
+    num_classes
+        C.
+    proto_dim
+        K, the dimension of the head's output (= C in FedKTL).
+    class_names
+        Labels for images and logs (None: ``class <c>``).
+    device
+        Where the method's server-side work runs.
+    seed
+        Seeds the method's own draws: the server's (prior samples, pair choice, its models' init) and
+        the clients' privacy noise.
+    generator
+        The frozen generator, given by the transport to methods whose `Method.uses_generator` is true
+        (None on a client, which never runs one).
+    """
+
+    num_classes: int
+    proto_dim: int
+    class_names: list[str] | None
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
+    generator: Generator | None = None
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    stats: TrainStats
+    payload: bytes | None  # what the client uploads this round (None: nothing)
+
+
+@dataclass(frozen=True)
+class ServerUpdate:
+    payload: bytes | None  # what every client downloads (None: nothing)
+    metrics: dict[str, float] = field(default_factory=dict)
+    # Files worth publishing beside the broadcast (name → bytes), e.g. FedKTL's pairs grid and centroids.
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+class Method(ABC):
+    """One federated method; subclasses override the steps they need.
+
+    Class attributes
+    ----------------
+    name
+        The registry name (set by `register_method`).
+    settings_model
+        The sections this method reads (a `MethodSettings` subclass).
+    uses_generator
+        True when the server step needs `MethodContext.generator`.
+    exchanges
+        False for a method that sends nothing (``local``): transports that only move payloads refuse it.
+    broadcast_file
+        The name under which a server publishes the broadcast bytes.
+    """
+
+    name: ClassVar[str]
+    settings_model: ClassVar[type[MethodSettings]] = MethodSettings
+    uses_generator: ClassVar[bool] = False
+    exchanges: ClassVar[bool] = True
+    broadcast_file: ClassVar[str] = "broadcast.safetensors"
+
+    def __init__(self, settings: MethodSettings, ctx: MethodContext) -> None:
+        if not isinstance(settings, self.settings_model):
+            raise TypeError(
+                f"{self.name} takes {self.settings_model.__name__}, got {type(settings).__name__}"
+            )
+        self.settings = settings
+        self.ctx = ctx
+
+    @classmethod
+    def settings_from(cls, sections: Mapping[str, Any] | BaseModel) -> MethodSettings:
+        """This method's settings from whatever carries the sections — a ``SimulateConfig``, a federation
+        spec, or its JSON — taking only the sections the method reads. Raises `ConfigError` (one line)."""
+        source = sections.model_dump() if isinstance(sections, BaseModel) else dict(sections)
+        picked = {k: source[k] for k in cls.settings_model.sections() if source.get(k) is not None}
+        try:
+            return cls.settings_model.model_validate(picked)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise ConfigError(f"invalid {cls.name} setting {where}: {first['msg']}") from None
+
+    # -- client side -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def client_update(self, client: LocalClient, round_index: int) -> ClientUpdate:
+        """Train locally and return what to upload."""
+
+    def client_receive(self, client: LocalClient, payload: bytes) -> None:
+        """Take the server's broadcast into the client's state (default: ignore it)."""
+        return None
+
+    # -- server side -------------------------------------------------------------------------------
+
+    def validate_upload(self, payload: bytes) -> Prototypes:
+        """Decode one client's upload and check it against the federation; raise `PayloadError` with a
+        reason code. The default is a table of unit-norm prototypes of dimension K."""
+        prototypes = decode_prototypes(payload)
+        prototypes.validate(num_classes=self.ctx.num_classes, dim=self.ctx.proto_dim)
+        return prototypes
+
+    def server_update(self, uploads: Mapping[str, bytes], round_index: int) -> ServerUpdate:
+        """Turn the round's uploads (client id → bytes, in a canonical client order) into a broadcast."""
+        return ServerUpdate(payload=None)
+
+    def decode_uploads(self, uploads: Mapping[str, bytes]) -> dict[str, Prototypes]:
+        """Every upload through `validate_upload`, in the given order (none → `PayloadError`)."""
+        if not uploads:
+            raise PayloadError("no_uploads", "a round needs at least one upload to close")
+        return {cid: self.validate_upload(data) for cid, data in uploads.items()}
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The server state that must survive a restart, as named tensors (default: none)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_tensors` returned."""
+        return None
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``config.json`` (method, settings, shapes) and the server state (safetensors)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = {
+            "method": self.name,
+            "settings": self.settings.model_dump(mode="json"),
+            "num_classes": self.ctx.num_classes,
+            "proto_dim": self.ctx.proto_dim,
+            "seed": self.ctx.seed,
+        }
+        (path / _CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_tensors().items()}
+        if tensors:
+            save_file(tensors, str(path / _STATE_FILE))
+        self.save_extra_state(path)
+
+    def save_extra_state(self, path: Path) -> None:
+        """Hook for state kept in its own HF-style folder (FedKTL's aligner)."""
+        return None
+
+    def load_extra_state(self, path: Path) -> None:
+        return None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, ctx: MethodContext) -> Method:
+        """Rebuild a method saved by `save_pretrained`; ``ctx`` supplies the device and generator."""
+        path = Path(path)
+        config = read_method_config(path)
+        if config.get("method") != cls.name:
+            raise ConfigError(f"{path} holds method {config.get('method')!r}, not {cls.name!r}")
+        if (config.get("num_classes"), config.get("proto_dim")) != (ctx.num_classes, ctx.proto_dim):
+            raise ConfigError(
+                f"{path} was saved for C={config.get('num_classes')}, K={config.get('proto_dim')}, "
+                f"not C={ctx.num_classes}, K={ctx.proto_dim}"
+            )
+        method = cls(cls.settings_model.model_validate(config["settings"]), ctx)
+        state = path / _STATE_FILE
+        if state.is_file():
+            method.load_state_tensors(load_file(str(state)))
+        method.load_extra_state(path)
+        return method
+
+    # -- for a run folder (ktl simulate) ------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for ``summary.json`` (e.g. which generator ran, the privacy budget)."""
+        return {}
+
+    def save_round(self, run_dir: Path, round_index: int, uploads: Mapping[str, bytes]) -> None:
+        """Write what a round produced that is worth inspecting later (default: nothing)."""
+        return None
+
+    def save_artifacts(self, run_dir: Path) -> dict[str, str]:
+        """Write the method's final state into the run folder; returns name → relative path."""
+        return {}
+
+
+def decode_prototypes(payload: bytes) -> Prototypes:
+    """Safetensors bytes → `Prototypes` whose vectors are float16 or float32 (`PayloadError` otherwise)."""
+    prototypes = Prototypes.from_bytes(payload)
+    if prototypes.vectors.dtype not in UPLOAD_DTYPES:
+        raise PayloadError("dtype", f"prototypes must be float16 or float32, got {prototypes.vectors.dtype}")
+    return prototypes
+
+
+def read_method_config(path: Path) -> dict[str, Any]:
+    file = Path(path) / _CONFIG_FILE
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read method state {file}: {exc}") from None
+    if not isinstance(config, dict) or "settings" not in config:
+        raise ConfigError(f"{file} is not a saved method")
+    return config
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    def wrap(cls: type[Method]) -> type[Method]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_methods() -> list[str]:
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> type[Method]:
+    """The registered method ``name``, or a `ConfigError` listing the available ones."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+    return METHODS[name]
+
+
+def load_method(path: str | Path, ctx: MethodContext) -> Method:
+    """Whatever method `Method.save_pretrained` wrote under ``path``."""
+    config = read_method_config(Path(path))
+    return get_method(str(config.get("method"))).from_pretrained(path, ctx)
