@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from ktl.api.metrics import Metrics
-from ktl.api.services import FederationService, JobService, RoundService
+from ktl.api.services import FederationService, JobService, RoundService, ServerParts
 from ktl.api.settings import ServerSettings
 from ktl.api.store import Store
 from ktl.api.worker import DeviceWorker
@@ -41,11 +41,12 @@ class KtlService:
         self.metrics = Metrics()
         self.worker = DeviceWorker()
         self.generators: dict[str, Generator] = {}
-        self.federations = FederationService(self.store, settings, self.generators, self.device, clock)
-        self.rounds = RoundService(self.store, self.federations, self.worker, self.metrics, settings, clock)
-        self.jobs = JobService(
-            self.store, self.federations, self.rounds, self.worker, self.metrics, settings, clock
+        parts = ServerParts(
+            self.store, self.worker, self.device, self.generators, self.metrics, settings, clock
         )
+        self.federations = FederationService(parts)
+        self.rounds = RoundService(parts, self.federations)
+        self.jobs = JobService(parts, self.federations, self.rounds)
         self._stop = threading.Event()
         self._scheduler = threading.Thread(target=self._schedule, name="ktl-scheduler", daemon=True)
         self.ready = False

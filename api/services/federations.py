@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable
 from functools import lru_cache
 
 import torch
 
 from ktl.api.ratelimit import RateLimiter
 from ktl.api.schemas import FederationSpec
-from ktl.api.settings import ServerSettings
-from ktl.api.store import ClientRecord, FederationRecord, Store
+from ktl.api.services.base import ServerParts
+from ktl.api.store import ClientRecord, FederationRecord
 from ktl.clients import simplex_etf
 from ktl.errors import InvalidRequestError, NotFoundError, RateLimitedError
 from ktl.generator import Generator
@@ -34,20 +33,11 @@ def _etf(num_classes: int, dim: int, seed: int) -> torch.Tensor:
 class FederationService:
     """What the routes under ``/v1/federations`` do, and what the other services ask of a federation."""
 
-    def __init__(
-        self,
-        store: Store,
-        settings: ServerSettings,
-        generators: dict[str, Generator],
-        device: torch.device,
-        clock: Callable[[], float],
-    ) -> None:
-        self.store = store
-        self.settings = settings
-        self.generators = generators  # filled at start-up
-        self.device = device
-        self.clock = clock
-        self.limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+    def __init__(self, parts: ServerParts) -> None:
+        self.parts = parts
+        self.store, self.settings, self.clock = parts.store, parts.settings, parts.clock
+        self.generators = parts.generators  # filled at start-up
+        self.limiter = RateLimiter(self.settings.rate_limit_per_minute, self.settings.rate_limit_burst)
         self._validators: dict[str, Method] = {}
 
     # -- federations ------------------------------------------------------------------------------------
@@ -89,7 +79,7 @@ class FederationService:
             num_classes=fed.spec.num_classes,
             proto_dim=fed.spec.dim,
             class_names=fed.spec.class_names,
-            device=self.device,
+            device=self.parts.device,
             seed=fed.spec.seed,
             generator=self.generator_of(fed) if with_generator else None,
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -12,13 +11,12 @@ import torch
 from safetensors.torch import load as st_load
 
 from ktl.api.jobs import JobPlan, StreamingSafetensors
-from ktl.api.metrics import Metrics
 from ktl.api.schemas import JobSpec
+from ktl.api.services.base import ServerParts
 from ktl.api.services.federations import FederationService
 from ktl.api.services.rounds import RoundService
-from ktl.api.settings import ServerSettings
-from ktl.api.store import JobRecord, Store
-from ktl.api.worker import JOB_PRIORITY, DeviceWorker, Task
+from ktl.api.store import JobRecord
+from ktl.api.worker import JOB_PRIORITY, Task
 from ktl.errors import ConflictError, InvalidRequestError, KtlError, NotFoundError
 from ktl.generator import Generator
 from ktl.seeding import torch_generator
@@ -31,23 +29,16 @@ logger = logging.getLogger(__name__)
 class JobService:
     """What the routes under ``/v1/jobs`` do, and the jobs' device tasks (one generator batch each)."""
 
-    def __init__(
-        self,
-        store: Store,
-        federations: FederationService,
-        rounds: RoundService,
-        worker: DeviceWorker,
-        metrics: Metrics,
-        settings: ServerSettings,
-        clock: Callable[[], float],
-    ) -> None:
-        self.store = store
+    def __init__(self, parts: ServerParts, federations: FederationService, rounds: RoundService) -> None:
+        self.parts = parts
+        self.store, self.metrics, self.settings, self.clock = (
+            parts.store,
+            parts.metrics,
+            parts.settings,
+            parts.clock,
+        )
         self.federations = federations
         self.rounds = rounds
-        self.worker = worker
-        self.metrics = metrics
-        self.settings = settings
-        self.clock = clock
 
     def _generator(self, spec: JobSpec) -> Generator:
         if spec.federation_id is not None:
@@ -143,7 +134,7 @@ class JobService:
     # -- device tasks -------------------------------------------------------------------------------------
 
     def enqueue(self, job_id: str) -> None:
-        self.worker.submit(JOB_PRIORITY, partial(self._start, job_id))
+        self.parts.worker.submit(JOB_PRIORITY, partial(self._start, job_id))
 
     def _start(self, job_id: str) -> Task | None:
         job = self.store.get_job(job_id)

@@ -11,18 +11,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
 from functools import partial
 
 import torch
 from pydantic import ValidationError
 
-from ktl.api.metrics import Metrics
 from ktl.api.schemas import PrototypesJSON
+from ktl.api.services.base import ServerParts
 from ktl.api.services.federations import FederationService
-from ktl.api.settings import ServerSettings
-from ktl.api.store import ClientRecord, FederationRecord, RoundRecord, Store, UploadRecord, UploadResult
-from ktl.api.worker import ROUND_PRIORITY, DeviceWorker
+from ktl.api.store import ClientRecord, FederationRecord, RoundRecord, UploadRecord, UploadResult
+from ktl.api.worker import ROUND_PRIORITY
 from ktl.errors import ConflictError, NotFoundError, PayloadError, UnsupportedMediaError
 from ktl.methods import Method, load_method
 from ktl.records import Prototypes
@@ -37,21 +35,15 @@ SAFETENSORS_TYPES = {"application/octet-stream", "application/x-safetensors", "a
 class RoundService:
     """What the routes under ``/v1/federations/{fid}/rounds/{r}`` do, and the round's device task."""
 
-    def __init__(
-        self,
-        store: Store,
-        federations: FederationService,
-        worker: DeviceWorker,
-        metrics: Metrics,
-        settings: ServerSettings,
-        clock: Callable[[], float],
-    ) -> None:
-        self.store = store
+    def __init__(self, parts: ServerParts, federations: FederationService) -> None:
+        self.parts = parts
+        self.store, self.metrics, self.settings, self.clock = (
+            parts.store,
+            parts.metrics,
+            parts.settings,
+            parts.clock,
+        )
         self.federations = federations
-        self.worker = worker
-        self.metrics = metrics
-        self.settings = settings
-        self.clock = clock
         self._methods: dict[str, tuple[int, Method]] = {}  # fid → (last round, its warm method)
 
     # -- uploads --------------------------------------------------------------------------------------
@@ -178,7 +170,7 @@ class RoundService:
             self.enqueue(rnd.federation_id, rnd.round)
 
     def enqueue(self, fid: str, r: int) -> None:
-        self.worker.submit(ROUND_PRIORITY, partial(self.run_server_step, fid, r))
+        self.parts.worker.submit(ROUND_PRIORITY, partial(self.run_server_step, fid, r))
 
     def _method_for(self, fed: FederationRecord, r: int) -> Method:
         """The federation's method, warm: kept from round ``r − 1``, or loaded from the latest state

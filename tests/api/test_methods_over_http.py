@@ -65,7 +65,14 @@ def test_every_method_runs_over_http_create_upload_publish_broadcast(
     method, clients, sdks = run_rounds(admin, http, fed, rounds=2)
     state = admin.round(fed["id"], 2)
     assert state["state"] == "published" and state["uploads"] == 2 and state["bytes_received"] > 0
+    # a retry of an acknowledged upload changes nothing, even after the round closed (the stored copy is
+    # its canonical float32 form: the same upload)
+    first_client = service.store.list_clients(fed["id"])[0].id  # registered first, as sdks[0]
+    retry = sdks[0].upload_bytes(fed["id"], 2, service.store.load_uploads(fed["id"], 2)[first_client])
+    assert retry["duplicate"] and admin.round(fed["id"], 2)["uploads"] == 2
+    sent_before = service.metrics.bytes_out._value.get()
     broadcast = sdks[0].broadcast(fed["id"], 2)
+    assert service.metrics.bytes_out._value.get() - sent_before == len(broadcast)  # bytes counted
     stored = service.store.round_dir(fed["id"], 2) / fed["broadcast_file"]
     assert broadcast == stored.read_bytes()
     # The broadcast is the method's own: recompute the server step from the stored uploads, warm from

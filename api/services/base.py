@@ -1,0 +1,30 @@
+"""What every service of one server shares."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ktl.api.metrics import Metrics
+from ktl.api.settings import ServerSettings
+from ktl.api.store import Store
+from ktl.api.worker import DeviceWorker
+from ktl.generator import Generator
+
+__all__ = ["ServerParts"]
+
+
+@dataclass(frozen=True)
+class ServerParts:
+    """The store, the device worker (and its device), the generators loaded at start-up (filled then),
+    the metrics, the settings and the clock of one server."""
+
+    store: Store
+    worker: DeviceWorker
+    device: torch.device
+    generators: dict[str, Generator]
+    metrics: Metrics
+    settings: ServerSettings
+    clock: Callable[[], float]
