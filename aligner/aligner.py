@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ktl.aligner.mmd import DEFAULT_BANDWIDTH_MULTIPLIERS, PriorKernel
 from ktl.aligner.transformer import FeatureTransformer
+from ktl.work import Work, run_to_end
 
 __all__ = ["AlignerSettings", "AlignResult", "Aligner", "class_centroids", "PriorSampler"]
 
@@ -201,7 +202,30 @@ class Aligner:
         generator: torch.Generator,
         standard_normal_prior: bool = False,
     ) -> AlignResult:
-        """Run ``settings.steps`` Adam steps on ``mmd_weight·MMD² + λ·MSE`` and return centroids.
+        """`fit_steps` run to the end."""
+        return run_to_end(
+            self.fit_steps(
+                vectors,
+                class_ids,
+                counts,
+                sample_prior=sample_prior,
+                generator=generator,
+                standard_normal_prior=standard_normal_prior,
+            )
+        )
+
+    def fit_steps(
+        self,
+        vectors: torch.Tensor,
+        class_ids: torch.Tensor,
+        counts: torch.Tensor,
+        *,
+        sample_prior: PriorSampler,
+        generator: torch.Generator,
+        standard_normal_prior: bool = False,
+    ) -> Work[AlignResult]:
+        """Run ``settings.steps`` Adam steps on ``mmd_weight·MMD² + λ·MSE`` and return centroids,
+        yielding after every step (`ktl.work`: the server runs it in time slices).
 
         Each step sees every uploaded row, or a fresh random ``settings.batch_size`` of them when there
         are more; the returned centroids are exact count-weighted means over every row.
@@ -253,6 +277,7 @@ class Aligner:
             torch.nn.utils.clip_grad_norm_(params, s.clip_grad_norm)
             optimizer.step()
             history[step] = torch.stack([loss, mmd, mse]).detach()
+            yield
         self.transformer.eval()
         with torch.no_grad():
             aligned = self.transformer(x)

@@ -12,15 +12,19 @@ from typing import Any
 from ktl.errors import (
     BadRequestError,
     ConflictError,
+    CorruptFileError,
     ForbiddenError,
+    InsufficientStorageError,
     InvalidRequestError,
     KtlError,
     NotFoundError,
     PayloadError,
     RateLimitedError,
+    RequestTimeoutError,
     ServiceError,
     TooLargeError,
     UnauthorizedError,
+    UnavailableError,
     UnsupportedMediaError,
 )
 
@@ -70,11 +74,15 @@ SERVICE_STATUS: dict[type[ServiceError], int] = {
     UnauthorizedError: 401,
     ForbiddenError: 403,
     NotFoundError: 404,
+    RequestTimeoutError: 408,
     ConflictError: 409,
     TooLargeError: 413,
     UnsupportedMediaError: 415,
     InvalidRequestError: 422,
     RateLimitedError: 429,
+    CorruptFileError: 500,
+    UnavailableError: 503,
+    InsufficientStorageError: 507,
 }
 
 # PayloadError reasons (`Method.validate_upload`, `ktl.records`) → HTTP status: unreadable is 400, a

@@ -148,6 +148,13 @@ class PrivacyOut(BaseModel):
     epsilon_spent: float = Field(description="ε accounted for that client after its releases (zCDP).")
 
 
+class CostOut(BaseModel):
+    """The server's estimate of one round's server step on its device (admission control)."""
+
+    memory_bytes: int
+    seconds: float
+
+
 class FederationOut(BaseModel):
     id: str
     method: str
@@ -160,6 +167,7 @@ class FederationOut(BaseModel):
     generator: GeneratorInfo | None  # None for methods without a generator
     broadcast_file: str  # what each published round's broadcast is called (GET …/rounds/{r}/broadcast)
     privacy: PrivacyOut | None  # None without differential privacy
+    cost: CostOut | None = None  # the estimate it was admitted with
     clients: int
 
 

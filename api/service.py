@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from ktl.api.admission import DeviceBudget
 from ktl.api.metrics import Metrics
 from ktl.api.services import FederationService, JobService, RoundService, ServerParts
 from ktl.api.settings import ServerSettings
@@ -56,6 +57,19 @@ class KtlService:
         for name, spec in self.settings.generators.items():
             self.generators[name] = load_generator(spec, self.device)
             logger.info("generator %r: %s", name, self.generators[name].description)
+        self.federations.budget = DeviceBudget.measure(
+            self.device,
+            memory_bytes=self.settings.max_federation_bytes,
+            seconds=self.settings.max_align_seconds,
+        )
+        logger.info(
+            "device %s: %.1f GFLOP/s, %.2f ms per small step; a federation may use %.2f GiB and %g s per round",
+            self.device,
+            self.federations.budget.flops_per_s / 1e9,
+            self.federations.budget.step_overhead_s * 1e3,
+            self.federations.budget.memory_bytes / 2**30,
+            self.federations.budget.seconds,
+        )
         self.worker.start()
         self.rounds.recover()
         self.jobs.recover()

@@ -46,7 +46,58 @@ class ServerSettings(BaseSettings):
         "generator.* settings (kind, path, …); federations pick one by name",
     )
     max_upload_bytes: int = Field(
-        4 * 1024 * 1024, ge=1024, description="Largest request body; larger uploads get 413"
+        4 * 1024 * 1024, ge=1024, description="Largest upload body (safetensors); larger uploads get 413"
+    )
+    # -- limits on every caller (checked before authentication and before parsing) ----------------------
+    max_json_upload_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest JSON upload body (JSON costs ~10× its size in memory while parsed; "
+        "safetensors is preferred)",
+    )
+    max_request_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest body of every other route (federation specs, client registrations, jobs); "
+        "413 beyond, before the token is checked",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds a request body may take to arrive in full; 408 after"
+    )
+    limit_concurrency: int = Field(
+        256,
+        ge=8,
+        description="Connections and tasks served at once; beyond it uvicorn answers 503 at once",
+    )
+    keep_alive_s: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open")
+    # -- admission control and fairness on the device -------------------------------------------------
+    max_federation_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Most device memory one federation's server step may need by the cost model "
+        "(parameters, optimiser state, activations, pairs); none = a quarter of the device's memory "
+        "(of RAM on the CPU). A spec beyond it is refused with 422",
+    )
+    max_align_seconds: float = Field(
+        600.0, gt=0, description="Time budget of one round's server step; past it the round fails"
+    )
+    align_slice_seconds: float = Field(
+        0.25,
+        gt=0,
+        description="A server step runs in slices of about this long, round-robin with the other "
+        "federations' work, so no federation holds the device for longer",
+    )
+    max_round_attempts: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Times a round's server step is tried (restarts included) before the round fails",
+    )
+    # -- storage ------------------------------------------------------------------------------------------
+    min_free_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="Free space below which /readyz reports not ready and writes are refused with 507",
     )
     rate_limit_per_minute: float = Field(
         600.0, gt=0, description="Sustained requests per minute per client token (token bucket; 429 beyond)"
@@ -62,7 +113,9 @@ class ServerSettings(BaseSettings):
         "commit, an fsync)",
     )
     max_job_images: int = Field(200_000, ge=1, description="Most images one batch job may generate")
-    keep_aligner_rounds: int = Field(2, ge=1, description="Aligner snapshots kept per federation")
+    keep_aligner_rounds: int = Field(
+        2, ge=1, description="Snapshots of the method's server state kept per federation"
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -91,3 +91,19 @@ class UnsupportedMediaError(ServiceError):
 
 class BadRequestError(ServiceError):
     """A malformed request (e.g. a Content-Length that is not a number)."""
+
+
+class RequestTimeoutError(ServiceError):
+    """A request body that did not arrive in time."""
+
+
+class InsufficientStorageError(ServiceError):
+    """The disk is (nearly) full: nothing was written; try again later."""
+
+
+class CorruptFileError(ServiceError):
+    """A stored file does not match the checksum recorded when it was written."""
+
+
+class UnavailableError(ServiceError):
+    """The server cannot take this now (e.g. a paused federation, a full queue); try again later."""

@@ -11,6 +11,7 @@ from ktl.api.deps import Admin, FederationAccess, FederationId, ServiceDep
 from ktl.api.schemas import (
     ClientCreated,
     ClientOut,
+    CostOut,
     ErrorBody,
     FederationOut,
     FederationSpec,
@@ -53,6 +54,7 @@ def federation_out(service: KtlService, fed: FederationRecord, include_etf: bool
             releases=releases,
             epsilon_spent=privacy.spent(releases),
         )
+    cost = federations.cost(fed.spec)
     return FederationOut(
         id=fed.id,
         method=fed.spec.method,
@@ -65,6 +67,7 @@ def federation_out(service: KtlService, fed: FederationRecord, include_etf: bool
         generator=generator,
         broadcast_file=fed.spec.method_class.broadcast_file,
         privacy=privacy_out,
+        cost=CostOut(memory_bytes=cost.memory_bytes, seconds=cost.seconds) if cost is not None else None,
         clients=federations.active_clients(fed.id),
     )
 

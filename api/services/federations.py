@@ -8,6 +8,7 @@ from functools import lru_cache
 
 import torch
 
+from ktl.api.admission import CostEstimate, DeviceBudget
 from ktl.api.ratelimit import RateLimiter
 from ktl.api.schemas import FederationSpec
 from ktl.api.services.base import ServerParts
@@ -37,6 +38,7 @@ class FederationService:
         self.parts = parts
         self.store, self.settings, self.clock = parts.store, parts.settings, parts.clock
         self.generators = parts.generators  # filled at start-up
+        self.budget: DeviceBudget | None = None  # measured at start-up
         self.limiter = RateLimiter(self.settings.rate_limit_per_minute, self.settings.rate_limit_burst)
         self._validators: dict[str, Method] = {}
 
@@ -54,9 +56,18 @@ class FederationService:
         """The federation's generator, for methods that use one."""
         return self.generators[fed.spec.generator] if fed.spec.method_class.uses_generator else None
 
+    def cost(self, spec: FederationSpec) -> CostEstimate | None:
+        """The estimated cost of one of its rounds' server step (None before the device is measured)."""
+        if self.budget is None:
+            return None
+        generator = self.generators.get(spec.generator) if spec.method_class.uses_generator else None
+        return self.budget.estimate(spec, generator)
+
     def create(self, spec: FederationSpec) -> FederationRecord:
-        if spec.method_class.uses_generator:
-            self.generator(spec.generator)
+        """Admit ``spec`` by its cost on this device (422 ``too_costly`` beyond the limits), then store it."""
+        generator = self.generator(spec.generator) if spec.method_class.uses_generator else None
+        if self.budget is not None:
+            self.budget.admit(spec, generator)
         etf_seed = spec.etf_seed if spec.etf_seed is not None else secrets.randbelow(2**31)
         return self.store.create_federation(spec, etf_seed, self.clock())
 

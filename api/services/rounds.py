@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -20,16 +21,30 @@ from ktl.api.schemas import PrototypesJSON
 from ktl.api.services.base import ServerParts
 from ktl.api.services.federations import FederationService
 from ktl.api.store import ClientRecord, FederationRecord, RoundRecord, UploadRecord, UploadResult
-from ktl.api.worker import ROUND_PRIORITY
+from ktl.api.worker import ROUND_PRIORITY, Task
 from ktl.errors import ConflictError, NotFoundError, PayloadError, UnsupportedMediaError
-from ktl.methods import Method, load_method
+from ktl.methods import Method, ServerUpdate, load_method
 from ktl.records import Prototypes
+from ktl.work import Work
 
 __all__ = ["RoundService", "SAFETENSORS_TYPES"]
 
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_TYPES = {"application/octet-stream", "application/x-safetensors", "application/vnd.safetensors"}
+
+
+@dataclass
+class _Step:
+    """One round's server step in progress on the device worker."""
+
+    fid: str
+    r: int
+    fed: FederationRecord
+    started: float  # perf_counter at its start (for the close → publish histogram)
+    busy: float = 0.0  # seconds it has run, slices summed
+    method: Method | None = None
+    work: Work[ServerUpdate] | None = None
 
 
 class RoundService:
@@ -45,30 +60,50 @@ class RoundService:
         )
         self.federations = federations
         self._methods: dict[str, tuple[int, Method]] = {}  # fid → (last round, its warm method)
+        self._running: dict[str, int] = {}  # fid → the round whose server step is under way
 
     # -- uploads --------------------------------------------------------------------------------------
 
     @staticmethod
     def decode_body(body: bytes, content_type: str | None) -> bytes:
-        """The upload as safetensors bytes: the body itself, or its JSON form converted."""
+        """The upload as safetensors bytes: the body itself, or its JSON form converted.
+
+        JSON holds ~30 bytes of Python objects per number while it is converted, so it is bounded three
+        ways: the body's size (``max_json_upload_bytes``, before authentication, `BodyLimitMiddleware`),
+        the parses at once (`json_parse_slot`: 503 ``busy`` beyond a short wait) and the conversion,
+        numpy's C loop over the parsed rows once they are known to be rectangular (``torch.tensor`` on
+        nested lists is ~10× slower). The n × K numbers come from the body's bytes (2 or more each), so
+        the arrays are at most twice the body's size.
+        """
+        import numpy as np
+
+        from ktl.api.limits import json_parse_slot
+
         media = (content_type or "").split(";")[0].strip().lower()
         if media in SAFETENSORS_TYPES:
             return body
         if media == "application/json":
-            try:
-                data = PrototypesJSON.model_validate_json(body)
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                where = ".".join(str(x) for x in err["loc"]) or "body"
-                raise PayloadError("bad_json", f"bad JSON body at {where}: {err['msg']}") from None
-            if not data.prototypes:
-                raise PayloadError("empty", "an upload must hold at least one prototype")
-            if len({len(row) for row in data.prototypes}) != 1:
-                raise PayloadError("shape", "prototypes must be a rectangular (n, K) list of lists")
+            with json_parse_slot():
+                try:
+                    data = PrototypesJSON.model_validate_json(body)
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    where = ".".join(str(x) for x in err["loc"]) or "body"
+                    raise PayloadError("bad_json", f"bad JSON body at {where}: {err['msg']}") from None
+                rows = data.prototypes
+                if not rows:
+                    raise PayloadError("empty", "an upload must hold at least one prototype")
+                k = len(rows[0])
+                if any(len(row) != k for row in rows):
+                    raise PayloadError("shape", "prototypes must be a rectangular (n, K) list of lists")
+                vectors = np.array(rows, dtype=np.float32).reshape(len(rows), k)
+                class_ids = np.array(data.class_ids, dtype=np.int64)
+                counts = np.array(data.counts, dtype=np.int64)
+                del data, rows  # the Python objects go before the slot is released
             return Prototypes(
-                vectors=torch.tensor(data.prototypes, dtype=torch.float32),
-                class_ids=torch.tensor(data.class_ids, dtype=torch.int64),
-                counts=torch.tensor(data.counts, dtype=torch.int64),
+                vectors=torch.from_numpy(vectors),
+                class_ids=torch.from_numpy(class_ids),
+                counts=torch.from_numpy(counts),
             ).to_bytes(torch.float32)
         raise UnsupportedMediaError(
             "unsupported_media_type",
@@ -170,7 +205,7 @@ class RoundService:
             self.enqueue(rnd.federation_id, rnd.round)
 
     def enqueue(self, fid: str, r: int) -> None:
-        self.parts.worker.submit(ROUND_PRIORITY, partial(self.run_server_step, fid, r))
+        self.parts.worker.submit(ROUND_PRIORITY, partial(self._start_step, fid, r))
 
     def _method_for(self, fed: FederationRecord, r: int) -> Method:
         """The federation's method, warm: kept from round ``r − 1``, or loaded from the latest state
@@ -185,31 +220,100 @@ class RoundService:
         return fed.spec.method_class(fed.spec.method_settings(), ctx)
 
     def run_server_step(self, fid: str, r: int) -> None:
-        """Device task: the method's server step on round ``r``'s uploads, its state snapshot, publish."""
+        """Round ``r``'s whole server step at once (tests and tools; the server runs it in slices)."""
+        task: Task | None = partial(self._start_step, fid, r)
+        while task is not None:
+            task = task()
+
+    def _start_step(self, fid: str, r: int) -> Task | None:
+        """Device task: begin round ``r``'s server step — after the federation's previous round, since a
+        method's state goes from one round to the next — and return its first slice."""
         rnd = self.store.get_round(fid, r)
         fed = self.store.get_federation(fid)
         if rnd is None or fed is None or rnd.state != "aligning":
-            return
-        started = time.perf_counter()
+            return None
+        if self._running.get(fid, r) != r:  # the previous round's step is still running: after it
+            return partial(self._start_step, fid, r)
+        self._running[fid] = r
+        step = _Step(fid, r, fed, started=time.perf_counter())
         try:
-            method = self._method_for(fed, r)
-            update = method.server_update(self.store.load_uploads(fid, r), r)
-            staged = self.store.staging_dir(fid)
-            method.save_pretrained(staged)
-            self.store.commit_state(fid, r, staged, self.settings.keep_aligner_rounds)
-            files = dict(update.files)
-            if update.payload is not None:
-                files[method.broadcast_file] = update.payload
-            self.store.publish_round(fid, r, files, update.metrics, self.clock())
-            self._methods[fid] = (r, method)
-            self.metrics.rounds.labels(outcome="published").inc()
-            logger.info(
-                "%s round %d published (%s, %.2fs)", fid, r, fed.spec.method, time.perf_counter() - started
-            )
+            step.method = self._method_for(fed, r)
+            step.work = step.method.server_steps(self.store.load_uploads(fid, r), r)
         except Exception as exc:
-            self._methods.pop(fid, None)  # its state may be half-trained
-            logger.exception("%s round %d failed", fid, r)
-            self.store.fail_round(fid, r, f"{type(exc).__name__}: {exc}", self.clock())
-            self.metrics.rounds.labels(outcome="failed").inc()
-        finally:
-            self.metrics.round_seconds.observe(time.perf_counter() - started)
+            self._fail(step, exc)
+            return None
+        return partial(self._run_slice, step)
+
+    def _run_slice(self, step: _Step) -> Task | None:
+        """Device task: about ``align_slice_seconds`` of the step, then back in the queue behind the other
+        federations' work; publish when the step ends. Between slices the step stops if its round was
+        cancelled or its time budget (``max_align_seconds`` of its own running time) is spent."""
+        if step.work is None or step.method is None:
+            return None
+        t0 = time.perf_counter()
+        until = t0 + self.settings.align_slice_seconds
+        try:
+            while True:
+                try:
+                    next(step.work)
+                except StopIteration as done:
+                    update: ServerUpdate = done.value
+                    break
+                if time.perf_counter() >= until:
+                    step.busy += time.perf_counter() - t0
+                    if step.busy > self.settings.max_align_seconds:
+                        raise TimeoutError(
+                            f"align_timeout: the server step ran past max_align_seconds "
+                            f"({self.settings.max_align_seconds:g} s)"
+                        )
+                    rnd = self.store.get_round(step.fid, step.r)
+                    if rnd is None or rnd.state != "aligning":  # cancelled by the operator
+                        logger.info(
+                            "%s round %d is %s; its server step stops", step.fid, step.r, rnd and rnd.state
+                        )
+                        self._end(step)
+                        return None
+                    return partial(self._run_slice, step)
+            step.busy += time.perf_counter() - t0
+            self._publish(step, update)
+        except Exception as exc:
+            self._fail(step, exc)
+        return None
+
+    def _publish(self, step: _Step, update: ServerUpdate) -> None:
+        """Snapshot the method's state, write the broadcast and the method's files, mark published."""
+        method = step.method
+        if method is None:
+            return
+        staged = self.store.staging_dir(step.fid)
+        method.save_pretrained(staged)
+        self.store.commit_state(step.fid, step.r, staged, self.settings.keep_aligner_rounds)
+        files = dict(update.files)
+        if update.payload is not None:
+            files[method.broadcast_file] = update.payload
+        stats = {**update.metrics, "server_seconds": step.busy}
+        self.store.publish_round(step.fid, step.r, files, stats, self.clock())
+        self._methods[step.fid] = (step.r, method)
+        self._end(step)
+        self.metrics.rounds.labels(outcome="published").inc()
+        logger.info(
+            "%s round %d published (%s, %.2fs of server step)",
+            step.fid,
+            step.r,
+            step.fed.spec.method,
+            step.busy,
+        )
+
+    def _fail(self, step: _Step, exc: Exception) -> None:
+        self._methods.pop(step.fid, None)  # its state may be half-trained
+        self._end(step)
+        logger.error(
+            "%s round %d failed: %s", step.fid, step.r, exc, exc_info=not isinstance(exc, TimeoutError)
+        )
+        self.store.fail_round(step.fid, step.r, f"{type(exc).__name__}: {exc}", self.clock())
+        self.metrics.rounds.labels(outcome="failed").inc()
+
+    def _end(self, step: _Step) -> None:
+        if self._running.get(step.fid) == step.r:
+            del self._running[step.fid]
+        self.metrics.round_seconds.observe(time.perf_counter() - step.started)

@@ -36,6 +36,7 @@ from ktl.clients import LocalClient, TrainStats
 from ktl.errors import ConfigError, PayloadError
 from ktl.generator import Generator
 from ktl.records import Prototypes
+from ktl.work import Work, run_to_end
 
 __all__ = [
     "METHODS",
@@ -95,6 +96,28 @@ class MethodContext:
     device: torch.device = torch.device("cpu")
     seed: int = 0
     generator: Generator | None = None
+
+
+@dataclass(frozen=True)
+class CostShape:
+    """The sizes a server step's cost depends on: C, K, the uploaded rows one round can hold (≤ C per
+    upload × the uploads that close it), and the generator's latent dim and image (0 without one)."""
+
+    num_classes: int
+    proto_dim: int
+    rows: int
+    latent_dim: int = 0
+    image_values: int = 0  # channels × height × width of one generated image
+
+
+@dataclass(frozen=True)
+class ServerCost:
+    """What one round's server step needs: peak memory on the device (the frozen generator aside), the
+    number of optimisation steps and the arithmetic of each (for a time estimate on a measured device)."""
+
+    memory_bytes: int
+    steps: int = 1
+    flops_per_step: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -175,8 +198,24 @@ class Method(ABC):
         return prototypes
 
     def server_update(self, uploads: Mapping[str, bytes], round_index: int) -> ServerUpdate:
-        """Turn the round's uploads (client id → bytes, in a canonical client order) into a broadcast."""
+        """Turn the round's uploads (client id → bytes, in a canonical client order) into a broadcast:
+        `server_steps` run to the end."""
+        return run_to_end(self.server_steps(uploads, round_index))
+
+    def server_steps(self, uploads: Mapping[str, bytes], round_index: int) -> Work[ServerUpdate]:
+        """The server step as resumable work (`ktl.work`): a method whose step is long (an optimisation
+        loop) yields between its steps, so a server can run it in slices beside other federations and
+        stop it between two. The default sends nothing, in one slice."""
         return ServerUpdate(payload=None)
+        yield  # a generator: the slice ends here
+
+    @classmethod
+    def server_cost(cls, settings: MethodSettings, shape: CostShape) -> ServerCost:
+        """An estimate of one round's server step, for admission control before a federation exists.
+        The default: the uploads themselves, held a few times over (a table method's mean)."""
+        return ServerCost(
+            memory_bytes=4 * 4 * shape.rows * shape.proto_dim, flops_per_step=shape.rows * shape.proto_dim
+        )
 
     def decode_uploads(self, uploads: Mapping[str, bytes]) -> dict[str, Prototypes]:
         """Every upload through `validate_upload`, in the given order (none → `PayloadError`)."""

@@ -20,22 +20,25 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save as st_save
 
-from ktl.aligner import Aligner, AlignerSettings, AlignResult
+from ktl.aligner import Aligner, AlignerSettings, AlignResult, FeatureTransformer
 from ktl.clients import LocalClient
 from ktl.errors import ConfigError, PayloadError
 from ktl.generator import Generator
 from ktl.imaging import pairs_grid_png
 from ktl.methods.base import (
     ClientUpdate,
+    CostShape,
     Method,
     MethodContext,
     MethodSettings,
+    ServerCost,
     ServerUpdate,
     register_method,
 )
 from ktl.methods.privacy import PrivacySettings, privacy_facts, private_prototypes
 from ktl.records import Pairs, Prototypes
 from ktl.seeding import torch_generator
+from ktl.work import Work, run_to_end
 
 __all__ = [
     "FedKTL",
@@ -185,7 +188,7 @@ class KnowledgeTransferServer:
         prototypes.validate(num_classes=self.num_classes, dim=self.proto_dim)
 
     def run_round(self, uploads: Mapping[str, Prototypes], *, round_index: int) -> RoundResult:
-        """Align the round's prototypes and synthesize the pairs.
+        """Align the round's prototypes and synthesize the pairs (`round_steps` run to the end).
 
         Parameters
         ----------
@@ -194,6 +197,11 @@ class KnowledgeTransferServer:
         round_index
             Selects this round's random stream, so a re-run of a round reproduces it.
         """
+        return run_to_end(self.round_steps(uploads, round_index=round_index))
+
+    def round_steps(self, uploads: Mapping[str, Prototypes], *, round_index: int) -> Work[RoundResult]:
+        """`run_round` as resumable work: yields after every alignment step. ``align_seconds`` counts
+        the time spent aligning, not the time spent paused between slices."""
         if not uploads:
             raise PayloadError("no_uploads", "a round needs at least one upload to close")
         for prototypes in uploads.values():
@@ -205,8 +213,7 @@ class KnowledgeTransferServer:
         def sample_prior(n: int, g: torch.Generator) -> torch.Tensor:
             return self.generator.sample_latents(n, generator=g).to(device)
 
-        t0 = time.perf_counter()
-        fit = self.aligner.fit(
+        fitting = self.aligner.fit_steps(
             vectors,
             class_ids,
             counts,
@@ -214,10 +221,21 @@ class KnowledgeTransferServer:
             generator=prior_rng,
             standard_normal_prior=getattr(self.generator, "latent_prior", "sampled") == "standard-normal",
         )
+        busy, t0 = 0.0, time.perf_counter()
+        while True:
+            try:
+                next(fitting)
+            except StopIteration as done:
+                fit: AlignResult = done.value
+                break
+            busy += time.perf_counter() - t0
+            yield
+            t0 = time.perf_counter()
         latents, pair_classes = self.pair_latents(
             fit, class_ids, torch_generator(self.seed, "pairs", round_index)
         )
         t1 = time.perf_counter()
+        align_seconds = busy + t1 - t0
         images = self.generator.synthesize(latents.to(self.generator.device)).float().cpu()
         t2 = time.perf_counter()
         pairs = Pairs(images=images, latents=latents.float().cpu(), class_ids=pair_classes)
@@ -228,7 +246,7 @@ class KnowledgeTransferServer:
             history=fit.history,
             num_uploads=len(uploads),
             num_rows=int(vectors.shape[0]),
-            align_seconds=t1 - t0,
+            align_seconds=align_seconds,
             synthesize_seconds=t2 - t1,
         )
 
@@ -325,6 +343,35 @@ class FedKTL(Method):
             seed=self.ctx.seed,
         )
 
+    @classmethod
+    def server_cost(cls, settings: MethodSettings, shape: CostShape) -> ServerCost:
+        """F's parameters (counted on the meta device: nothing is allocated) with their gradients and
+        Adam moments; a step's activations and kernel matrices over its row batch and the prior draws; the
+        prior bank for the bandwidths; the round's pairs. Flops: F forward and backward (6 per parameter
+        and row) and the pairwise distances of the MMD."""
+        if not isinstance(settings, FedKTLMethodSettings):
+            raise TypeError("FedKTL.server_cost takes FedKTLMethodSettings")
+        a, w = settings.aligner, max(shape.latent_dim, 1)
+        with torch.device("meta"):
+            f = FeatureTransformer(shape.proto_dim, w, a.hidden_dim, a.num_layers)
+        params = sum(p.numel() for p in f.parameters())
+        n = min(a.batch_size, max(shape.rows, 1))
+        m = a.prior_samples
+        kernels = len(a.bandwidth_multipliers) + 2
+        activations = n * (a.hidden_dim * max(a.num_layers - 1, 0) * 3 + w * 4)
+        mmd = (n + m) * (n + m) * kernels + m * w
+        pairs = shape.num_classes * settings.fedktl.pairs_per_class * (w + shape.image_values)
+        floats = (
+            4 * params
+            + activations
+            + mmd
+            + a.bandwidth_samples * w
+            + pairs
+            + shape.rows * (shape.proto_dim + w)
+        )
+        flops = 6.0 * params * n + 6.0 * (n + m) * (n + m) * w
+        return ServerCost(memory_bytes=4 * floats, steps=a.steps, flops_per_step=flops)
+
     # -- client side ---------------------------------------------------------------------------------
 
     def client_update(self, client: LocalClient, round_index: int) -> ClientUpdate:
@@ -337,16 +384,16 @@ class FedKTL(Method):
 
     # -- server side ---------------------------------------------------------------------------------
 
-    def align(self, uploads: Mapping[str, bytes], round_index: int) -> RoundResult:
+    def align(self, uploads: Mapping[str, bytes], round_index: int) -> Work[RoundResult]:
         """Validate the uploads, align them and synthesize the pairs; a diverged alignment raises."""
-        result = self.server.run_round(self.decode_uploads(uploads), round_index=round_index)
+        result = yield from self.server.round_steps(self.decode_uploads(uploads), round_index=round_index)
         if not bool(torch.isfinite(result.centroids).all()):
             raise RuntimeError("alignment diverged: the centroids are not finite (lower aligner.lr?)")
         self.last = result
         return result
 
-    def server_update(self, uploads: Mapping[str, bytes], round_index: int) -> ServerUpdate:
-        result = self.align(uploads, round_index)
+    def server_steps(self, uploads: Mapping[str, bytes], round_index: int) -> Work[ServerUpdate]:
+        result = yield from self.align(uploads, round_index)
         grid = pairs_grid_png(result.pairs, self.ctx.class_names, self.settings.fedktl.pairs_per_class)
         centroids = st_save(
             {"centroids": result.centroids.float().contiguous(), "present": result.present.to(torch.uint8)}
@@ -412,8 +459,8 @@ class FedKTLLatents(FedKTL):
 
     broadcast_file = "latents.safetensors"
 
-    def server_update(self, uploads: Mapping[str, bytes], round_index: int) -> ServerUpdate:
-        result = self.align(uploads, round_index)
+    def server_steps(self, uploads: Mapping[str, bytes], round_index: int) -> Work[ServerUpdate]:
+        result = yield from self.align(uploads, round_index)
         present = result.present.nonzero().flatten()
         table = Prototypes(
             vectors=result.centroids[present],

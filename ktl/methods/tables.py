@@ -22,15 +22,18 @@ from ktl.clients.losses import etf_cosines
 from ktl.errors import PayloadError
 from ktl.methods.base import (
     ClientUpdate,
+    CostShape,
     Method,
     MethodContext,
     MethodSettings,
+    ServerCost,
     ServerUpdate,
     decode_prototypes,
     register_method,
 )
 from ktl.methods.privacy import PrivacySettings, privacy_facts, private_prototypes
 from ktl.records import Prototypes
+from ktl.work import Work, run_to_end
 
 __all__ = [
     "BaselineSettings",
@@ -148,14 +151,21 @@ class TableMethod(Method):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The global ``(C, D)`` table and the ``(C,)`` sample counts behind each row (0 = absent)."""
 
+    def aggregate_steps(
+        self, tables: Mapping[str, Prototypes], round_index: int
+    ) -> Work[tuple[torch.Tensor, torch.Tensor]]:
+        """`aggregate` as resumable work (one slice unless a method trains on the server)."""
+        return self.aggregate(tables, round_index)
+        yield  # a generator: the slice ends here
+
     # -- the Method steps ----------------------------------------------------------------------------
 
     def client_update(self, client: LocalClient, round_index: int) -> ClientUpdate:
         stats = client.train(regularizer=self._regularizer(client))
         return ClientUpdate(stats=stats, payload=self.upload(client, round_index).to_bytes(self.upload_dtype))
 
-    def server_update(self, uploads: Mapping[str, bytes], round_index: int) -> ServerUpdate:
-        table, counts = self.aggregate(self.decode_uploads(uploads), round_index)
+    def server_steps(self, uploads: Mapping[str, bytes], round_index: int) -> Work[ServerUpdate]:
+        table, counts = yield from self.aggregate_steps(self.decode_uploads(uploads), round_index)
         present = (counts > 0).nonzero().flatten()
         payload = Prototypes(
             vectors=table[present], class_ids=present, counts=counts[present].round().long().clamp_min(1)
@@ -267,9 +277,28 @@ class FedTGP(TableMethod):
             self.model = TrainablePrototypes(ctx.num_classes, ctx.proto_dim, s.tgp_hidden_dim).to(ctx.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=s.tgp_lr)
 
+    @classmethod
+    def server_cost(cls, settings: MethodSettings, shape: CostShape) -> ServerCost:
+        """The prototype model with gradients and Adam moments, and full-batch distances over every
+        uploaded row, for ``tgp_steps`` steps."""
+        if not isinstance(settings, TableMethodSettings):
+            raise TypeError("FedTGP.server_cost takes TableMethodSettings")
+        c, k, h = shape.num_classes, shape.proto_dim, settings.baseline.tgp_hidden_dim
+        params = c * k + k * h + h + h * k + k
+        rows = max(shape.rows, 1)
+        floats = 4 * params + rows * (k + 3 * c) + c * (h + k) * 3
+        flops = 6.0 * (k * h * 2) * c + 6.0 * rows * c * k
+        return ServerCost(memory_bytes=4 * floats, steps=settings.baseline.tgp_steps, flops_per_step=flops)
+
     def aggregate(
         self, tables: Mapping[str, Prototypes], round_index: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return run_to_end(self.aggregate_steps(tables, round_index))
+
+    def aggregate_steps(
+        self, tables: Mapping[str, Prototypes], round_index: int
+    ) -> Work[tuple[torch.Tensor, torch.Tensor]]:
+        """Train the global prototypes, yielding after every Adam step."""
         rows = list(tables.values())
         vectors = torch.cat([t.vectors.float() for t in rows])
         class_ids = torch.cat([t.class_ids for t in rows])
@@ -293,6 +322,7 @@ class FedTGP(TableMethod):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            yield
         with torch.no_grad():
             table = self.model().cpu()
         return table, counts

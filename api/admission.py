@@ -1,0 +1,127 @@
+"""Admission control: a federation's server step is estimated before the federation exists.
+
+Each method estimates its own step (`Method.server_cost`: peak device memory, optimisation steps, flops
+per step) for the worst round its spec allows (every upload of the quorum holding all C classes). The
+server measures its device once at start-up — a matrix product for the flop rate, a small Adam loop for
+the fixed cost of a step — and refuses a spec whose memory exceeds ``max_federation_bytes`` (default: a
+quarter of the device's memory) or whose time exceeds ``max_align_seconds``, with 422 ``too_costly``.
+The estimates are deliberately rough (a factor of a few): they stop a spec that would exhaust the
+device, not one that is merely slow — ``max_align_seconds`` still bounds every round at run time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ktl.api.schemas import FederationSpec
+from ktl.errors import InvalidRequestError
+from ktl.generator import Generator
+from ktl.methods import CostShape
+
+__all__ = ["CostEstimate", "DeviceBudget"]
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    memory_bytes: int
+    seconds: float
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _flop_rate(device: torch.device, n: int = 512, repeats: int = 3) -> float:
+    """Best of a few ``n × n`` float32 products, in flop/s."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / max(best, 1e-9)
+
+
+def _step_overhead(device: torch.device, steps: int = 20) -> float:
+    """Seconds of one Adam step of a tiny MLP: the per-step cost that no flop count shows."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)).to(device)
+    optimizer = torch.optim.Adam(model.parameters())
+    x = torch.randn(4, 8, device=device)
+    best = float("inf")
+    for _ in range(3):  # the first pass warms up (allocator, kernels); keep the best
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = model(x).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        _sync(device)
+        best = min(best, (time.perf_counter() - t0) / steps)
+    return best
+
+
+@dataclass(frozen=True)
+class DeviceBudget:
+    """What one federation may ask of the device, and how fast the device is (measured)."""
+
+    memory_bytes: int
+    seconds: float
+    flops_per_s: float
+    step_overhead_s: float
+
+    @classmethod
+    def measure(cls, device: torch.device, *, memory_bytes: int | None, seconds: float) -> DeviceBudget:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            rate, overhead = _flop_rate(device), _step_overhead(device)
+        limit = memory_bytes if memory_bytes is not None else _device_memory(device) // 4
+        return cls(memory_bytes=limit, seconds=seconds, flops_per_s=rate, step_overhead_s=overhead)
+
+    def estimate(self, spec: FederationSpec, generator: Generator | None) -> CostEstimate:
+        """The worst round of ``spec``: every upload of the quorum with all C classes."""
+        shape = CostShape(
+            num_classes=spec.num_classes,
+            proto_dim=spec.dim,
+            rows=spec.num_classes * spec.quorum,
+            latent_dim=generator.latent_dim if generator is not None else 0,
+            image_values=generator.num_channels * generator.image_size**2 if generator is not None else 0,
+        )
+        cost = spec.method_class.server_cost(spec.method_settings(), shape)
+        per_step = self.step_overhead_s + cost.flops_per_step / self.flops_per_s
+        return CostEstimate(memory_bytes=int(cost.memory_bytes), seconds=cost.steps * per_step)
+
+    def admit(self, spec: FederationSpec, generator: Generator | None) -> CostEstimate:
+        """The estimate, or `InvalidRequestError` ``too_costly`` naming what is over which limit."""
+        est = self.estimate(spec, generator)
+        if est.memory_bytes > self.memory_bytes:
+            raise InvalidRequestError(
+                "too_costly",
+                f"this federation's server step would need about {est.memory_bytes / 2**30:.2f} GiB on the "
+                f"device; the limit is {self.memory_bytes / 2**30:.2f} GiB (max_federation_bytes): use a "
+                "smaller aligner, fewer classes or a smaller quorum",
+                estimate_bytes=est.memory_bytes,
+                limit_bytes=self.memory_bytes,
+            )
+        if est.seconds > self.seconds:
+            raise InvalidRequestError(
+                "too_costly",
+                f"this federation's server step would take about {est.seconds:.0f} s on this device; the "
+                f"limit is {self.seconds:g} s (max_align_seconds): use fewer steps or a smaller aligner",
+                estimate_seconds=round(est.seconds, 3),
+                limit_seconds=self.seconds,
+            )
+        return est

@@ -1,0 +1,126 @@
+"""Admission control from the methods' cost model, server steps in time slices (fairness between
+federations, a time budget per round), and a prompt SIGTERM."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ktl.api import create_app
+from ktl.api.process import ServeProcess
+from ktl.clients.sdk import KtlApiError, KtlHttpClient
+from tests.api.conftest import ADMIN, FAST_ALIGNER, make_settings, protos, register
+
+
+def wait_for(
+    client: KtlHttpClient, fid: str, r: int, states: tuple[str, ...], timeout: float = 120
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while (state := client.round(fid, r))["state"] not in states:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.02)
+    return state
+
+
+def test_a_spec_beyond_the_devices_budget_is_refused_before_anything_is_stored(
+    http: TestClient, service: Any, admin: KtlHttpClient
+) -> None:
+    """The crash-looping spec of the issue (hidden_dim 8192 × 16 layers) never gets a federation."""
+    with pytest.raises(KtlApiError) as info:
+        admin.create_federation({"num_classes": 10, "aligner": {"hidden_dim": 8192, "num_layers": 16}})
+    assert (info.value.status, info.value.reason) == (422, "too_costly")
+    assert "GiB" in info.value.message and info.value.body["estimate_bytes"] > info.value.body["limit_bytes"]
+    with pytest.raises(KtlApiError) as info:  # FedTGP over 1000 classes × a quorum of 100 000: its own cost
+        admin.create_federation({"num_classes": 1000, "quorum": 100_000, "method": "fedtgp"})
+    assert info.value.reason == "too_costly"
+    assert service.store.list_federations() == []
+    fed = admin.create_federation({"num_classes": 10})  # the default fits, and shows its estimate
+    assert 0 < fed["cost"]["memory_bytes"] < service.federations.budget.memory_bytes
+    assert 0 < fed["cost"]["seconds"] < service.settings.max_align_seconds
+
+
+def test_the_time_estimate_uses_the_measured_device(service: Any, admin: KtlHttpClient) -> None:
+    budget = service.federations.budget
+    assert budget.flops_per_s > 1e6 and 0 < budget.step_overhead_s < 1
+    spec = {"num_classes": 10, "aligner": {**FAST_ALIGNER, "steps": 100_000}}
+    slow_device = dataclasses.replace(
+        budget, step_overhead_s=budget.seconds / 1000
+    )  # 100 000 steps: too slow
+    service.federations.budget = slow_device
+    with pytest.raises(KtlApiError) as info:
+        admin.create_federation(spec)
+    assert info.value.reason == "too_costly" and "max_align_seconds" in info.value.message
+    service.federations.budget = budget
+    assert admin.create_federation(spec)["cost"]["seconds"] > 100_000 * budget.step_overhead_s * 0.99
+
+
+def test_a_long_server_step_does_not_hold_another_federations_round(tmp_path: Path) -> None:
+    """Server steps run in slices, round-robin: B's short round publishes while A's long one aligns."""
+    settings = make_settings(tmp_path / "data", align_slice_seconds=0.02)
+    with TestClient(create_app(settings)) as http:
+        admin = KtlHttpClient("", ADMIN, http=http, retries=0)
+        long = admin.create_federation(
+            {"num_classes": 10, "quorum": 1, "aligner": {**FAST_ALIGNER, "steps": 40_000}}
+        )
+        short = admin.create_federation({"num_classes": 10, "quorum": 1, "method": "fedproto"})
+        (a,) = register(admin, http, long["id"], 1)
+        (b,) = register(admin, http, short["id"], 1)
+        a.upload(long["id"], 1, protos([0, 1, 2]))
+        time.sleep(0.2)  # A's step is running
+        b.upload(short["id"], 1, protos([3]))
+        assert wait_for(b, short["id"], 1, ("published", "failed"), timeout=30)["state"] == "published"
+        assert a.round(long["id"], 1)["state"] == "aligning"  # still at it: it did not hold B
+        second = admin.create_federation({"num_classes": 10, "quorum": 1, "aligner": FAST_ALIGNER})
+        (c,) = register(admin, http, second["id"], 1)
+        c.upload(second["id"], 1, protos([4]))  # another FedKTL federation gets through too
+        assert wait_for(c, second["id"], 1, ("published", "failed"), timeout=30)["state"] == "published"
+        assert a.round(long["id"], 1)["state"] == "aligning"
+
+
+def test_a_round_past_its_time_budget_fails_with_the_reason_and_the_next_one_runs(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", align_slice_seconds=0.02, max_align_seconds=0.5)
+    with TestClient(create_app(settings)) as http:
+        service = http.app.state.service  # type: ignore[attr-defined]
+        service.federations.budget = dataclasses.replace(service.federations.budget, seconds=1e9)  # admit it
+        admin = KtlHttpClient("", ADMIN, http=http, retries=0)
+        fed = admin.create_federation(
+            {"num_classes": 10, "quorum": 1, "aligner": {**FAST_ALIGNER, "steps": 80_000}}
+        )
+        (a,) = register(admin, http, fed["id"], 1)
+        t0 = time.monotonic()
+        a.upload(fed["id"], 1, protos([0, 1]))
+        state = wait_for(a, fed["id"], 1, ("published", "failed"), timeout=30)
+        assert state["state"] == "failed" and "align_timeout" in state["error"]
+        assert time.monotonic() - t0 < 10  # the budget, not the 80 000 steps
+        assert admin.round(fed["id"], 2)["state"] == "open"
+
+
+def test_sigterm_during_a_long_server_step_ends_in_seconds_and_the_round_completes_after(
+    tmp_path: Path,
+) -> None:
+    env = {"KTL_DEVICE": "cpu", "KTL_SCHEDULER_INTERVAL_S": "0.05"}
+    server = ServeProcess(tmp_path / "data", ADMIN, log=tmp_path / "serve.log", **env).start()
+    try:
+        admin = KtlHttpClient(server.url, ADMIN)
+        fed = admin.create_federation(
+            {"num_classes": 10, "quorum": 1, "aligner": {**FAST_ALIGNER, "steps": 30_000}}
+        )
+        token = admin.register_client(fed["id"])["token"]
+        KtlHttpClient(server.url, token).upload(fed["id"], 1, protos([0, 1, 2]))  # acknowledged
+        time.sleep(0.5)
+        assert admin.round(fed["id"], 1)["state"] == "aligning"
+        t0 = time.monotonic()
+        server.stop()  # SIGTERM
+        assert time.monotonic() - t0 < 8
+        server = ServeProcess(tmp_path / "data", ADMIN, log=tmp_path / "serve.log", **env).start()
+        client = KtlHttpClient(server.url, token)
+        state = client.round(fed["id"], 1)
+        assert state["uploads"] == 1  # nothing acknowledged was lost
+        assert wait_for(client, fed["id"], 1, ("published", "failed"), timeout=240)["state"] == "published"
+    finally:
+        server.stop()
