@@ -137,6 +137,12 @@ class KtlHttpClient:
     def federation(self, fid: str, *, include_etf: bool = False) -> dict[str, Any]:
         return dict(self._json("GET", f"/v1/federations/{fid}", params={"include_etf": include_etf}))
 
+    def etf(self, fid: str) -> torch.Tensor:
+        """The federation's ``(K, C)`` ETF classifier (safetensors: any size, exact float32)."""
+        from safetensors.torch import load
+
+        return load(self.request("GET", f"/v1/federations/{fid}/etf").content)["etf"]
+
     def round(self, fid: str, r: int) -> dict[str, Any]:
         return dict(self._json("GET", f"/v1/federations/{fid}/rounds/{r}"))
 

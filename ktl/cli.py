@@ -124,19 +124,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ktl.api import create_app, load_settings
+    from ktl.api.process import raise_fd_limit, server_options
 
     settings = load_settings(
         args.config, data_dir=args.data_dir, host=args.host, port=args.port, device=args.device
     )
     app = create_app(settings)  # refuses to start without an admin token
+    # Every connection is a file: with the soft limit (often 1024), ~1000 stalled sockets would make
+    # accept() fail with "Too many open files" before their head timeout closes them.
+    was, now = raise_fd_limit()
     logger.info(
-        "ktl serve on http://%s:%d (docs at /docs), state in %s",
+        "ktl serve on http://%s:%d (docs at /docs), state in %s; open files %d (was %d), %d requests at "
+        "once, request heads and bodies within %gs",
         settings.host,
         settings.port,
         settings.data_dir,
+        now,
+        was,
+        settings.limit_concurrency,
+        settings.body_timeout_s,
     )
     uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=10
+        app, host=settings.host, port=settings.port, log_level=args.log_level, **server_options(settings)
     )
     return 0
 
@@ -247,8 +256,6 @@ def _refuse_federation_settings(overrides: dict[str, Any], federation: dict[str,
 def _client_run(args: argparse.Namespace) -> int:
     import secrets
 
-    import torch
-
     from ktl.config import build_config
     from ktl.data import build_federated_data
     from ktl.device import resolve_device
@@ -259,7 +266,7 @@ def _client_run(args: argparse.Namespace) -> int:
     if args.method is not None:
         overrides["method"] = args.method
     with _client_sdk(args) as sdk:
-        fed = sdk.federation(args.federation, include_etf=True)
+        fed = sdk.federation(args.federation)
         _refuse_federation_settings(overrides, fed)
         config = build_config(preset=args.preset, config_file=args.config, overrides=overrides)
         if not 0 <= args.client_index < config.num_clients:
@@ -270,7 +277,7 @@ def _client_run(args: argparse.Namespace) -> int:
                 f"federation has {fed['spec']['num_classes']} classes, the local data {data.num_classes}"
             )
         device = resolve_device(config.device)
-        client = build_client(config, data, args.client_index, torch.tensor(fed["etf"]), device)
+        client = build_client(config, data, args.client_index, sdk.etf(args.federation), device)
         # The client's privacy noise comes from a secret seed: a server that knew it could remove it.
         method = method_for_federation(fed, seed=secrets.randbits(62), device=device)
         if fed["privacy"]:

@@ -127,9 +127,9 @@ def _run_clients(
     logger.info(
         "federation %s: %s, %d classes, generator: %s", fid, config.method, data.num_classes, generator
     )
-    fed = admin.federation(fid, include_etf=True)
+    fed = admin.federation(fid)
     device = resolve_device(config.device)
-    clients = build_clients(config, data, torch.tensor(fed["etf"]), device)
+    clients = build_clients(config, data, admin.etf(fid), device)
     sdks = [KtlHttpClient(url, admin.register_client(fid, c.client_id)["token"]) for c in clients]
     # The run seed seeds the clients' privacy noise, as in ktl simulate (a deployed client keeps its own).
     method = method_for_federation(fed, seed=config.seed, device=device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path, Query, status
+from fastapi import APIRouter, Body, Path, Query, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from ktl.api.deps import Admin, FederationAccess, FederationId, ServiceDep
@@ -61,7 +61,7 @@ def federation_out(service: KtlService, fed: FederationRecord, include_etf: bool
         spec=fed.spec,
         proto_dim=fed.spec.dim,
         etf_seed=fed.etf_seed,
-        etf=federations.etf(fed).tolist() if include_etf else None,
+        etf=federations.etf_json(fed) if include_etf else None,
         current_round=fed.current_round,
         created_at=fed.created_at,
         generator=generator,
@@ -99,11 +99,30 @@ def list_federations(service: ServiceDep, _: Admin) -> list[FederationOut]:
 def get_federation(
     fed: FederationAccess,
     service: ServiceDep,
-    include_etf: Annotated[bool, Query(description="also return the (K, C) ETF matrix")] = False,
+    include_etf: Annotated[
+        bool,
+        Query(description="also return the (K, C) ETF matrix (up to 65 536 values; larger: GET …/etf)"),
+    ] = False,
 ) -> FederationOut:
     """A federation's method and settings, current round, generator, privacy budget and ETF seed (admin
     or its clients)."""
     return federation_out(service, fed, include_etf)
+
+
+@router.get(
+    "/{fid}/etf",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "safetensors: etf (K, C) float32"},
+        403: {"model": ErrorBody},
+        404: {"model": ErrorBody},
+    },
+)
+def get_etf(fed: FederationAccess, service: ServiceDep) -> Response:
+    """The fixed simplex-ETF classifier every client trains against, as safetensors (any size)."""
+    data = service.federations.etf_bytes(fed)
+    service.metrics.bytes_out.inc(len(data))
+    return Response(data, media_type="application/octet-stream")
 
 
 @router.post("/{fid}/clients", status_code=status.HTTP_201_CREATED, responses={404: {"model": ErrorBody}})

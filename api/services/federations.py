@@ -7,6 +7,7 @@ import secrets
 from functools import lru_cache
 
 import torch
+from safetensors.torch import save as st_save
 
 from ktl.api.admission import CostEstimate, DeviceBudget
 from ktl.api.ratelimit import RateLimiter
@@ -26,9 +27,19 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-@lru_cache(maxsize=64)
+# The ETF as JSON costs ~20 bytes a value and its Python floats far more while built: above this many
+# values it is served only as safetensors (``GET /v1/federations/{fid}/etf``).
+MAX_ETF_JSON_VALUES = 65_536
+
+
+@lru_cache(maxsize=8)  # ≤ 8 × K × C × 4 bytes held (16 MiB each at C = 1000, K = 4096)
 def _etf(num_classes: int, dim: int, seed: int) -> torch.Tensor:
-    return simplex_etf(num_classes, dim, seed=seed)
+    return simplex_etf(num_classes, dim, seed=seed).float().contiguous()
+
+
+@lru_cache(maxsize=8)
+def _etf_bytes(num_classes: int, dim: int, seed: int) -> bytes:
+    return st_save({"etf": _etf(num_classes, dim, seed)})
 
 
 class FederationService:
@@ -83,6 +94,21 @@ class FederationService:
     def etf(self, fed: FederationRecord) -> torch.Tensor:
         """The ``(K, C)`` simplex ETF every client of ``fed`` trains against."""
         return _etf(fed.spec.num_classes, fed.spec.dim, fed.etf_seed)
+
+    def etf_json(self, fed: FederationRecord) -> list[list[float]]:
+        """The ETF as nested lists, for small federations (``etf_too_large`` beyond `MAX_ETF_JSON_VALUES`)."""
+        values = fed.spec.num_classes * fed.spec.dim
+        if values > MAX_ETF_JSON_VALUES:
+            raise InvalidRequestError(
+                "etf_too_large",
+                f"the ETF has {values} values (K × C); as JSON only up to {MAX_ETF_JSON_VALUES}: "
+                f"GET /v1/federations/{fed.id}/etf returns it as safetensors",
+            )
+        return self.etf(fed).tolist()
+
+    def etf_bytes(self, fed: FederationRecord) -> bytes:
+        """The ETF as safetensors (``etf``: K × C float32), built once per federation shape and seed."""
+        return _etf_bytes(fed.spec.num_classes, fed.spec.dim, fed.etf_seed)
 
     def method_context(self, fed: FederationRecord, *, with_generator: bool = True) -> MethodContext:
         """What the federation's method may know, on this server's device."""

@@ -217,3 +217,21 @@ def test_leftovers_of_a_crash_are_removed_at_start_up(tmp_path) -> None:
     store.close()
     Store(root).close()
     assert not any(p.exists() for p in junk) and not staged.exists() and keep.exists()
+
+
+def test_the_etf_is_served_as_safetensors_at_any_size_and_as_json_only_when_small(http, admin) -> None:
+    import torch
+
+    from ktl.clients import simplex_etf
+
+    small = federation(admin, num_classes=5, proto_dim=8, etf_seed=11)
+    torch.testing.assert_close(
+        admin.etf(small["id"]), torch.tensor(admin.federation(small["id"], include_etf=True)["etf"])
+    )
+    big = federation(admin, num_classes=100, proto_dim=1000, etf_seed=3, quorum=1)
+    with pytest.raises(KtlApiError) as info:  # 100 000 values: not as JSON
+        admin.federation(big["id"], include_etf=True)
+    assert (info.value.status, info.value.reason) == (422, "etf_too_large") and "/etf" in info.value.message
+    etf = admin.etf(big["id"])
+    assert etf.shape == (1000, 100) and etf.dtype == torch.float32
+    torch.testing.assert_close(etf, simplex_etf(100, 1000, seed=3).float(), rtol=0, atol=0)
