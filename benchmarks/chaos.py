@@ -1,0 +1,354 @@
+"""``ktl bench chaos``: a bounded soak of a real ``ktl serve`` on loopback, with failures injected.
+
+Healthy federations (one fedktl, one fedproto) of ``--clients`` clients each run ``--rounds`` rounds
+while the server is killed with SIGKILL at random moments (``--kills``), a disk-full window fills the
+data folder's file system (root only: the data folder is a small tmpfs the benchmark mounts), and a
+*poison* federation — a FedKTL round whose server step is long, so that kills land inside it — runs
+beside them. Clients upload through the SDK (retrying through restarts, 5xx, 429 and 507) and wait for
+each round. At the end it checks, against the server: every acknowledged upload is in its round (0 lost),
+every healthy round is published, the poison round ended (published or failed with a reason, never
+re-run forever); and reports ``/healthz`` latency percentiles while the server was up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import random
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+import torch.nn.functional as F
+
+from ktl.api.process import ServeProcess, free_port
+from ktl.benchmarks.common import machine, report
+from ktl.clients.sdk import KtlApiError, KtlHttpClient
+from ktl.records import Prototypes
+
+__all__ = ["add_arguments", "main", "run"]
+
+logger = logging.getLogger(__name__)
+
+ADMIN = "chaos-admin-token"
+FAST_ALIGNER = {"steps": 30, "prior_samples": 64, "bandwidth_samples": 256}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clients", type=int, default=20, help="clients per healthy federation")
+    parser.add_argument("--rounds", type=int, default=30, help="rounds per healthy federation")
+    parser.add_argument("--kills", type=int, default=4, help="SIGKILLs of the server, at random moments")
+    parser.add_argument(
+        "--disk-window", type=float, default=5.0, help="seconds of a full disk (root; 0: none)"
+    )
+    parser.add_argument("--poison-steps", type=int, default=20_000, help="aligner steps of the poison round")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-minutes", type=float, default=20.0, help="the soak stops by itself after this")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument(
+        "--write", type=Path, default=None, help="also write the table into this markdown file"
+    )
+
+
+def _prototypes(classes: list[int], seed: int, c: int = 10) -> Prototypes:
+    g = torch.Generator().manual_seed(seed)
+    vectors = F.normalize(torch.randn(len(classes), c, generator=g), dim=1)
+    return Prototypes(vectors, torch.tensor(classes), torch.randint(1, 50, (len(classes),), generator=g))
+
+
+@dataclass
+class _Ledger:
+    """What the server acknowledged, and what the clients saw."""
+
+    acked: set[tuple[str, int, str]] = field(default_factory=set)  # (federation, round, client id)
+    refused: dict[str, int] = field(default_factory=dict)  # error reason → count (after retries)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def ack(self, fid: str, r: int, client_id: str) -> None:
+        with self.lock:
+            self.acked.add((fid, r, client_id))
+
+    def refuse(self, reason: str) -> None:
+        with self.lock:
+            self.refused[reason] = self.refused.get(reason, 0) + 1
+
+
+class _Server:
+    """One data folder, one port, a ``ktl serve`` process that can be killed and started again."""
+
+    def __init__(self, data_dir: Path, log: Path, env: dict[str, str]) -> None:
+        self.data_dir, self.log, self.env = data_dir, log, env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: ServeProcess | None = None
+        self.up = threading.Event()
+
+    def start(self) -> None:
+        proc = ServeProcess(self.data_dir, ADMIN, log=self.log, **self.env)
+        proc.port, proc.url = self.port, self.url  # the same address across restarts
+        self.proc = proc.start(timeout=300)
+        self.up.set()
+
+    def kill(self) -> None:
+        self.up.clear()
+        if self.proc is not None:
+            self.proc.kill9()
+
+    def stop(self) -> None:
+        self.up.clear()
+        if self.proc is not None:
+            self.proc.stop()
+
+
+def _participant(
+    server: _Server, fid: str, token: str, index: int, rounds: int, ledger: _Ledger, stop: threading.Event
+) -> int:
+    """Upload then wait, round after round; returns the rounds it saw published."""
+    published = 0
+    with KtlHttpClient(server.url, token, timeout=30, retries=40, backoff=0.25) as sdk:
+        r = 1
+        while r <= rounds and not stop.is_set():
+            classes = sorted({(index + k) % 10 for k in range(1 + index % 4)})
+            try:
+                answer = sdk.upload(fid, r, _prototypes(classes, seed=1000 * r + index))
+                ledger.ack(fid, r, answer["client_id"])
+            except KtlApiError as exc:
+                if exc.reason in ("round_closed", "round_not_open"):  # it moved on (a deadline): follow it
+                    current = int(exc.body.get("current_round", r + 1))
+                    r = max(current, r + 1) if exc.reason == "round_closed" else r
+                    ledger.refuse(exc.reason)
+                    continue
+                ledger.refuse(exc.reason)
+                time.sleep(0.5)
+                continue
+            except httpx.HTTPError:
+                ledger.refuse("transport")
+                continue
+            try:
+                state = sdk.wait_for_round(fid, r, timeout=600, poll=0.25)
+                published += state["state"] == "published"
+            except (httpx.HTTPError, KtlApiError, TimeoutError):
+                ledger.refuse("wait")
+            r += 1
+    return published
+
+
+def _probe(server: _Server, stop: threading.Event, latencies: list[float], misses: list[int]) -> None:
+    """``/healthz`` every 100 ms while the server is up: latency, or a miss when it does not answer."""
+    with httpx.Client(timeout=5) as http:
+        while not stop.wait(0.1):
+            if not server.up.is_set():
+                continue
+            t0 = time.perf_counter()
+            try:
+                ok = http.get(f"{server.url}/healthz").status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if server.up.is_set():  # a kill during the request is not the server's latency
+                if ok:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    misses.append(1)
+
+
+def _mount_tmpfs(path: Path, size_mb: int) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], check=True,
+                       capture_output=True, timeout=10)  # fmt: skip
+        return True
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _fill(path: Path) -> Path:
+    """Fill the file system of ``path`` to the last few KiB with one balloon file."""
+    balloon = path / "balloon.bin"
+    free = shutil.disk_usage(path).free
+    with open(balloon, "wb") as f:
+        chunk = b"\0" * (1 << 20)
+        while free > (1 << 20):
+            f.write(chunk)
+            free -= len(chunk)
+        with contextlib.suppress(OSError):  # the last bytes: a full disk here is the point
+            f.write(b"\0" * max(0, free - 4096))
+    return balloon
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="ktl-chaos-"))
+    mounted = args.disk_window > 0 and _mount_tmpfs(work / "fs", 512)
+    data_dir = (work / "fs" if mounted else work) / "data"
+    env = {
+        "KTL_DEVICE": "cpu",
+        "KTL_SCHEDULER_INTERVAL_S": "0.1",
+        "KTL_RATE_LIMIT_PER_MINUTE": "1000000",
+        "KTL_RATE_LIMIT_BURST": "100000",
+        "KTL_ALIGN_SLICE_SECONDS": "0.1",
+        "KTL_MIN_FREE_BYTES": str(8 << 20),
+    }
+    server = _Server(data_dir, work / "serve.log", env)
+    server.start()
+    admin = KtlHttpClient(server.url, ADMIN, retries=40)
+    deadline_s = 1800.0
+    healthy = [
+        admin.create_federation(
+            {
+                "name": "healthy-fedktl",
+                "num_classes": 10,
+                "quorum": args.clients,
+                "aligner": FAST_ALIGNER,
+                "round_deadline_s": deadline_s,
+            }  # fmt: skip
+        ),
+        admin.create_federation(
+            {
+                "name": "healthy-fedproto",
+                "method": "fedproto",
+                "num_classes": 10,
+                "quorum": args.clients,
+                "round_deadline_s": deadline_s,
+            }  # fmt: skip
+        ),
+    ]
+    poison = admin.create_federation(
+        {
+            "name": "poison",
+            "num_classes": 10,
+            "quorum": 1,
+            "aligner": {**FAST_ALIGNER, "steps": args.poison_steps},
+        }  # fmt: skip
+    )
+    tokens = {
+        f["id"]: [admin.register_client(f["id"])["token"] for _ in range(args.clients)] for f in healthy
+    }
+    poison_token = admin.register_client(poison["id"])["token"]
+    KtlHttpClient(server.url, poison_token, retries=40).upload(poison["id"], 1, _prototypes([0, 1, 2], 7))
+
+    ledger, stop = _Ledger(), threading.Event()
+    latencies: list[float] = []
+    misses: list[int] = []
+    probe = threading.Thread(target=_probe, args=(server, stop, latencies, misses), daemon=True)
+    probe.start()
+    results: list[int] = []
+    threads = [
+        threading.Thread(
+            target=lambda f=fid, t=token, i=i: results.append(
+                _participant(server, f, t, i, args.rounds, ledger, stop)
+            ),
+            daemon=True,
+        )
+        for fid, ts in tokens.items()
+        for i, token in enumerate(ts)
+    ]
+    t_start = time.monotonic()
+    for t in threads:
+        t.start()
+    kills = disk_windows = 0
+    until = t_start + 60 * args.max_minutes
+    expected = 2 * args.clients * args.rounds  # acknowledgements of a complete soak
+    # Failures land at fixed fractions of the soak's progress (acknowledged uploads), jittered by the seed.
+    kill_at = sorted(expected * (i + rng.uniform(0.6, 1.4)) / (args.kills + 1) for i in range(args.kills))
+    disk_at = expected * rng.uniform(0.3, 0.7) if mounted else None
+    while any(t.is_alive() for t in threads) and time.monotonic() < until:
+        done = len(ledger.acked)
+        if kill_at and done >= kill_at[0]:
+            kill_at.pop(0)
+            logger.info("chaos: kill -9 after %d acknowledged uploads", done)
+            server.kill()
+            server.start()
+            kills += 1
+        if disk_at is not None and done >= disk_at:
+            disk_at = None
+            balloon = _fill(data_dir.parent)
+            logger.info("chaos: disk full after %d uploads, for %.1fs", done, args.disk_window)
+            time.sleep(args.disk_window)
+            balloon.unlink()
+            disk_windows += 1
+        time.sleep(0.05)
+    while admin.round(poison["id"], 1)["state"] == "aligning" and time.monotonic() < until:
+        time.sleep(0.5)  # the poison round must end too (published, or failed with a reason)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    wall = time.monotonic() - t_start
+
+    # The verdict, from the server's own records.
+    lost = 0
+    by_round: dict[tuple[str, int], set[str]] = {}
+    for fid, r, cid in ledger.acked:
+        if (fid, r) not in by_round:
+            by_round[fid, r] = set(admin.round(fid, r)["clients"])
+        lost += cid not in by_round[fid, r]
+    healthy_states = [admin.round(f["id"], r)["state"] for f in healthy for r in range(1, args.rounds + 1)]
+    poison_state = admin.round(poison["id"], 1)
+    stop.clear()
+    server.stop()
+    if mounted:
+        subprocess.run(["umount", str(work / "fs")], check=False, capture_output=True)
+    shutil.rmtree(work, ignore_errors=True)
+    lat = sorted(latencies) or [float("nan")]
+    return {
+        "clients": args.clients,
+        "rounds": args.rounds,
+        "kills": kills,
+        "disk_full_windows": disk_windows,
+        "acknowledged_uploads": len(ledger.acked),
+        "lost_uploads": lost,
+        "healthy_rounds": len(healthy_states),
+        "healthy_published": healthy_states.count("published"),
+        "healthy_states": {s: healthy_states.count(s) for s in set(healthy_states)},
+        "poison_state": poison_state["state"],
+        "poison_error": poison_state.get("error"),
+        "refusals_after_retries": ledger.refused,
+        "healthz_samples": len(latencies),
+        "healthz_misses": len(misses),
+        "healthz_p50_ms": 1e3 * statistics.median(lat),
+        "healthz_p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "healthz_max_ms": 1e3 * lat[-1],
+        "wall_s": wall,
+        "machine": machine(),
+    }
+
+
+def _markdown(res: dict[str, Any]) -> str:
+    disk = (
+        f"{res['disk_full_windows']} window(s) of a full disk"
+        if res["disk_full_windows"]
+        else "no disk-full window (--disk-window 0, or not root: it mounts a tmpfs)"
+    )
+    return "\n".join(
+        [
+            "## Chaos soak (`ktl bench chaos`)",
+            "",
+            f"{res['machine']}. A real `ktl serve` on loopback; two healthy federations (fedktl, fedproto) of "
+            f"{res['clients']} clients × {res['rounds']} rounds, {res['kills']} kill -9 of the server at random "
+            f"moments, {disk}, and a poison FedKTL round with a long server step beside them.",
+            "",
+            "| what | measured |",
+            "|---|---|",
+            f"| acknowledged uploads | {res['acknowledged_uploads']} |",
+            f"| acknowledged uploads lost | **{res['lost_uploads']}** |",
+            f"| healthy rounds published | **{res['healthy_published']} / {res['healthy_rounds']}** |",
+            f"| poison round | {res['poison_state']} ({res['poison_error'] or 'no error'}) |",
+            f"| `/healthz` while up: p50 / p99 / max | {res['healthz_p50_ms']:.1f} / {res['healthz_p99_ms']:.1f} / "
+            f"{res['healthz_max_ms']:.1f} ms ({res['healthz_samples']} probes, {res['healthz_misses']} unanswered) |",
+            f"| refusals seen by clients after retries | {res['refusals_after_retries'] or 'none'} |",
+            f"| wall time | {res['wall_s']:.0f} s |",
+        ]
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    res = run(args)
+    return report(res, _markdown(res), as_json=args.json, write=args.write, section="chaos")
