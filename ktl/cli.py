@@ -475,6 +475,17 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     bench_accuracy.add_arguments(accuracy_parser)
     accuracy_parser.set_defaults(func=_cmd_bench, bench_main=bench_accuracy.main)
+    chaos_parser = bench_sub.add_parser(
+        "chaos",
+        help="a bounded soak of a real server with kill -9, a full disk and a poison federation",
+        description="Healthy federations run rounds while the server is killed, its disk fills (root) and a "
+        "poison round runs beside them; checks that no acknowledged upload is lost and every healthy "
+        "round publishes; reports /healthz latency. See docs/benchmarks.md.",
+    )
+    from ktl.benchmarks import chaos as bench_chaos
+
+    bench_chaos.add_arguments(chaos_parser)
+    chaos_parser.set_defaults(func=_cmd_bench, bench_main=bench_chaos.main)
     return parser
 
 
