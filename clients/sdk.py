@@ -2,7 +2,7 @@
 create federations, register clients and run batch jobs.
 
 Every call has a timeout. Transient failures — connection errors, 5xx, 429 — are retried with
-exponential backoff and jitter (``Retry-After`` is honoured); other 4xx answers raise `KtlApiError` at
+exponential backoff and jitter (``Retry-After`` is honoured; 507, a full disk, is retried too); other 4xx answers raise `KtlApiError` at
 once with the server's machine-readable ``reason``. Retrying an upload is safe: the server answers the
 identical upload again with 200 and changes nothing.
 """
@@ -24,7 +24,8 @@ __all__ = ["KtlApiError", "KtlHttpClient"]
 
 logger = logging.getLogger(__name__)
 
-_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+# Transient answers: rate limits, server errors, a server that is starting or overloaded, a full disk.
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504, 507})
 
 
 class KtlApiError(Exception):
