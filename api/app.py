@@ -11,9 +11,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 import ktl
 from ktl.api.errors import ApiError, http_error
+from ktl.api.limits import BodyLimitMiddleware
 from ktl.api.routers import federations, health, jobs, rounds
 from ktl.api.service import KtlService
 from ktl.api.settings import ServerSettings, load_settings
@@ -88,6 +90,13 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         return JSONResponse(
             {"error": {"reason": "internal", "message": "internal server error"}}, status_code=500
         )
+
+    def count_refusal(scope: Scope, exc: ApiError) -> None:  # body limits answered before the app
+        service.metrics.errors.labels(status=str(exc.status), reason=exc.reason).inc()
+        if scope["path"].endswith("/prototypes") and scope["method"] == "POST":
+            service.metrics.rejects.labels(reason=exc.reason).inc()
+
+    app.add_middleware(BodyLimitMiddleware, settings=settings, on_refusal=count_refusal)
 
     for router in (health.router, federations.router, rounds.router, jobs.router):
         app.include_router(router)

@@ -10,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ktl.api.service import KtlService
 from ktl.api.store import ClientRecord, FederationRecord
-from ktl.errors import BadRequestError, ForbiddenError, TooLargeError, UnauthorizedError
+from ktl.errors import ForbiddenError, UnauthorizedError
 
 __all__ = [
     "Admin",
@@ -109,21 +109,11 @@ async def client_caller(fed: FederationAccess, caller: CallerDep) -> ClientRecor
 ClientCaller = Annotated[ClientRecord, Depends(client_caller)]
 
 
-async def upload_body(request: Request, service: ServiceDep, client: ClientCaller) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``max_upload_bytes`` (read after auth)."""
-    limit = service.settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise BadRequestError("bad_content_length", "Content-Length must be a number of bytes")
-        if int(declared) > limit:
-            raise TooLargeError("too_large", f"body of {declared} bytes exceeds the limit of {limit}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise TooLargeError("too_large", f"body exceeds the limit of {limit} bytes")
-    return bytes(body)
+async def upload_body(request: Request, client: ClientCaller) -> bytes:
+    """The request body, read after authentication. Its size (413 ``too_large``: ``max_upload_bytes``,
+    ``max_json_upload_bytes`` for JSON) and arrival time (408 ``body_timeout``) are bounded as it is read,
+    by `ktl.api.limits.BodyLimitMiddleware`."""
+    return await request.body()
 
 
 UploadBody = Annotated[bytes, Depends(upload_body)]

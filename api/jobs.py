@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ktl.api.store import commit_temp
+from ktl.api.store import commit_temp, is_no_space, sha256_file
+from ktl.errors import InsufficientStorageError
 from ktl.generator import Generator
 
 __all__ = ["JobPlan", "StreamingSafetensors"]
@@ -53,11 +56,22 @@ class StreamingSafetensors:
     """Write a safetensors file whose tensor shapes are known up front, one row range at a time.
 
     The header (shapes, dtypes, offsets) is written first; each `write` seeks into the data section.
-    `finish` fsyncs and renames the file into place; until then readers never see a partial file.
+    `finish` fsyncs, hashes (SHA-256, kept in ``sha256`` and ``size``) and renames the file into place,
+    then calls ``on_commit(path, sha256, size)`` (e.g. `Store.record_file`); until then readers never see
+    a partial file. A full disk raises `InsufficientStorageError` and removes the partial file.
     """
 
-    def __init__(self, path: Path, tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        *,
+        on_commit: Callable[[Path, str, int], None] | None = None,
+    ) -> None:
         self.path = path
+        self.on_commit = on_commit
+        self.sha256: str | None = None
+        self.size: int | None = None
         self._tmp = path.with_name(f".{path.name}.partial")
         path.parent.mkdir(parents=True, exist_ok=True)
         header: dict[str, dict[str, object]] = {}
@@ -78,19 +92,40 @@ class StreamingSafetensors:
         raw += b" " * (-len(raw) % 8)
         self._data_start = 8 + len(raw)
         self._file = open(self._tmp, "wb")  # noqa: SIM115 - kept open across batches, closed in finish/abort
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
-        self._file.truncate(self._data_start + offset)
+        with self._storage_guard():
+            self._file.write(struct.pack("<Q", len(raw)) + raw)
+            self._file.truncate(self._data_start + offset)
+
+    @contextmanager
+    def _storage_guard(self) -> Iterator[None]:
+        """A full disk: drop the partial file and raise `InsufficientStorageError` (507)."""
+        try:
+            yield
+        except OSError as exc:
+            if not is_no_space(exc):
+                raise
+            self.abort()
+            raise InsufficientStorageError(
+                "insufficient_storage",
+                f"the server's disk is full: {self.path.name} was not stored; try again later",
+                headers={"Retry-After": "30"},
+            ) from None
 
     def write(self, name: str, start_row: int, values: torch.Tensor) -> None:
         offset, row = self._layout[name]
-        self._file.seek(self._data_start + offset + start_row * row)
-        self._file.write(values.detach().cpu().contiguous().numpy().tobytes())
+        with self._storage_guard():
+            self._file.seek(self._data_start + offset + start_row * row)
+            self._file.write(values.detach().cpu().contiguous().numpy().tobytes())
 
     def finish(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        with self._storage_guard():
+            self._file.flush()
+            os.fsync(self._file.fileno())
         self._file.close()
+        self.sha256, self.size = sha256_file(self._tmp)
         commit_temp(self._tmp, self.path)
+        if self.on_commit is not None:
+            self.on_commit(self.path, self.sha256, self.size)
 
     def abort(self) -> None:
         self._file.close()

@@ -38,7 +38,7 @@ class KtlService:
         self.settings = settings
         self.clock = clock
         self.device = resolve_device(settings.device)
-        self.store = Store(settings.data_dir)
+        self.store = Store(settings.data_dir, min_free_bytes=settings.min_free_bytes)
         self.metrics = Metrics()
         self.worker = DeviceWorker()
         self.generators: dict[str, Generator] = {}
@@ -97,5 +97,6 @@ class KtlService:
         while not self._stop.wait(self.settings.scheduler_interval_s):
             try:
                 self.rounds.close_due()
+                self.rounds.retry_storage_failures()
             except Exception:
                 logger.exception("round scheduler failed")

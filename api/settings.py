@@ -67,7 +67,8 @@ class ServerSettings(BaseSettings):
     limit_concurrency: int = Field(
         256,
         ge=8,
-        description="Connections and tasks served at once; beyond it uvicorn answers 503 at once",
+        description="Requests in progress at once (idle keep-alive connections do not count; the health "
+        "probes are never refused); beyond it 503 at once",
     )
     keep_alive_s: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open")
     # -- admission control and fairness on the device -------------------------------------------------

@@ -199,6 +199,23 @@ class KtlHttpClient:
     def remove_client(self, fid: str, client_id: str) -> dict[str, Any]:
         return dict(self._json("DELETE", f"/v1/federations/{fid}/clients/{client_id}"))
 
+    def federations(self, *, limit: int = 100, after: str | None = None) -> list[dict[str, Any]]:
+        """One page of federations (``after``: the last id of the page before)."""
+        params: dict[str, Any] = {"limit": limit} | ({"after": after} if after else {})
+        return list(self._json("GET", "/v1/federations", params=params))
+
+    def pause_federation(self, fid: str) -> dict[str, Any]:
+        return dict(self._json("POST", f"/v1/federations/{fid}/pause"))
+
+    def resume_federation(self, fid: str) -> dict[str, Any]:
+        return dict(self._json("POST", f"/v1/federations/{fid}/resume"))
+
+    def delete_federation(self, fid: str) -> None:
+        self.request("DELETE", f"/v1/federations/{fid}")
+
+    def cancel_round(self, fid: str, r: int) -> dict[str, Any]:
+        return dict(self._json("POST", f"/v1/federations/{fid}/rounds/{r}/cancel"))
+
     def submit_job(self, spec: dict[str, Any]) -> dict[str, Any]:
         return dict(self._json("POST", "/v1/jobs", json=spec))
 

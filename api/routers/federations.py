@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path, Query, Response, status
+from fastapi import APIRouter, Body, Path, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from ktl.api.deps import Admin, FederationAccess, FederationId, ServiceDep
@@ -89,10 +89,60 @@ def create_federation(spec: FederationSpec, service: ServiceDep, _: Admin) -> Fe
     return federation_out(service, service.federations.create(spec))
 
 
+ListLimit = Annotated[int, Query(ge=1, le=1000, description="at most this many (a page)")]
+After = Annotated[
+    str | None, Query(min_length=1, max_length=64, description="the last id of the page before")
+]
+
+
+def _next_page(response: Response, request: Request, more: bool, last: str | None, limit: int) -> None:
+    """``Link: <…?after=LAST&limit=N>; rel="next"`` when another page follows (RFC 8288)."""
+    if more and last is not None:
+        url = request.url.include_query_params(after=last, limit=limit)
+        response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
+
+
 @router.get("")
-def list_federations(service: ServiceDep, _: Admin) -> list[FederationOut]:
-    """All federations (admin)."""
-    return [federation_out(service, f) for f in service.federations.all()]
+def list_federations(
+    service: ServiceDep,
+    _: Admin,
+    request: Request,
+    response: Response,
+    limit: ListLimit = 100,
+    after: After = None,
+) -> list[FederationOut]:
+    """Federations in creation order (admin), a page at a time: the ``Link`` header names the next page."""
+    page, more = service.federations.page(limit, after)
+    _next_page(response, request, more, page[-1].id if page else None, limit)
+    return [federation_out(service, f) for f in page]
+
+
+@router.post("/{fid}/pause", responses={404: {"model": ErrorBody}})
+def pause_federation(fid: FederationId, service: ServiceDep, _: Admin) -> FederationOut:
+    """Pause a federation (admin): uploads are refused (409 ``federation_paused``), its rounds neither close
+    nor run; a server step under way finishes its round."""
+    return federation_out(service, service.federations.set_paused(fid, True))
+
+
+@router.post("/{fid}/resume", responses={404: {"model": ErrorBody}})
+def resume_federation(fid: FederationId, service: ServiceDep, _: Admin) -> FederationOut:
+    """Resume a paused federation (admin): rounds that waited are closed or computed."""
+    fed = service.federations.set_paused(fid, False)
+    service.rounds.resume(fid)
+    return federation_out(service, fed)
+
+
+@router.delete(
+    "/{fid}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}},
+)
+def delete_federation(fid: FederationId, service: ServiceDep, _: Admin) -> Response:
+    """Delete a federation with its clients, rounds and files (admin); 409 ``round_aligning`` while one of
+    its rounds is being computed (cancel it first: ``POST …/rounds/{r}/cancel``)."""
+    service.federations.delete(fid)
+    service.rounds.forget(fid)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/{fid}", responses={403: {"model": ErrorBody}, 404: {"model": ErrorBody}})
@@ -138,8 +188,19 @@ def register_client(
 
 
 @router.get("/{fid}/clients", responses={404: {"model": ErrorBody}})
-def list_clients(fid: FederationId, service: ServiceDep, _: Admin) -> list[ClientOut]:
-    return [client_out(c) for c in service.federations.clients(fid)]
+def list_clients(
+    fid: FederationId,
+    service: ServiceDep,
+    _: Admin,
+    request: Request,
+    response: Response,
+    limit: ListLimit = 100,
+    after: After = None,
+) -> list[ClientOut]:
+    """A federation's clients in registration order (admin), a page at a time (``Link`` header)."""
+    page, more = service.federations.clients(fid, limit, after)
+    _next_page(response, request, more, page[-1].id if page else None, limit)
+    return [client_out(c) for c in page]
 
 
 @router.delete("/{fid}/clients/{client_id}", responses={404: {"model": ErrorBody}})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -11,22 +13,35 @@ from ktl.api.deps import ServiceDep
 router = APIRouter(tags=["health"])
 
 
+# The probes are ``async`` (on the event loop, no threadpool hop): they answer while every worker thread
+# is busy with uploads. Their work is a few syscalls.
+
+
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "not ready"}})
-def readyz(service: ServiceDep) -> JSONResponse:
-    """Generators loaded, store open, device worker running."""
-    ready = service.alive
+@router.get("/readyz", responses={503: {"description": "not ready: starting, or low_disk"}})
+async def readyz(service: ServiceDep) -> JSONResponse:
+    """Generators loaded, store open, device worker running, and at least ``min_free_bytes`` free on the
+    data folder's disk (``disk_free_bytes``; below it the status is ``low_disk`` and uploads get 507)."""
+    try:
+        free = int(shutil.disk_usage(service.settings.data_dir).free)
+    except OSError:  # the data folder vanished: nothing can be stored
+        free = 0
+    status = (
+        "starting" if not service.alive else "low_disk" if free < service.settings.min_free_bytes else "ready"
+    )
     body = {
-        "status": "ready" if ready else "starting",
+        "status": status,
         "generators": sorted(service.generators),
         "device": str(service.device),
+        "disk_free_bytes": free,
+        "min_free_bytes": service.settings.min_free_bytes,
     }
-    return JSONResponse(body, status_code=200 if ready else 503)
+    return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response, status
 
-from ktl.api.deps import ClientCaller, FederationAccess, RoundIndex, ServiceDep, UploadBody
+from ktl.api.deps import Admin, ClientCaller, FederationAccess, RoundIndex, ServiceDep, UploadBody
 from ktl.api.schemas import ErrorBody, RoundOut, UploadOut
 
 router = APIRouter(
@@ -70,6 +70,14 @@ def upload_prototypes(
         state=result.state,
         bytes=len(body),
     )
+
+
+@router.post("/cancel", responses={409: {"model": ErrorBody}})
+def cancel_round(r: RoundIndex, fed: FederationAccess, service: ServiceDep, _: Admin) -> RoundOut:
+    """End an open or aligning round as failed, "cancelled by the operator" (admin): a server step under
+    way stops at its next slice; cancelling the open round opens the next one."""
+    service.rounds.cancel(fed.id, r)
+    return get_round(r, fed, service)
 
 
 @router.get("")

@@ -88,8 +88,24 @@ class FederationService:
             raise NotFoundError("unknown_federation", f"no federation {fid!r}")
         return fed
 
-    def all(self) -> list[FederationRecord]:
-        return self.store.list_federations()
+    def page(self, limit: int, after: str | None = None) -> tuple[list[FederationRecord], bool]:
+        """Up to ``limit`` federations in creation order after the federation ``after``, and whether more
+        follow."""
+        rows = self.store.list_federations(limit + 1, after)
+        return rows[:limit], len(rows) > limit
+
+    def set_paused(self, fid: str, paused: bool) -> FederationRecord:
+        """Pause (uploads refused with ``federation_paused``, rounds neither close nor run) or resume."""
+        self.get(fid)
+        self.store.set_federation_state(fid, "paused" if paused else "active")
+        return self.get(fid)
+
+    def delete(self, fid: str) -> None:
+        """Delete a federation, its clients, rounds and files (refused while a round is aligning: pause it
+        and cancel that round first)."""
+        self.get(fid)
+        self.store.delete_federation(fid)
+        self._validators.pop(fid, None)
 
     def etf(self, fed: FederationRecord) -> torch.Tensor:
         """The ``(K, C)`` simplex ETF every client of ``fed`` trains against."""
@@ -148,9 +164,23 @@ class FederationService:
         token = secrets.token_urlsafe(32)
         return self.store.add_client(fid, name, hash_token(token), self.clock()), token
 
-    def clients(self, fid: str) -> list[ClientRecord]:
+    def clients(
+        self, fid: str, limit: int | None = None, after: str | None = None
+    ) -> tuple[list[ClientRecord], bool]:
+        """The federation's clients in registration order: up to ``limit`` after the client ``after``, and
+        whether more follow."""
         self.get(fid)
-        return self.store.list_clients(fid)
+        rows = self.store.list_clients(fid)
+        if after is not None:
+            ids = [c.id for c in rows]
+            if after not in ids:
+                raise NotFoundError(
+                    "unknown_client", f"no client {after!r} in federation {fid!r} to list after"
+                )
+            rows = rows[ids.index(after) + 1 :]
+        if limit is None:
+            return rows, False
+        return rows[:limit], len(rows) > limit
 
     def active_clients(self, fid: str) -> int:
         return self.store.count_active_clients(fid)

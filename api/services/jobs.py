@@ -117,7 +117,8 @@ class JobService:
         if job.state != "done":
             raise ConflictError("job_not_done", f"job {job_id} is {job.state}", state=job.state)
         path = self.store.job_result_path(job_id)
-        self.metrics.bytes_out.inc(path.stat().st_size)
+        record = self.store.verify_file(path)  # corrupt_file (never the damaged bytes) if it changed on disk
+        self.metrics.bytes_out.inc(record.size)
         return path
 
     def recover(self) -> None:
@@ -154,6 +155,7 @@ class JobService:
                 "latents": (torch.float32, (plan.total, generator.latent_dim)),
                 "class_ids": (torch.int64, (plan.total,)),
             },
+            on_commit=self.store.record_file,  # its checksum, recorded as it is renamed into place
         )
         self.store.update_job(job_id, only_if=("queued",), state="running", started_at=self.clock(), done=0)
         now = time.perf_counter()

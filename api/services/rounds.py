@@ -68,22 +68,23 @@ class RoundService:
     def decode_body(body: bytes, content_type: str | None) -> bytes:
         """The upload as safetensors bytes: the body itself, or its JSON form converted.
 
-        JSON holds ~30 bytes of Python objects per number while it is converted, so it is bounded three
-        ways: the body's size (``max_json_upload_bytes``, before authentication, `BodyLimitMiddleware`),
-        the parses at once (`json_parse_slot`: 503 ``busy`` beyond a short wait) and the conversion,
-        numpy's C loop over the parsed rows once they are known to be rectangular (``torch.tensor`` on
-        nested lists is ~10× slower). The n × K numbers come from the body's bytes (2 or more each), so
-        the arrays are at most twice the body's size.
+        JSON costs tens of bytes per number while it is converted, so it is bounded three ways: the
+        body's size (``max_json_upload_bytes``, before authentication, `BodyLimitMiddleware`), the
+        parses at once (`parse_json_bounded`, on its own threads; 503 ``busy`` beyond a wait) and the
+        conversion: numpy's C loop over the parsed rows once they are known to be rectangular
+        (``torch.tensor`` on nested lists is 2–3× slower). The n × K numbers come from the body's
+        bytes, 2 or more each, so the arrays are at most twice the body's size.
         """
         import numpy as np
 
-        from ktl.api.limits import json_parse_slot
+        from ktl.api.limits import parse_json_bounded
 
         media = (content_type or "").split(";")[0].strip().lower()
         if media in SAFETENSORS_TYPES:
             return body
         if media == "application/json":
-            with json_parse_slot():
+
+            def parse() -> bytes:
                 try:
                     data = PrototypesJSON.model_validate_json(body)
                 except ValidationError as exc:
@@ -96,15 +97,13 @@ class RoundService:
                 k = len(rows[0])
                 if any(len(row) != k for row in rows):
                     raise PayloadError("shape", "prototypes must be a rectangular (n, K) list of lists")
-                vectors = np.array(rows, dtype=np.float32).reshape(len(rows), k)
-                class_ids = np.array(data.class_ids, dtype=np.int64)
-                counts = np.array(data.counts, dtype=np.int64)
-                del data, rows  # the Python objects go before the slot is released
-            return Prototypes(
-                vectors=torch.from_numpy(vectors),
-                class_ids=torch.from_numpy(class_ids),
-                counts=torch.from_numpy(counts),
-            ).to_bytes(torch.float32)
+                return Prototypes(
+                    vectors=torch.from_numpy(np.array(rows, dtype=np.float32).reshape(len(rows), k)),
+                    class_ids=torch.from_numpy(np.array(data.class_ids, dtype=np.int64)),
+                    counts=torch.from_numpy(np.array(data.counts, dtype=np.int64)),
+                ).to_bytes(torch.float32)
+
+            return parse_json_bounded(parse)
         raise UnsupportedMediaError(
             "unsupported_media_type",
             "Content-Type must be application/octet-stream (safetensors) or application/json, "
@@ -117,6 +116,8 @@ class RoundService:
         """Validate (by the federation's method) and durably store one upload; close the round when it
         completes the quorum. Its identity is the SHA-256 of its canonical float32 form."""
         self.metrics.bytes_in.inc(len(body))
+        if fed.state != "active":
+            raise ConflictError("federation_paused", f"federation {fed.id} is paused by its operator")
         upload = self.federations.validator(fed).validate_upload(self.decode_body(body, content_type))
         privacy = self.federations.privacy(fed)
         if privacy is not None and privacy.rounds is not None and r > privacy.rounds:
@@ -162,13 +163,15 @@ class RoundService:
                 state=rnd.state,
             )
         path = self.store.round_dir(fed.id, r) / name
-        if not path.is_file():
+        if not path.is_file() and self.store.file_record(path) is None:
             raise NotFoundError(
                 "not_published_by_method",
                 f"method {fed.spec.method!r} publishes no {name} (its broadcast is "
                 f"{fed.spec.method_class.broadcast_file})",
             )
-        return path.read_bytes()
+        # Checked against the checksum written with it: a damaged file is `corrupt_file` naming the round,
+        # never its bytes.
+        return self.store.read_verified(path)
 
     def send_file(self, fed: FederationRecord, r: int, name: str) -> bytes:
         """A published round's file, for sending (counted in ``ktl_bytes_sent``)."""
@@ -187,11 +190,50 @@ class RoundService:
         now = self.clock()
         closed = 0
         for fid, r in self.store.due_rounds(now):
+            fed = self.store.get_federation(fid)
+            if fed is None or fed.state != "active":  # a paused federation's rounds wait
+                continue
             if self.store.close_if_ready(fid, r, now):
                 logger.info("%s round %d closed at its deadline", fid, r)
                 self.enqueue(fid, r)
                 closed += 1
         return closed
+
+    def retry_storage_failures(self) -> int:
+        """Rounds whose server step failed for lack of space go again once there is space; returns how many."""
+        if self.store.disk_free_bytes() < self.settings.min_free_bytes:
+            return 0
+        retried = 0
+        for rnd in self.store.rounds_failed_for_storage():
+            if self.store.retry_round(rnd.federation_id, rnd.round):
+                logger.info(
+                    "%s round %d failed for lack of space; there is space again: retrying",
+                    rnd.federation_id,
+                    rnd.round,
+                )
+                self.enqueue(rnd.federation_id, rnd.round)
+                retried += 1
+        return retried
+
+    def cancel(self, fid: str, r: int) -> RoundRecord:
+        """The operator ends an open or aligning round (failed, ``cancelled by the operator``); a step under
+        way stops at its next slice, and cancelling the open round opens the next one."""
+        self.get(fid, r)
+        if not self.store.cancel_round(fid, r, "cancelled by the operator", self.clock()):
+            rnd = self.get(fid, r)
+            raise ConflictError("round_finished", f"round {r} is already {rnd.state}", state=rnd.state)
+        logger.info("%s round %d cancelled by the operator", fid, r)
+        return self.get(fid, r)
+
+    def forget(self, fid: str) -> None:
+        """Drop what is kept in memory for a deleted federation."""
+        self._methods.pop(fid, None)
+
+    def resume(self, fid: str) -> None:
+        """After a pause: queue the federation's rounds that wait for their server step."""
+        for rnd in self.store.rounds_in_state("aligning"):
+            if rnd.federation_id == fid:
+                self.enqueue(fid, rnd.round)
 
     def recover(self) -> None:
         """After a restart: close rounds that are due (quorum in, or deadline passed with an upload) and
@@ -208,16 +250,46 @@ class RoundService:
         self.parts.worker.submit(ROUND_PRIORITY, partial(self._start_step, fid, r))
 
     def _method_for(self, fed: FederationRecord, r: int) -> Method:
-        """The federation's method, warm: kept from round ``r − 1``, or loaded from the latest state
-        snapshot before ``r``, or fresh for its first round."""
+        """The federation's method, warm: kept from round ``r − 1``, or loaded from the latest valid state
+        snapshot before ``r``, or fresh for its first round.
+
+        A snapshot whose files do not match their checksums, or that does not load, is skipped for the one
+        before it (or a fresh method); the round's stats then say so under ``state_fallback``."""
         cached = self._methods.get(fed.id)
         if cached is not None and cached[0] == r - 1:
             return cached[1]
         ctx = self.federations.method_context(fed)
-        earlier = [s for s in self.store.state_snapshots(fed.id) if s < r]
-        if earlier:
-            return load_method(self.store.state_dir(fed.id, max(earlier)), ctx)
-        return fed.spec.method_class(fed.spec.method_settings(), ctx)
+        skipped: list[tuple[int, str]] = []
+        method: Method | None = None
+        restored: int | None = None
+        before = r
+        while method is None and (found := self.store.latest_valid_state(fed.id, before, skipped=skipped)):
+            snapshot, folder = found
+            try:
+                method, restored = load_method(folder, ctx), snapshot
+            except Exception as exc:  # checksums match, yet it does not load (e.g. another version wrote it)
+                logger.warning("%s: cannot load the state snapshot after round %d: %s", fed.id, snapshot, exc)
+                skipped.append((snapshot, f"cannot be loaded: {type(exc).__name__}: {exc}"))
+                before = snapshot
+        if method is None:
+            method = fed.spec.method_class(fed.spec.method_settings(), ctx)
+        if skipped:
+            logger.warning(
+                "%s round %d starts from %s (skipped damaged snapshots of rounds %s)",
+                fed.id,
+                r,
+                f"the snapshot after round {restored}" if restored is not None else "a fresh method",
+                [s for s, _ in skipped],
+            )
+            self.store.note_round(
+                fed.id,
+                r,
+                state_fallback={
+                    "restored_from_round": restored,
+                    "skipped": [{"round": s, "reason": why} for s, why in skipped],
+                },
+            )
+        return method
 
     def run_server_step(self, fid: str, r: int) -> None:
         """Round ``r``'s whole server step at once (tests and tools; the server runs it in slices)."""
@@ -232,10 +304,24 @@ class RoundService:
         fed = self.store.get_federation(fid)
         if rnd is None or fed is None or rnd.state != "aligning":
             return None
+        if fed.state != "active":  # paused: `resume` queues it again
+            return None
         if self._running.get(fid, r) != r:  # the previous round's step is still running: after it
             return partial(self._start_step, fid, r)
         self._running[fid] = r
         step = _Step(fid, r, fed, started=time.perf_counter())
+        # Counted durably before the work: a round whose step kills the process each time (a poison
+        # round) is tried max_round_attempts times, then fails with the reason, instead of forever.
+        attempt = self.store.start_attempt(fid, r)
+        if attempt > self.settings.max_round_attempts:
+            self._fail(
+                step,
+                RuntimeError(
+                    f"attempts_exhausted: the server step was started {attempt - 1} times and never "
+                    "finished (the server stopped during each); the round is given up"
+                ),
+            )
+            return None
         try:
             step.method = self._method_for(fed, r)
             step.work = step.method.server_steps(self.store.load_uploads(fid, r), r)
