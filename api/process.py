@@ -223,11 +223,14 @@ class ServeProcess:
         *,
         log: Path | None = None,
         nofile: tuple[int, int] | None = None,
+        cgroup: Path | None = None,
         **env: str,
     ) -> None:
-        """``nofile``: the (soft, hard) limit on open files to start the server with (tests)."""
+        """``nofile``: the (soft, hard) limit on open files to start the server with; ``cgroup``: a cgroup
+        folder the server joins before it starts (e.g. one with a memory limit) — both for tests."""
         self.data_dir = Path(data_dir)
         self.nofile = nofile
+        self.cgroup = cgroup
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log or self.data_dir.parent / "serve.log"
@@ -256,12 +259,19 @@ class ServeProcess:
             time.sleep(0.2)
 
     def _preexec(self) -> Any:
-        if self.nofile is None:
+        if self.nofile is None and self.cgroup is None:
             return None
         import resource
 
-        limits = self.nofile
-        return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        limits, procs = self.nofile, self.cgroup / "cgroup.procs" if self.cgroup else None
+
+        def setup() -> None:  # in the child, before exec
+            if limits is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            if procs is not None:
+                procs.write_text(str(os.getpid()))
+
+        return setup
 
     @property
     def pid(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,14 @@ def auth(token: str) -> dict[str, str]:
 
 def octet(token: str) -> dict[str, str]:
     return {**auth(token), "Content-Type": "application/octet-stream"}
+
+
+def wait_for(
+    client: KtlHttpClient, fid: str, r: int, states: tuple[str, ...], timeout: float = 60
+) -> dict[str, Any]:
+    """Poll round ``r`` until its state is one of ``states`` (a failed assertion after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while (state := client.round(fid, r))["state"] not in states:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.02)
+    return state

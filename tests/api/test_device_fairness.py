@@ -3,7 +3,9 @@ federations, a time budget per round), and a prompt SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -14,17 +16,7 @@ from fastapi.testclient import TestClient
 from ktl.api import create_app
 from ktl.api.process import ServeProcess
 from ktl.clients.sdk import KtlApiError, KtlHttpClient
-from tests.api.conftest import ADMIN, FAST_ALIGNER, make_settings, protos, register
-
-
-def wait_for(
-    client: KtlHttpClient, fid: str, r: int, states: tuple[str, ...], timeout: float = 120
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while (state := client.round(fid, r))["state"] not in states:
-        assert time.monotonic() < deadline, state
-        time.sleep(0.02)
-    return state
+from tests.api.conftest import ADMIN, FAST_ALIGNER, make_settings, protos, register, wait_for
 
 
 def test_a_spec_beyond_the_devices_budget_is_refused_before_anything_is_stored(
@@ -124,3 +116,81 @@ def test_sigterm_during_a_long_server_step_ends_in_seconds_and_the_round_complet
         assert wait_for(client, fed["id"], 1, ("published", "failed"), timeout=240)["state"] == "published"
     finally:
         server.stop()
+
+
+def _memory_cgroup(limit_bytes: int) -> Path | None:
+    """A cgroup (v1 memory controller) limited to ``limit_bytes``, or None where that is not possible."""
+    root = Path("/sys/fs/cgroup/memory")
+    if os.geteuid() != 0 or not (root / "cgroup.procs").exists():
+        return None
+    group = root / f"ktl-test-{os.getpid()}"
+    try:
+        group.mkdir(exist_ok=True)
+        (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        swap = group / "memory.memsw.limit_in_bytes"
+        if swap.exists():
+            swap.write_text(str(limit_bytes))
+    except OSError:
+        return None
+    return group
+
+
+def test_a_round_that_oom_kills_the_server_is_given_up_and_healthy_federations_go_on(tmp_path: Path) -> None:
+    """The crash loop of the issue, for real: a spec admitted despite its cost (the operator raised
+    max_federation_bytes) whose server step exceeds the memory the server may use. The kernel kills the
+    server during that step at every start; after max_round_attempts starts the round is failed with the
+    reason and a healthy federation's rounds publish between the crashes."""
+    group = _memory_cgroup(1_500 * 2**20)
+    if group is None:
+        pytest.skip("needs root and a writable cgroup v1 memory controller to OOM-kill the server")
+    env = {
+        "KTL_DEVICE": "cpu",
+        "KTL_SCHEDULER_INTERVAL_S": "0.05",
+        "KTL_MAX_FEDERATION_BYTES": str(2**40),  # the operator let it in
+        "KTL_MAX_ROUND_ATTEMPTS": "2",
+    }
+
+    def start() -> ServeProcess | None:
+        """A server in the memory-limited cgroup; None when the kernel killed it while it started (the
+        poison round's step runs at start-up, recovered)."""
+        server = ServeProcess(tmp_path / "data", ADMIN, log=tmp_path / "serve.log", cgroup=group, **env)
+        try:
+            return server.start(timeout=120)
+        except RuntimeError:
+            return None
+
+    def died(server: ServeProcess | None) -> bool:
+        return server is None or (server.proc is not None and server.proc.wait(120) != 0)
+
+    server = start()
+    assert server is not None
+    try:
+        admin = KtlHttpClient(server.url, ADMIN, retries=0)
+        healthy = admin.create_federation({"num_classes": 10, "quorum": 1, "method": "fedproto"})
+        poison = admin.create_federation(
+            {"num_classes": 10, "quorum": 1, "aligner": {**FAST_ALIGNER, "hidden_dim": 8192, "num_layers": 8}}
+        )
+        good = admin.register_client(healthy["id"])["token"]
+        bad = admin.register_client(poison["id"])["token"]
+        KtlHttpClient(server.url, good).upload(healthy["id"], 1, protos([5]))
+        assert wait_for(admin, healthy["id"], 1, ("published", "failed"))["state"] == "published"
+        KtlHttpClient(server.url, bad).upload(poison["id"], 1, protos([0, 1]))  # acknowledged, then the kill
+        assert died(server)  # attempt 1: killed by the kernel (OOM)
+        assert died(start())  # attempt 2, at the next start-up: killed again
+        server = start()  # a third start is refused: the round is given up and the server stays up
+        assert server is not None
+        admin = KtlHttpClient(server.url, ADMIN, retries=0)
+        state = wait_for(admin, poison["id"], 1, ("published", "failed"))
+        assert state["state"] == "failed" and "attempts_exhausted" in state["error"], state
+        assert state["uploads"] == 1  # the acknowledged upload is still there
+        KtlHttpClient(server.url, good).upload(healthy["id"], 2, protos([3]))
+        assert wait_for(admin, healthy["id"], 2, ("published", "failed"))["state"] == "published"
+        assert server.proc is not None and server.proc.poll() is None
+    finally:
+        if server is not None:
+            server.stop()
+        for pid in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                os.kill(int(pid), 9)
+        with contextlib.suppress(OSError):
+            group.rmdir()

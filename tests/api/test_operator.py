@@ -12,17 +12,7 @@ from fastapi.testclient import TestClient
 
 from ktl.api import create_app
 from ktl.clients.sdk import KtlApiError, KtlHttpClient
-from tests.api.conftest import ADMIN, FAST_ALIGNER, make_settings, protos, register
-
-
-def wait_for(
-    client: KtlHttpClient, fid: str, r: int, states: tuple[str, ...], timeout: float = 60
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while (state := client.round(fid, r))["state"] not in states:
-        assert time.monotonic() < deadline, state
-        time.sleep(0.02)
-    return state
+from tests.api.conftest import ADMIN, FAST_ALIGNER, make_settings, protos, register, wait_for
 
 
 def test_federations_and_clients_are_listed_a_page_at_a_time(http: TestClient, admin: KtlHttpClient) -> None:
