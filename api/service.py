@@ -82,6 +82,8 @@ class KtlService:
         if self._scheduler.is_alive():
             self._scheduler.join(5)
         self.worker.stop()
+        if not self.worker.alive:  # between two slices: nothing runs any more
+            self.rounds.release_running()
         self.store.close()
 
     @property

@@ -1046,6 +1046,13 @@ class Store:
             ).fetchone()
         return int(row[0]) if row is not None else 0
 
+    def release_attempt(self, fid: str, r: int) -> None:
+        """Un-count the attempt of a round whose step was stopped on purpose (a graceful shutdown)."""
+        self._small_write(
+            "UPDATE rounds SET attempts = attempts - 1 WHERE federation_id = ? AND round = ? AND attempts > 0",
+            (fid, r),
+        )
+
     def cancel_round(self, fid: str, r: int, reason: str, now: float) -> bool:
         """End an open or aligning round as failed with ``reason``. Cancelling the open round opens the
         next one (the federation goes on). False if the round is neither open nor aligning."""

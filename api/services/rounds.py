@@ -225,6 +225,16 @@ class RoundService:
         logger.info("%s round %d cancelled by the operator", fid, r)
         return self.get(fid, r)
 
+    def release_running(self) -> None:
+        """At a graceful stop (the worker stopped between two slices): the steps under way were stopped on
+        purpose, so their attempts do not count towards ``max_round_attempts``; they run again at start-up."""
+        for fid, r in list(self._running.items()):
+            self.store.release_attempt(fid, r)
+            logger.info(
+                "%s round %d: its server step stops with the server; it runs again at start-up", fid, r
+            )
+        self._running.clear()
+
     def forget(self, fid: str) -> None:
         """Drop what is kept in memory for a deleted federation."""
         self._methods.pop(fid, None)
