@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -130,6 +130,15 @@ class _HeldPairs:
     rms: torch.Tensor
 
 
+def _held(x: torch.Tensor, z: torch.Tensor) -> _HeldPairs:
+    return _HeldPairs(x=x, z=z, rms=z.pow(2).mean().sqrt().clamp_min(1e-8))
+
+
+def _held_all(received: list[tuple[torch.Tensor, torch.Tensor]]) -> _HeldPairs:
+    """The pairs of every received round together, oldest first."""
+    return _held(torch.cat([x for x, _ in received]), torch.cat([z for _, z in received]))
+
+
 @dataclass(frozen=True)
 class TrainStats:
     """What one round of local training did. Losses are means over the steps taken."""
@@ -183,6 +192,9 @@ class LocalClient:
         self._init_rng = torch.Generator().manual_seed((seed + 1) % 2**63)  # the projector's weights
         self._pairs: _HeldPairs | None = None
         self._received: list[tuple[torch.Tensor, torch.Tensor]] = []  # the last `pairs_memory` rounds
+        # (C, W) class latents behind `_received` when it came from `receive_latent_targets` (NaN rows:
+        # classes not sent): a client's state stores these instead of its own images paired with them
+        self._targets: torch.Tensor | None = None
 
     @property
     def num_train(self) -> int:
@@ -200,19 +212,27 @@ class LocalClient:
         held pairs (older rounds' targets are dropped); the projector is the one `receive_pairs` uses."""
         z_by_class = torch.full((self.num_classes, latents.shape[1]), float("nan"))
         z_by_class[class_ids.cpu()] = latents.float().cpu()
+        self._hold_latent_targets(z_by_class)
+        if self._pairs is not None:
+            self.model.ensure_projector(int(self._pairs.z.shape[1]), generator=self._init_rng)
+
+    def _hold_latent_targets(self, z_by_class: torch.Tensor) -> None:
+        """Pair each local training image with its class's row of ``z_by_class`` ``(C, W)`` (NaN rows:
+        classes without a target) and hold those pairs alone."""
         z = z_by_class.to(self.device)[self.data.train_y]
         keep = torch.isfinite(z).all(dim=1)
         if not bool(keep.any()):
-            self._pairs, self._received = None, []
+            self._pairs, self._received, self._targets = None, [], None
             return
         x, z = normalize_pixels(self.data.train_x[keep]), z[keep]
         self._received = [(x, z)]
-        self._pairs = _HeldPairs(x=x, z=z, rms=z.pow(2).mean().sqrt().clamp_min(1e-8))
-        self.model.ensure_projector(int(z.shape[1]), generator=self._init_rng)
+        self._targets = z_by_class
+        self._pairs = _held(x, z)
 
     def receive_pairs(self, pairs: Pairs | None) -> None:
         """Keep the server's image-vector pairs for the distillation task of the next `train` calls,
         together with those of the previous ``pairs_memory - 1`` rounds."""
+        self._targets = None
         if pairs is None or len(pairs) == 0:  # nothing to distil from (e.g. a new federation): forget all
             self._pairs, self._received = None, []
             return
@@ -223,9 +243,7 @@ class LocalClient:
         if self._received and self._received[-1][1].shape[1] != z.shape[1]:
             self._received.clear()  # a different generator: older latents are another space
         self._received = [*self._received, (x, z)][-self.settings.pairs_memory :]
-        x = torch.cat([x for x, _ in self._received])
-        z = torch.cat([z for _, z in self._received])
-        self._pairs = _HeldPairs(x=x, z=z, rms=z.pow(2).mean().sqrt().clamp_min(1e-8))
+        self._pairs = _held_all(self._received)
         self.model.ensure_projector(int(z.shape[1]), generator=self._init_rng)
 
     # -- local training -----------------------------------------------------------------------------
@@ -358,3 +376,89 @@ class LocalClient:
             return 0, 0
         pred = etf_cosines(self._head_outputs(self.data.test_x), self.etf).argmax(dim=1)
         return int((pred == self.data.test_y).sum()), self.num_test
+
+    # -- state between rounds -------------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything of this client that changes across rounds, as flat-named CPU tensors that
+        safetensors can save as they are (contiguous copies, no shared storage). A client built the same
+        way (same model, data, ETF, settings, seed) and given them with `load_state_tensors` is
+        indistinguishable from this one: a transport whose client processes do not live between rounds
+        computes what ``ktl simulate`` does.
+
+        - ``model.<name>``: every parameter and buffer of the model (BatchNorm running statistics and
+          ``num_batches_tracked`` included), the projector's once it exists;
+        - ``rng.batches``, ``rng.projector``: the states of the batch-order and projector-init generators;
+        - the pairs held for distillation: ``received.<i>.x``, ``received.<i>.z`` for each round kept,
+          oldest first, or, after `receive_latent_targets`, only ``targets.latents`` ``(C, W)`` (NaN
+          rows: classes without a target), from which the pairs on the client's own images are rebuilt.
+
+        What never changes (data, ETF, settings, ids) is not included.
+        """
+        out = {f"model.{name}": value for name, value in self.model.state_dict().items()}
+        out["rng.batches"] = self._rng.get_state()
+        out["rng.projector"] = self._init_rng.get_state()
+        if self._targets is not None:
+            out["targets.latents"] = self._targets
+        else:
+            for i, (x, z) in enumerate(self._received):
+                out[f"received.{i}.x"], out[f"received.{i}.z"] = x, z
+        return {
+            name: value.detach().cpu().clone(memory_format=torch.contiguous_format)
+            for name, value in out.items()
+        }
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Restore what `state_tensors` returned (on any client built like the one that saved it).
+
+        Raises ``ValueError`` on a name it does not know and ``RuntimeError`` (from ``load_state_dict``)
+        when the model's parameters do not match.
+        """
+        model: dict[str, torch.Tensor] = {}
+        received: dict[int, dict[str, torch.Tensor]] = {}
+        rngs: dict[str, torch.Tensor] = {}
+        targets: torch.Tensor | None = None
+        for name, value in tensors.items():
+            group, _, rest = name.partition(".")
+            if group == "model":
+                model[rest] = value
+            elif group == "rng" and rest in ("batches", "projector"):
+                rngs[rest] = value
+            elif name == "targets.latents":
+                targets = value
+            elif group == "received" and rest.count(".") == 1 and rest.split(".")[1] in ("x", "z"):
+                index, part = rest.split(".")
+                received.setdefault(int(index), {})[part] = value
+            else:
+                raise ValueError(f"unknown client state tensor {name!r}")
+        if sorted(rngs) != ["batches", "projector"]:
+            raise ValueError("client state needs rng.batches and rng.projector")
+        if targets is not None and received:
+            raise ValueError("client state holds both targets.latents and received pairs")
+        if sorted(received) != list(range(len(received))) or any(
+            sorted(parts) != ["x", "z"] for parts in received.values()
+        ):
+            raise ValueError(
+                "client state's received pairs must be received.0 … received.<n-1>, each x and z"
+            )
+
+        # The projector exists iff it was saved; its initial weights are overwritten below, so it is made
+        # from a throwaway generator (neither the client's nor the global one moves).
+        projector = model.get("projector.weight")
+        if projector is not None:
+            self.model.ensure_projector(int(projector.shape[0]), generator=torch.Generator())
+        elif self.model.projector is not None:
+            self.model.projector = None
+        self.model.load_state_dict(model)
+
+        if targets is not None:
+            self._hold_latent_targets(targets.float().cpu().clone())
+        else:
+            self._targets = None
+            self._received = [
+                (received[i]["x"].to(self.device), received[i]["z"].to(self.device))
+                for i in range(len(received))
+            ]
+            self._pairs = _held_all(self._received) if self._received else None
+        self._rng.set_state(rngs["batches"].cpu().contiguous())
+        self._init_rng.set_state(rngs["projector"].cpu().contiguous())

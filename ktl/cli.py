@@ -101,6 +101,23 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_flower_simulate(args: argparse.Namespace) -> int:
+    from ktl.config import build_config
+    from ktl.flower.config import FlowerOptions
+
+    try:
+        from ktl.flower.simulation import run_flower_simulation
+    except ImportError as exc:
+        raise KtlError(
+            f"Flower is not installed ({exc.name}): pip install 'ktl[flower]' (make setup does)"
+        ) from None
+    config = build_config(preset=args.preset, config_file=args.config, overrides=_overrides(args))
+    options = FlowerOptions(fraction=args.fraction, min_nodes=1, out=str(args.out or ""))
+    summary = run_flower_simulation(config, options, cpus_per_client=args.cpus_per_client)
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from ktl.clients.backbones import BACKBONES
     from ktl.config import available_presets
@@ -358,6 +375,23 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     _add_config_flags(sim, preset=preset)
     sim.set_defaults(func=_cmd_simulate)
 
+    flower = sub.add_parser("flower", help="run ktl's methods on Flower (see docs/flower.md)")
+    flower_sub = flower.add_subparsers(dest="flower_command", required=True)
+    fsim = flower_sub.add_parser(
+        "simulate",
+        help="the Flower app on Flower's Simulation Engine: one virtual SuperNode per client",
+        description="Same configuration as ktl simulate; e.g. ktl flower simulate --preset smoke --method fedproto",
+    )
+    fsim.add_argument("--preset", default=None, help="a preset name (see `ktl list`), e.g. cpu-small")
+    fsim.add_argument("--config", type=Path, default=None, help="a TOML or JSON config file")
+    fsim.add_argument("--fraction", type=float, default=1.0, help="fraction of the nodes sampled each round")
+    fsim.add_argument(
+        "--cpus-per-client", type=float, default=1.0, help="Ray CPUs reserved per virtual client"
+    )
+    fsim.add_argument("--out", type=Path, default=None, help="folder for metrics.jsonl and summary.json")
+    _add_config_flags(fsim, exclude=frozenset({"preset", "out"}), preset=preset)
+    fsim.set_defaults(func=_cmd_flower_simulate)
+
     lst = sub.add_parser("list", help="presets, methods, data sets, generators and models")
     lst.set_defaults(func=_cmd_list)
 
@@ -521,6 +555,28 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     bench_chaos.add_arguments(chaos_parser)
     chaos_parser.set_defaults(func=_cmd_bench, bench_main=bench_chaos.main)
+    flower_parser = bench_sub.add_parser(
+        "flower",
+        help="ktl on Flower's Simulation Engine vs ktl simulate (overhead per round); 200 clients",
+        description="Per-round time of the same configuration through ktl simulate and ktl flower simulate, "
+        "and a run of many virtual clients (time per round, peak memory). See docs/benchmarks.md.",
+    )
+
+    def flower_main(args: argparse.Namespace) -> int:
+        from ktl.benchmarks import flower as bench_flower
+
+        return bench_flower.main(args)
+
+    flower_parser.add_argument("--preset", default="cpu-small")
+    flower_parser.add_argument("--clients", type=int, default=20)
+    flower_parser.add_argument("--rounds", type=int, default=3)
+    flower_parser.add_argument("--scale-clients", type=int, default=200, help="0: skip the scale run")
+    flower_parser.add_argument("--scale-rounds", type=int, default=2)
+    flower_parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of the table"
+    )
+    flower_parser.add_argument("--write", type=Path, default=None, help="also write the table into this file")
+    flower_parser.set_defaults(func=_cmd_bench, bench_main=flower_main)
     return parser
 
 

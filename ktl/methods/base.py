@@ -188,6 +188,17 @@ class Method(ABC):
         """Take the server's broadcast into the client's state (default: ignore it)."""
         return None
 
+    def client_state(self, client: LocalClient) -> dict[str, torch.Tensor]:
+        """What this method object itself keeps for ``client`` between rounds (beyond
+        `LocalClient.state_tensors`), as flat-named CPU tensors safetensors can save; default: nothing.
+        A transport whose client processes do not live between rounds saves it after each step and gives
+        it to `load_client_state` on a fresh method object built with the same settings."""
+        return {}
+
+    def load_client_state(self, client: LocalClient, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Restore what `client_state` returned for ``client`` (default: nothing to restore)."""
+        return None
+
     # -- server side -------------------------------------------------------------------------------
 
     def validate_upload(self, payload: bytes) -> Prototypes:

@@ -180,6 +180,34 @@ class TableMethod(Method):
         mask[received.class_ids] = True
         self.tables[client.client_id] = (table.to(client.device), mask.to(client.device))
 
+    def client_state(self, client: LocalClient) -> dict[str, torch.Tensor]:
+        """The global table the client last received: ``table`` ``(C, D)`` float32 and ``mask`` ``(C,)``
+        bool (classes the server sent); nothing before the first broadcast."""
+        held = self.tables.get(client.client_id)
+        if held is None:
+            return {}
+        table, mask = held
+        return {"table": table.detach().cpu().clone(), "mask": mask.detach().cpu().clone()}
+
+    def load_client_state(self, client: LocalClient, tensors: Mapping[str, torch.Tensor]) -> None:
+        unknown = set(tensors) - {"table", "mask"}
+        if unknown:
+            raise ValueError(f"unknown {self.name} client state tensor(s) {sorted(unknown)}")
+        if not tensors:
+            self.tables.pop(client.client_id, None)
+            return
+        if set(tensors) != {"table", "mask"}:
+            raise ValueError(f"{self.name} client state needs both table and mask")
+        table, mask = tensors["table"], tensors["mask"]
+        if table.shape[0] != client.num_classes or mask.shape != (client.num_classes,):
+            raise ValueError(
+                f"{self.name} client state is for {table.shape[0]} classes, the client has {client.num_classes}"
+            )
+        self.tables[client.client_id] = (
+            table.to(client.device, torch.float32),
+            mask.to(client.device, torch.bool),
+        )
+
     def _regularizer(self, client: LocalClient) -> Regularizer | None:
         held = self.tables.get(client.client_id)
         lam = self.settings.baseline.lam

@@ -1,0 +1,92 @@
+"""Flower's run config → the same configuration as ``ktl simulate``.
+
+Every setting of ``ktl simulate`` is a run-config key, dotted as on the command line (``preset``,
+``method``, ``rounds``, ``client.lr``, ``privacy.epsilon``, ``models`` as a comma list …): in
+``pyproject.toml``'s ``[tool.flwr.app.config]`` or ``flwr run . --run-config "method='fedproto'"``; since ``flwr run`` only overrides keys its
+``pyproject.toml`` lists, any other setting goes in the one ``settings`` key as space-separated pairs
+(``--run-config "settings='client.lr=0.05 data.alpha=0.5'"``). Keys under ``flower.`` are the
+transport's own (`FlowerOptions`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ktl.config import SimulateConfig, build_config, config_fields, nest, parse_flag_value
+from ktl.errors import ConfigError
+
+__all__ = ["FlowerOptions", "from_run_config", "to_run_config"]
+
+
+class FlowerOptions(BaseModel):
+    """How the ServerApp samples and waits (the ``flower.*`` run-config keys)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    fraction: float = Field(
+        1.0, gt=0, le=1, description="Fraction of the connected nodes sampled for each round's training."
+    )
+    min_nodes: int = Field(
+        1, ge=1, alias="min-nodes", description="Nodes that must be connected before the first round starts."
+    )
+    round_timeout: float = Field(
+        3600.0,
+        gt=0,
+        alias="round-timeout",
+        description="Seconds a round waits for its replies; late ones are dropped.",
+    )
+    out: str = Field("", description="A folder for metrics.jsonl and summary.json (empty: none).")
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> tuple[SimulateConfig, FlowerOptions]:
+    """Split a run config into ktl's configuration (validated as ``ktl simulate`` validates it) and the
+    transport's options; one `ConfigError` line for anything unknown or invalid."""
+    preset = run_config.get("preset") or None
+    annotations = {dotted: ann for dotted, ann, _ in config_fields()}
+    overrides: dict[str, Any] = {}
+    flower: dict[str, Any] = {}
+    items = dict(run_config)
+    for pair in str(items.pop("settings", "") or "").split():  # "client.lr=0.05 data.alpha=0.5"
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"run-config settings must be key=value pairs, got {pair!r}")
+        items[key.strip()] = value.strip()
+    for key, value in items.items():
+        if key == "preset":
+            continue
+        if key.startswith("flower."):
+            flower[key.removeprefix("flower.")] = value
+            continue
+        if key not in annotations:
+            raise ConfigError(f"unknown run-config key {key!r} (ktl simulate's settings, or flower.*)")
+        overrides[key] = parse_flag_value(annotations[key], value) if isinstance(value, str) else value
+    config = build_config(preset=str(preset) if preset else None, overrides=nest(overrides))
+    try:
+        options = FlowerOptions.model_validate(flower)
+    except ValueError as exc:
+        raise ConfigError(f"invalid flower.* run config: {exc}") from None
+    return config, options
+
+
+def to_run_config(config: SimulateConfig, options: FlowerOptions | None = None) -> dict[str, Any]:
+    """A resolved configuration as a flat run config (lists as comma strings), e.g. for `run_simulation`."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif value is None:
+                continue
+            elif isinstance(value, list | tuple):
+                flat[f"{prefix}{key}"] = ",".join(str(v) for v in value)
+            else:
+                flat[f"{prefix}{key}"] = value if isinstance(value, bool | int | float) else str(value)
+
+    walk(config.model_dump(mode="json", exclude={"preset", "out"}), "")
+    for key, value in (options or FlowerOptions()).model_dump(by_alias=True).items():
+        flat[f"flower.{key}"] = value
+    return flat
