@@ -51,3 +51,12 @@ def test_flower_simulation_gives_the_per_round_accuracies_of_ktl_simulate(
     assert flower["final_accuracy"] == simulated["final_accuracy"] and flower["failures"] == 0
     rows = [json.loads(x) for x in (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()]
     assert [r["bytes_up"] for r in rows] == [x["bytes_up"] for x in lines]  # the same payload bytes
+
+
+def test_partial_participation_samples_the_same_nodes_for_the_same_seed(tmp_path: Path) -> None:
+    """flower.fraction: each round trains a seeded sample of the nodes; the rest keep their state."""
+    config = build_config(preset="smoke", overrides={"method": "fedproto", "num_clients": 4, "rounds": 2})
+    summary = run_flower_simulation(config, FlowerOptions(fraction=0.5, out=str(tmp_path / "half")))
+    rows = [json.loads(x) for x in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sampled"] for r in rows] == [2, 2] and [r["replies"] for r in rows] == [2, 2]
+    assert summary["failures"] == 0 and all(0 <= a <= 1 for a in summary["accuracy"])
