@@ -1,0 +1,90 @@
+"""ktl on Flower's Deployment Engine, on loopback: a SuperLink and four SuperNodes (each with its own
+partition through ``--node-config``), ``flwr run`` of the app, the summary compared with ``ktl simulate``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ktl.api.process import free_port
+from ktl.config import build_config
+from ktl.simulate import run_simulation
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+@pytest.mark.slow
+def test_four_supernodes_on_loopback_run_the_app_and_give_simulates_accuracies(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr"),
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    (tmp_path / "flwr").mkdir()
+    (tmp_path / "flwr" / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    procs = [
+        _start(
+            [str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+             "--port", str(port), "--database", str(tmp_path / "superlink.db")],
+            tmp_path / "superlink.log",
+            env,
+        )
+    ]  # fmt: skip
+    try:
+        time.sleep(5)
+        for i in range(4):
+            procs.append(
+                _start(
+                    [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                     "--node-config", f"partition-id={i} num-partitions=4", "--port", str(free_port())],
+                    tmp_path / f"supernode-{i}.log",
+                    env,
+                )
+            )  # fmt: skip
+        out = tmp_path / "out"
+        run_config = f"method='fedproto' rounds=2 num_clients=4 flower.min-nodes=4 flower.out='{out}'"
+        done = subprocess.run(
+            [str(BIN / "flwr"), "run", ".", "loopback", "--run-config", run_config],
+            cwd=ROOT, env=env, capture_output=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout.decode()[-2000:] + done.stderr.decode()[-2000:]
+        deadline = time.monotonic() + 400
+        while not (out / "summary.json").exists():
+            assert time.monotonic() < deadline, (tmp_path / "superlink.log").read_text()[-3000:]
+            time.sleep(1)
+        summary = json.loads((out / "summary.json").read_text())
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    assert summary["failures"] == 0 and len(summary["accuracy"]) == 2
+    torch.manual_seed(1234)
+    config = build_config(
+        preset="smoke",
+        overrides={"method": "fedproto", "rounds": 2, "num_clients": 4, "out": str(tmp_path / "sim")},
+    )
+    run_simulation(config, progress=False)
+    simulated = [
+        json.loads(x)["accuracy"] for x in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert summary["accuracy"] == simulated
