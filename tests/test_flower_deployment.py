@@ -26,8 +26,42 @@ def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[b
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
 
 
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA and a server certificate for 127.0.0.1 (openssl), as a site's operator would make them."""
+    folder.mkdir()
+    ca, ca_key, key, csr, crt = (
+        folder / n for n in ("ca.crt", "ca.key", "server.key", "server.csr", "server.crt")
+    )
+    ext = folder / "ext.cnf"
+    ext.write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
+            "-days", "1", "-subj", "/CN=ktl-test-ca")  # fmt: skip
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+            "-out", str(crt), "-days", "1", "-extfile", str(ext))  # fmt: skip
+    return {"ca": ca, "key": key, "crt": crt}
+
+
 @pytest.mark.slow
-def test_four_supernodes_on_loopback_run_the_app_and_give_simulates_accuracies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls"])
+def test_four_supernodes_on_loopback_run_the_app_and_give_simulates_accuracies(
+    tmp_path: Path, tls: bool
+) -> None:
     port = free_port()
     env = {
         **os.environ,
@@ -35,12 +69,20 @@ def test_four_supernodes_on_loopback_run_the_app_and_give_simulates_accuracies(t
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
     }
     (tmp_path / "flwr").mkdir()
+    if tls:  # certificates the test makes; the SuperNodes and the CLI trust its CA
+        certs = _certificates(tmp_path / "certs")
+        link_security = ["--ssl-certfile", str(certs["crt"]), "--ssl-keyfile", str(certs["key"]),
+                         "--ssl-ca-certfile", str(certs["ca"])]  # fmt: skip
+        node_security = ["--root-certificates", str(certs["ca"])]
+        connection = f'root-certificates = "{certs["ca"]}"'
+    else:
+        link_security, node_security, connection = ["--insecure"], ["--insecure"], "insecure = true"
     (tmp_path / "flwr" / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\n{connection}\n'
     )
     procs = [
         _start(
-            [str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+            [str(BIN / "flower-superlink"), *link_security, "--disable-runtime-dependency-installation",
              "--port", str(port), "--database", str(tmp_path / "superlink.db")],
             tmp_path / "superlink.log",
             env,
@@ -51,7 +93,7 @@ def test_four_supernodes_on_loopback_run_the_app_and_give_simulates_accuracies(t
         for i in range(4):
             procs.append(
                 _start(
-                    [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                    [str(BIN / "flower-supernode"), *node_security, "--superlink", f"127.0.0.1:{port}",
                      "--node-config", f"partition-id={i} num-partitions=4", "--port", str(free_port())],
                     tmp_path / f"supernode-{i}.log",
                     env,
