@@ -18,8 +18,8 @@ dependencies check the token; the middleware therefore reads it first, under the
 The upload route reads its body only after authentication (`ktl.api.deps.upload_body`), so its body is
 counted as it is read, and the refusal is raised there as a `TooLargeError` / `RequestTimeoutError`.
 
-`parse_json_bounded` bounds how many JSON uploads are parsed at once, on their own threads (a JSON upload
-costs tens of bytes per number while it is converted).
+How many JSON uploads are parsed at once is bounded in the rounds service
+(`ktl.api.services.jsonparse`).
 
 Connections (half-sent headers, idle sockets) are bounded in `ktl.api.process`: ASGI never sees a request
 before its headers are complete.
@@ -28,10 +28,7 @@ before its headers are complete.
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 
 import anyio
 from starlette.responses import JSONResponse
@@ -44,16 +41,12 @@ from ktl.errors import (
     RequestTimeoutError,
     ServiceError,
     TooLargeError,
-    UnavailableError,
 )
 
 __all__ = [
-    "JSON_PARSE_SLOTS",
-    "JSON_PARSE_WAIT_S",
     "BodyLimitMiddleware",
     "body_limit",
     "is_upload",
-    "parse_json_bounded",
 ]
 
 UPLOAD_PATH = re.compile(r"/v1/federations/[^/]+/rounds/[^/]+/prototypes/?$")  # after any root_path
@@ -223,41 +216,3 @@ class BodyLimitMiddleware:
 
 async def _no_receive() -> Message:  # a JSONResponse without a background task never calls it
     return {"type": "http.disconnect"}
-
-
-# -- JSON uploads ----------------------------------------------------------------------------------
-
-JSON_PARSE_SLOTS = 2
-"""JSON uploads parsed at once. A 1 MiB body of ``[0,0,…],`` rows is ~350 k numbers, ~25 MB of Python
-objects and parser buffers while it is converted."""
-JSON_PARSE_WAIT_S = 5.0
-"""How long a JSON upload waits for a slot (on a worker thread) before it is answered 503 ``busy``: a
-1 MiB upload parses in 30–100 ms (2 cores), so ~50–150 queued uploads pass."""
-
-T = TypeVar("T")
-
-_json_slots = threading.BoundedSemaphore(JSON_PARSE_SLOTS)
-_json_pool = ThreadPoolExecutor(max_workers=JSON_PARSE_SLOTS, thread_name_prefix="ktl-json")
-
-
-def parse_json_bounded(parse: Callable[[], T], wait_s: float | None = None) -> T:
-    """``parse()`` on one of `JSON_PARSE_SLOTS` threads; `UnavailableError` (503 ``busy``, Retry-After)
-    when no slot frees up within ``wait_s`` (default `JSON_PARSE_WAIT_S`).
-
-    A bounded wait rather than an outright 503: the burst of uploads at a round's start passes after a
-    short wait instead of a retry, while a request thread (the pool also serves the sync routes) is held
-    at most ``wait_s``; beyond it the SDK retries the 503 after its Retry-After. The parse runs on its
-    own threads, not the caller's: the parser's buffers come from the allocator's per-thread arenas,
-    which keep their peak (12 concurrent 1 MiB uploads converted on 12 threads kept ~95 MB, on these 2
-    ~20 MB).
-    """
-    if not _json_slots.acquire(timeout=JSON_PARSE_WAIT_S if wait_s is None else wait_s):
-        raise UnavailableError(
-            "busy",
-            f"{JSON_PARSE_SLOTS} JSON uploads are being parsed; retry, or send safetensors",
-            headers={"Retry-After": "1"},
-        )
-    try:
-        return _json_pool.submit(parse).result()
-    finally:
-        _json_slots.release()

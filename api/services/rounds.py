@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from ktl.api.schemas import PrototypesJSON
 from ktl.api.services.base import ServerParts
 from ktl.api.services.federations import FederationService
+from ktl.api.services.jsonparse import parse_json_bounded
 from ktl.api.store import ClientRecord, FederationRecord, RoundRecord, UploadRecord, UploadResult
 from ktl.api.worker import ROUND_PRIORITY, Task
 from ktl.errors import ConflictError, NotFoundError, PayloadError, UnsupportedMediaError
@@ -76,8 +77,6 @@ class RoundService:
         bytes, 2 or more each, so the arrays are at most twice the body's size.
         """
         import numpy as np
-
-        from ktl.api.limits import parse_json_bounded
 
         media = (content_type or "").split(";")[0].strip().lower()
         if media in SAFETENSORS_TYPES:

@@ -23,8 +23,9 @@ from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from ktl.api import ServerSettings, create_app
-from ktl.api.limits import JSON_PARSE_SLOTS, BodyLimitMiddleware, parse_json_bounded
+from ktl.api.limits import BodyLimitMiddleware
 from ktl.api.process import ServeProcess
+from ktl.api.services.jsonparse import JSON_PARSE_SLOTS, parse_json_bounded
 from ktl.clients.sdk import KtlHttpClient
 from ktl.errors import UnavailableError
 from tests.api.conftest import ADMIN, auth, federation, make_settings, octet, protos
@@ -165,7 +166,7 @@ def test_json_parses_at_once_are_bounded_and_the_next_is_told_busy(
             with pytest.raises(UnavailableError) as info:
                 parse_json_bounded(lambda: 1, wait_s=0.05)
             assert info.value.reason == "busy" and info.value.headers == {"Retry-After": "1"}
-            monkeypatch.setattr("ktl.api.limits.JSON_PARSE_WAIT_S", 0.05)
+            monkeypatch.setattr("ktl.api.services.jsonparse.JSON_PARSE_WAIT_S", 0.05)
             busy = http.post(UPLOAD.format(fid=fid), json=body, headers=auth(token))
             refused(busy, 503, "busy")
             assert busy.headers["retry-after"] == "1"
