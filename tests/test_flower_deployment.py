@@ -3,8 +3,10 @@ partition through ``--node-config``), ``flwr run`` of the app, the summary compa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,8 +24,8 @@ BIN = Path(sys.executable).parent
 
 
 def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    with open(log, "wb") as f:  # its own process group: stopping it stops the helpers it starts too
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def _certificates(folder: Path) -> dict[str, Path]:
@@ -58,10 +60,13 @@ def _certificates(folder: Path) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls"])
+@pytest.mark.parametrize("security", ["insecure", "tls", "tls+auth"])
 def test_four_supernodes_on_loopback_run_the_app_and_give_simulates_accuracies(
-    tmp_path: Path, tls: bool
+    tmp_path: Path, security: str
 ) -> None:
+    """With ``tls+auth`` the SuperLink admits only SuperNodes whose public keys the operator registered
+    (``flwr supernode register``); a fifth SuperNode with an unregistered key never takes part."""
+    tls, auth = security != "insecure", security == "tls+auth"
     port = free_port()
     env = {
         **os.environ,
@@ -80,6 +85,8 @@ def test_four_supernodes_on_loopback_run_the_app_and_give_simulates_accuracies(
     (tmp_path / "flwr" / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\n{connection}\n'
     )
+    if auth:
+        link_security.append("--enable-supernode-auth")
     procs = [
         _start(
             [str(BIN / "flower-superlink"), *link_security, "--disable-runtime-dependency-installation",
@@ -90,10 +97,23 @@ def test_four_supernodes_on_loopback_run_the_app_and_give_simulates_accuracies(
     ]  # fmt: skip
     try:
         time.sleep(5)
-        for i in range(4):
+        for i in range(5 if auth else 4):
+            keys: list[str] = []
+            if auth:  # an ECDSA key pair per SuperNode; the operator registers the first four only
+                key = tmp_path / f"supernode-{i}.key"
+                subprocess.run(
+                    ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(key)], check=True
+                )
+                keys = ["--auth-supernode-private-key", str(key), "--auth-supernode-public-key", f"{key}.pub"]
+                if i < 4:
+                    registered = subprocess.run(
+                        [str(BIN / "flwr"), "supernode", "register", f"{key}.pub", "loopback"],
+                        env=env, capture_output=True, timeout=60,
+                    )  # fmt: skip
+                    assert registered.returncode == 0, registered.stdout.decode() + registered.stderr.decode()
             procs.append(
                 _start(
-                    [str(BIN / "flower-supernode"), *node_security, "--superlink", f"127.0.0.1:{port}",
+                    [str(BIN / "flower-supernode"), *node_security, *keys, "--superlink", f"127.0.0.1:{port}",
                      "--node-config", f"partition-id={i} num-partitions=4", "--port", str(free_port())],
                     tmp_path / f"supernode-{i}.log",
                     env,
@@ -113,13 +133,16 @@ def test_four_supernodes_on_loopback_run_the_app_and_give_simulates_accuracies(
         summary = json.loads((out / "summary.json").read_text())
     finally:
         for p in procs:
-            p.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
         for p in procs:
             try:
                 p.wait(20)
             except subprocess.TimeoutExpired:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)
     assert summary["failures"] == 0 and len(summary["accuracy"]) == 2
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sampled"] for r in rows] == [4, 4]  # with auth: the unregistered fifth never joined
     torch.manual_seed(1234)
     config = build_config(
         preset="smoke",
