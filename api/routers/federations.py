@@ -54,7 +54,7 @@ def federation_out(service: KtlService, fed: FederationRecord, include_etf: bool
             releases=releases,
             epsilon_spent=privacy.spent(releases),
         )
-    cost = federations.cost(fed.spec)
+    cost = federations.cost(fed)
     return FederationOut(
         id=fed.id,
         method=fed.spec.method,

@@ -52,6 +52,7 @@ class FederationService:
         self.budget: DeviceBudget | None = None  # measured at start-up
         self.limiter = RateLimiter(self.settings.rate_limit_per_minute, self.settings.rate_limit_burst)
         self._validators: dict[str, Method] = {}
+        self._costs: dict[str, CostEstimate] = {}
 
     # -- federations ------------------------------------------------------------------------------------
 
@@ -67,12 +68,14 @@ class FederationService:
         """The federation's generator, for methods that use one."""
         return self.generators[fed.spec.generator] if fed.spec.method_class.uses_generator else None
 
-    def cost(self, spec: FederationSpec) -> CostEstimate | None:
-        """The estimated cost of one of its rounds' server step (None before the device is measured)."""
+    def cost(self, fed: FederationRecord) -> CostEstimate | None:
+        """The estimated cost of one of its rounds' server step (None before the device is measured);
+        computed once per federation (its spec does not change)."""
         if self.budget is None:
             return None
-        generator = self.generators.get(spec.generator) if spec.method_class.uses_generator else None
-        return self.budget.estimate(spec, generator)
+        if fed.id not in self._costs:
+            self._costs[fed.id] = self.budget.estimate(fed.spec, self.generator_of(fed))
+        return self._costs[fed.id]
 
     def create(self, spec: FederationSpec) -> FederationRecord:
         """Admit ``spec`` by its cost on this device (422 ``too_costly`` beyond the limits), then store it."""
@@ -106,6 +109,7 @@ class FederationService:
         self.get(fid)
         self.store.delete_federation(fid)
         self._validators.pop(fid, None)
+        self._costs.pop(fid, None)
 
     def etf(self, fed: FederationRecord) -> torch.Tensor:
         """The ``(K, C)`` simplex ETF every client of ``fed`` trains against."""
