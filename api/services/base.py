@@ -13,7 +13,7 @@ from ktl.api.store import Store
 from ktl.api.worker import DeviceWorker
 from ktl.generator import Generator
 
-__all__ = ["ServerParts"]
+__all__ = ["ServerParts", "Service"]
 
 
 @dataclass(frozen=True)
@@ -28,3 +28,14 @@ class ServerParts:
     metrics: Metrics
     settings: ServerSettings
     clock: Callable[[], float]
+
+
+class Service:
+    """A service of one server: what it uses most of its `ServerParts`, by name."""
+
+    def __init__(self, parts: ServerParts) -> None:
+        self.parts = parts
+        self.store = parts.store
+        self.metrics = parts.metrics
+        self.settings = parts.settings
+        self.clock = parts.clock

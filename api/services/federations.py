@@ -12,7 +12,7 @@ from safetensors.torch import save as st_save
 from ktl.api.admission import CostEstimate, DeviceBudget
 from ktl.api.ratelimit import RateLimiter
 from ktl.api.schemas import FederationSpec
-from ktl.api.services.base import ServerParts
+from ktl.api.services.base import ServerParts, Service
 from ktl.api.store import ClientRecord, FederationRecord
 from ktl.clients import simplex_etf
 from ktl.errors import InvalidRequestError, NotFoundError, RateLimitedError
@@ -42,12 +42,11 @@ def _etf_bytes(num_classes: int, dim: int, seed: int) -> bytes:
     return st_save({"etf": _etf(num_classes, dim, seed)})
 
 
-class FederationService:
+class FederationService(Service):
     """What the routes under ``/v1/federations`` do, and what the other services ask of a federation."""
 
     def __init__(self, parts: ServerParts) -> None:
-        self.parts = parts
-        self.store, self.settings, self.clock = parts.store, parts.settings, parts.clock
+        super().__init__(parts)
         self.generators = parts.generators  # filled at start-up
         self.budget: DeviceBudget | None = None  # measured at start-up
         self.limiter = RateLimiter(self.settings.rate_limit_per_minute, self.settings.rate_limit_burst)

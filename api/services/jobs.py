@@ -12,7 +12,7 @@ from safetensors.torch import load as st_load
 
 from ktl.api.jobs import JobPlan, StreamingSafetensors
 from ktl.api.schemas import JobSpec
-from ktl.api.services.base import ServerParts
+from ktl.api.services.base import ServerParts, Service
 from ktl.api.services.federations import FederationService
 from ktl.api.services.rounds import RoundService
 from ktl.api.store import JobRecord
@@ -26,17 +26,11 @@ __all__ = ["JobService"]
 logger = logging.getLogger(__name__)
 
 
-class JobService:
+class JobService(Service):
     """What the routes under ``/v1/jobs`` do, and the jobs' device tasks (one generator batch each)."""
 
     def __init__(self, parts: ServerParts, federations: FederationService, rounds: RoundService) -> None:
-        self.parts = parts
-        self.store, self.metrics, self.settings, self.clock = (
-            parts.store,
-            parts.metrics,
-            parts.settings,
-            parts.clock,
-        )
+        super().__init__(parts)
         self.federations = federations
         self.rounds = rounds
 

@@ -18,7 +18,7 @@ import torch
 from pydantic import ValidationError
 
 from ktl.api.schemas import PrototypesJSON
-from ktl.api.services.base import ServerParts
+from ktl.api.services.base import ServerParts, Service
 from ktl.api.services.federations import FederationService
 from ktl.api.services.jsonparse import parse_json_bounded
 from ktl.api.store import ClientRecord, FederationRecord, RoundRecord, UploadRecord, UploadResult
@@ -48,17 +48,11 @@ class _Step:
     work: Work[ServerUpdate] | None = None
 
 
-class RoundService:
+class RoundService(Service):
     """What the routes under ``/v1/federations/{fid}/rounds/{r}`` do, and the round's device task."""
 
     def __init__(self, parts: ServerParts, federations: FederationService) -> None:
-        self.parts = parts
-        self.store, self.metrics, self.settings, self.clock = (
-            parts.store,
-            parts.metrics,
-            parts.settings,
-            parts.clock,
-        )
+        super().__init__(parts)
         self.federations = federations
         self._methods: dict[str, tuple[int, Method]] = {}  # fid → (last round, its warm method)
         self._running: dict[str, int] = {}  # fid → the round whose server step is under way
