@@ -13,8 +13,8 @@ re-run forever); and reports ``/healthz`` latency percentiles while the server w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
+import os
 import random
 import shutil
 import statistics
@@ -171,16 +171,27 @@ def _mount_tmpfs(path: Path, size_mb: int) -> bool:
 
 
 def _fill(path: Path) -> Path:
-    """Fill the file system of ``path`` to the last few KiB with one balloon file."""
+    """Fill the file system of ``path`` to the last few KiB with one balloon file.
+
+    Unbuffered writes: a buffered file would hold the last partial chunk and raise ENOSPC on close,
+    outside the guard (the cause of a CI failure).
+    """
     balloon = path / "balloon.bin"
-    free = shutil.disk_usage(path).free
-    with open(balloon, "wb") as f:
-        chunk = b"\0" * (1 << 20)
-        while free > (1 << 20):
-            f.write(chunk)
-            free -= len(chunk)
-        with contextlib.suppress(OSError):  # the last bytes: a full disk here is the point
-            f.write(b"\0" * max(0, free - 4096))
+    target = max(0, shutil.disk_usage(path).free - 4096)
+    chunk = b"\0" * (1 << 20)
+    fd = os.open(balloon, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        written = 0
+        while written < target:
+            try:  # a full disk here is the point
+                n = os.write(fd, chunk[: min(len(chunk), target - written)])
+            except OSError:
+                break
+            if n == 0:
+                break
+            written += n
+    finally:
+        os.close(fd)
     return balloon
 
 
