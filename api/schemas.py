@@ -98,6 +98,11 @@ class FederationSpec(BaseModel):
             raise ValueError(f"unknown method {self.method!r}; available: {', '.join(available_methods())}")
         if not cls.exchanges:
             raise ValueError(f"method {self.method!r} exchanges nothing; run it with ktl simulate")
+        if cls.aggregation == "sum":
+            raise ValueError(
+                f"method {self.method!r} needs secure aggregation, which this server cannot give (it would "
+                "see every upload); run it on Flower (ktl flower simulate, or flwr run: docs/flower.md)"
+            )
         reads = cls.settings_model.sections()
         foreign = [s for s in _SECTIONS if getattr(self, s) is not None and s not in reads]
         if foreign:

@@ -115,7 +115,20 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count_or_fraction(text: str) -> int | float:
+    """``3`` → 3 (a count), ``0.5`` → 0.5 (a fraction), as Flower's SecAgg+ reads them."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
 def _cmd_flower_simulate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from ktl.config import build_config
     from ktl.flower.config import FlowerOptions
 
@@ -126,7 +139,17 @@ def _cmd_flower_simulate(args: argparse.Namespace) -> int:
             f"Flower is not installed ({exc.name}): pip install 'ktl[flower]' (make setup does)"
         ) from None
     config = build_config(preset=args.preset, config_file=args.config, overrides=_overrides(args))
-    options = FlowerOptions(fraction=args.fraction, min_nodes=1, out=str(args.out or ""))
+    try:
+        options = FlowerOptions(
+            fraction=args.fraction,
+            min_nodes=1,
+            out=str(args.out or ""),
+            secagg_shares=args.secagg_shares,
+            secagg_threshold=args.secagg_threshold,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise KtlError(f"invalid Flower option: {first['msg'].removeprefix('Value error, ')}") from None
     summary = run_flower_simulation(config, options, cpus_per_client=args.cpus_per_client)
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
@@ -403,6 +426,18 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "--cpus-per-client", type=float, default=1.0, help="Ray CPUs reserved per virtual client"
     )
     fsim.add_argument("--out", type=Path, default=None, help="folder for metrics.jsonl and summary.json")
+    fsim.add_argument(
+        "--secagg-shares",
+        type=_count_or_fraction,
+        default=3,
+        help="methods *-secagg: SecAgg+ shares per client, an integer > 2 or a fraction of the sampled nodes",
+    )
+    fsim.add_argument(
+        "--secagg-threshold",
+        type=_count_or_fraction,
+        default=2,
+        help="methods *-secagg: shares needed to rebuild a secret (integer below the shares, or a fraction)",
+    )
     _add_config_flags(fsim, exclude=frozenset({"preset", "out"}), preset=preset)
     fsim.set_defaults(func=_cmd_flower_simulate)
 

@@ -28,7 +28,7 @@ from ktl.clients.backbones import BACKBONES, available_backbones
 from ktl.data import DataConfig
 from ktl.errors import ConfigError
 from ktl.generator import GeneratorSpec
-from ktl.methods import BaselineSettings, FedKTLSettings, PrivacySettings
+from ktl.methods import BaselineSettings, FedKTLSettings, PrivacySettings, SecureSumSettings
 
 __all__ = [
     "Setting",
@@ -63,8 +63,9 @@ class SimulateConfig(BaseModel):
     method: str = Field(
         "fedktl",
         description="A registered method: fedktl, local (training alone: same models, data and budget), the "
-        "baselines fedproto, fedtgp, fd, and the ablation fedktl-latents (the server sends only the class "
-        "latents; clients distil their own images towards them); see docs/results.md",
+        "baselines fedproto, fedtgp, fd, the ablation fedktl-latents (the server sends only the class "
+        "latents; clients distil their own images towards them), and fedproto-secagg / fedktl-secagg (the "
+        "server sees only per-class sums; secure aggregation on Flower); see docs/results.md",
     )
     seed: int = Field(
         0,
@@ -92,6 +93,7 @@ class SimulateConfig(BaseModel):
     generator: GeneratorSpec = Field(default_factory=GeneratorSpec)
     baseline: BaselineSettings = Field(default_factory=BaselineSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    secagg: SecureSumSettings = Field(default_factory=SecureSumSettings)
 
     @field_validator("models")
     @classmethod

@@ -174,9 +174,11 @@ def run_simulation(
             t_trained = time.perf_counter()
             accuracy, client_accuracy = evaluate_clients(clients)
             accuracies.append(accuracy)
-            server = method.server_update(uploads, round_index) if uploads else None
+            # The server step's input: the uploads, or for a "sum" method their sum alone.
+            server_input = method.server_input(uploads) if uploads else {}
+            server = method.server_update(server_input, round_index) if server_input else None
             if server is not None:
-                method.save_round(run_dir, round_index, uploads)
+                method.save_round(run_dir, round_index, server_input)
                 published = dict(server.files)
                 if server.payload is not None:
                     published[method.broadcast_file] = server.payload

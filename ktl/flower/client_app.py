@@ -1,7 +1,8 @@
 """ktl's ClientApp: client *i* (the node's ``partition-id``) built exactly as ``ktl simulate`` builds it,
 running its method's client step. Flower keeps nothing of a ClientApp between rounds, so the client's
 state (weights, BatchNorm statistics, RNG states, held pairs, the method's client state) lives in the node's
-``context.state`` as an ``ArrayRecord``."""
+``context.state`` as an ``ArrayRecord``. A secure-aggregation method's round arrives as SecAgg+'s training
+stage (``FitIns``) and is answered as ``FitRes``, masked by ``secaggplus_mod`` (`ktl.flower.secagg`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from functools import lru_cache
 from typing import cast
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -19,7 +21,9 @@ from ktl.data import DataConfig, FederatedData, build_federated_data
 from ktl.device import resolve_device
 from ktl.flower.config import from_run_config
 from ktl.flower.records import from_record, from_tensors, to_record, to_tensors
+from ktl.flower.secagg import fit_res, is_secure_message, read_fit_ins, secure_sum_mod
 from ktl.methods import MethodContext, get_method
+from ktl.seeding import derive_seed
 from ktl.simulate import build_client, method_settings
 
 __all__ = ["app", "make_client_app"]
@@ -61,27 +65,40 @@ def train_step(config: SimulateConfig, message: Message, context: Context) -> Me
             {k.removeprefix(_METHOD_PREFIX): v for k, v in saved.items() if k.startswith(_METHOD_PREFIX)},
         )
     content = message.content
-    round_index = cast(int, content.config_records["config"]["round"])
-    if "broadcast" in content.array_records:
-        method.client_receive(client, from_record(content.array_records["broadcast"]))
+    secure = is_secure_message(content)
+    if secure:
+        round_index, broadcast = read_fit_ins(content)
+    else:
+        round_index = cast(int, content.config_records["config"]["round"])
+        broadcast = (
+            from_record(content.array_records["broadcast"]) if "broadcast" in content.array_records else None
+        )
+    if broadcast is not None:
+        method.client_receive(client, broadcast)
     update = method.client_update(client, round_index)
     correct, total = client.evaluate()
     state = client.state_tensors()
     state.update({_METHOD_PREFIX + k: v for k, v in method.client_state(client).items()})
     context.state[_STATE] = from_tensors(state)
+    metrics = {
+        "correct": correct,
+        "total": total,
+        "train-loss": update.stats.supervised_loss,
+        "distill-loss": update.stats.distill_loss,
+        "skipped-steps": update.stats.skipped,
+        "seconds": time.perf_counter() - t0,
+    }
+    if secure:
+        if update.payload is None or method.aggregation != "sum":
+            raise ValueError(f"method {config.method!r} has no summand for secure aggregation")
+        # SecAgg+'s stochastic rounding draws from numpy's global RNG: seeded per client and round, a run
+        # repeats exactly.
+        np.random.seed(derive_seed(config.seed, "secagg-rounding", index, round_index) % 2**32)
+        return Message(fit_res(update.payload, method.summand_layout(), metrics), reply_to=message)
     reply = RecordDict(
         {
             "meta": ConfigRecord({"client-id": client.client_id, "partition-id": index}),
-            "metrics": MetricRecord(
-                {
-                    "correct": correct,
-                    "total": total,
-                    "train-loss": update.stats.supervised_loss,
-                    "distill-loss": update.stats.distill_loss,
-                    "skipped-steps": update.stats.skipped,
-                    "seconds": time.perf_counter() - t0,
-                }
-            ),
+            "metrics": MetricRecord(metrics),
         }
     )
     if update.payload is not None:
@@ -92,7 +109,7 @@ def train_step(config: SimulateConfig, message: Message, context: Context) -> Me
 def make_client_app(config: SimulateConfig | None = None) -> ClientApp:
     """The ClientApp; with ``config`` its settings are fixed (``ktl flower simulate``), else they come from
     the run config (``flwr run``)."""
-    app = ClientApp()
+    app = ClientApp(mods=[secure_sum_mod])
 
     @app.train()
     def train(message: Message, context: Context) -> Message:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ktl.config import SimulateConfig, build_config, config_fields, nest, parse_flag_value
 from ktl.errors import ConfigError
@@ -39,6 +39,30 @@ class FlowerOptions(BaseModel):
         description="Seconds a round waits for its replies; late ones are dropped.",
     )
     out: str = Field("", description="A folder for metrics.jsonl and summary.json (empty: none).")
+    # SecAgg+ (methods *-secagg): Flower's own parameters, Flower's example values as defaults.
+    secagg_shares: int | float = Field(
+        3,
+        alias="secagg-shares",
+        description="SecAgg+: shares of each client's secrets (its neighbours + itself): an integer > 2, or a "
+        "fraction (0, 1] of the sampled nodes (1.0: every node, i.e. SecAgg).",
+    )
+    secagg_threshold: int | float = Field(
+        2,
+        alias="secagg-threshold",
+        description="SecAgg+: shares needed to rebuild a secret (an integer below secagg-shares, or a "
+        "fraction (0, 1] of them); a client whose live neighbours fall below it ends the round unsummed.",
+    )
+
+    @model_validator(mode="after")
+    def _secagg(self) -> FlowerOptions:
+        shares, threshold = self.secagg_shares, self.secagg_threshold
+        if isinstance(shares, int) and shares <= 2 or isinstance(shares, float) and not 0 < shares <= 1:
+            raise ValueError("secagg-shares must be an integer > 2 or a fraction in (0, 1]")
+        if isinstance(threshold, float) and not 0 < threshold <= 1:
+            raise ValueError("secagg-threshold as a fraction must lie in (0, 1]")
+        if isinstance(threshold, int) and (threshold < 2 or isinstance(shares, int) and threshold >= shares):
+            raise ValueError("secagg-threshold must be an integer ≥ 2 and below secagg-shares")
+        return self
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> tuple[SimulateConfig, FlowerOptions]:

@@ -1,11 +1,13 @@
 """Federated methods, one module each, behind the one `Method` protocol (see `ktl.methods.base`).
 
 Importing this package registers the built-in methods: ``local``, ``fedktl``, ``fedktl-latents``,
-``fedproto``, ``fedtgp`` and ``fd``.
+``fedproto``, ``fedtgp``, ``fd`` and the secure-aggregation variants ``fedproto-secagg`` and
+``fedktl-secagg``.
 """
 
 from ktl.methods.base import (
     METHODS,
+    SUM_UPLOAD,
     UPLOAD_DTYPES,
     ClientUpdate,
     CostShape,
@@ -31,6 +33,7 @@ from ktl.methods.fedktl import (
 )
 from ktl.methods.local import LocalOnly
 from ktl.methods.privacy import PrivacySettings, privacy_facts, private_prototypes
+from ktl.methods.secure import FedKTLSecAgg, FedProtoSecAgg, SecureSumSettings
 from ktl.methods.tables import (
     BaselineSettings,
     FedDistill,
@@ -44,6 +47,7 @@ from ktl.methods.tables import (
 
 __all__ = [
     "METHODS",
+    "SUM_UPLOAD",
     "UPLOAD_DTYPES",
     "BaselineSettings",
     "ClientUpdate",
@@ -52,8 +56,10 @@ __all__ = [
     "FedKTL",
     "FedKTLLatents",
     "FedKTLMethodSettings",
+    "FedKTLSecAgg",
     "FedKTLSettings",
     "FedProto",
+    "FedProtoSecAgg",
     "FedTGP",
     "KnowledgeTransferServer",
     "LocalOnly",
@@ -63,6 +69,7 @@ __all__ = [
     "PrivacySettings",
     "RoundResult",
     "ServerCost",
+    "SecureSumSettings",
     "ServerUpdate",
     "TableMethod",
     "TableMethodSettings",

@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as st_save
 
 from ktl.clients import LocalClient, TrainStats
 from ktl.errors import ConfigError, PayloadError
@@ -40,6 +43,7 @@ from ktl.work import Work, run_to_end
 
 __all__ = [
     "METHODS",
+    "SUM_UPLOAD",
     "ClientUpdate",
     "Method",
     "MethodContext",
@@ -50,6 +54,7 @@ __all__ = [
     "get_method",
     "load_method",
     "register_method",
+    "sum_summands",
 ]
 
 # Uploaded prototypes travel as float16 (half the bytes) or float32; anything else is refused.
@@ -149,6 +154,11 @@ class Method(ABC):
         False for a method that sends nothing (``local``): transports that only move payloads refuse it.
     broadcast_file
         The name under which a server publishes the broadcast bytes.
+    aggregation
+        ``"each"``: the server step reads every client's upload. ``"sum"``: each upload is a *summand* (named
+        fixed-shape tensors, `summand_layout`) and the server step reads only the element-wise sum of the
+        round's summands (`server_input`), which a transport may compute under secure aggregation
+        (Flower's SecAgg+, `ktl.flower`) so that no single summand ever reaches the server.
     """
 
     name: ClassVar[str]
@@ -156,6 +166,7 @@ class Method(ABC):
     uses_generator: ClassVar[bool] = False
     exchanges: ClassVar[bool] = True
     broadcast_file: ClassVar[str] = "broadcast.safetensors"
+    aggregation: ClassVar[str] = "each"
 
     def __init__(self, settings: MethodSettings, ctx: MethodContext) -> None:
         if not isinstance(settings, self.settings_model):
@@ -200,6 +211,19 @@ class Method(ABC):
         return None
 
     # -- server side -------------------------------------------------------------------------------
+
+    def summand_layout(self) -> dict[str, tuple[int, ...]]:
+        """For ``aggregation = "sum"``: the summand's tensor names and shapes, in the order a secure-sum
+        transport carries them (all float; every value in [−1, 1], the range SecAgg+ quantizes)."""
+        raise NotImplementedError(f"method {self.name!r} does not upload summands")
+
+    def server_input(self, uploads: Mapping[str, bytes]) -> Mapping[str, bytes]:
+        """What the server step is given for the round's ``uploads``: the uploads themselves, or, for a
+        ``"sum"`` method, their sum alone (``{"sum": bytes}``) — the transport-side aggregation of a run
+        with no adversary (``ktl simulate``); a secure transport computes the same sum masked."""
+        if self.aggregation != "sum":
+            return uploads
+        return {SUM_UPLOAD: sum_summands(uploads.values(), self.summand_layout())}
 
     def validate_upload(self, payload: bytes) -> Prototypes:
         """Decode one client's upload and check it against the federation; raise `PayloadError` with a
@@ -308,6 +332,36 @@ def decode_prototypes(payload: bytes) -> Prototypes:
     if prototypes.vectors.dtype not in UPLOAD_DTYPES:
         raise PayloadError("dtype", f"prototypes must be float16 or float32, got {prototypes.vectors.dtype}")
     return prototypes
+
+
+SUM_UPLOAD = "sum"  # the one "upload" a sum method's server step reads
+
+
+def sum_summands(payloads: Iterable[bytes], layout: Mapping[str, tuple[int, ...]]) -> bytes:
+    """The element-wise float64 sum of summand payloads (safetensors bytes) laid out as ``layout``;
+    `PayloadError` for a payload of another layout or with non-finite values."""
+    total = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in layout.items()}
+    n = 0
+    for payload in payloads:
+        try:
+            tensors = st_load(payload)
+        except (SafetensorError, ValueError) as exc:
+            raise PayloadError("format", f"not a safetensors summand: {exc}") from None
+        if set(tensors) != set(layout):
+            raise PayloadError("layout", f"a summand holds {sorted(tensors)}, expected {sorted(layout)}")
+        for name, shape in layout.items():
+            t = tensors[name]
+            if tuple(t.shape) != tuple(shape) or not t.is_floating_point():
+                raise PayloadError(
+                    "layout", f"summand tensor {name} is {t.dtype} {tuple(t.shape)}, expected {shape}"
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise PayloadError("not_finite", f"summand tensor {name} holds NaN or inf")
+            total[name] += t.double()
+        n += 1
+    if n == 0:
+        raise PayloadError("no_uploads", "a round needs at least one upload to close")
+    return st_save(total)
 
 
 def read_method_config(path: Path) -> dict[str, Any]:
