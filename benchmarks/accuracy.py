@@ -147,6 +147,25 @@ SUITES: dict[str, Suite] = {
             ),
             reference="fedktl",
         ),
+        Suite(
+            "secagg",
+            "Secure aggregation: the server sees only per-class sums (low data; ktl simulate sums in "
+            "plaintext, SecAgg+ on Flower gives the same sum up to its quantisation)",
+            (_LOW,),
+            (
+                Variant("fedproto", {"method": "fedproto"}),
+                Variant("fedproto-secagg", {"method": "fedproto-secagg"}),
+                # float32 on the wire both ways: plain and secure FedProto then see the same numbers.
+                Variant("fedproto-fp32", {"method": "fedproto", "baseline": {"upload_dtype": "float32"}}),
+                Variant(
+                    "fedproto-secagg-fp32",
+                    {"method": "fedproto-secagg", "baseline": {"upload_dtype": "float32"}},
+                ),
+                _FEDKTL,
+                Variant("fedktl-secagg", {"method": "fedktl-secagg"}),
+            ),
+            reference="fedproto",
+        ),
     )
 }
 
@@ -300,7 +319,10 @@ def summarize(root: Path, suite: Suite, seeds: list[int] | None = None) -> dict[
         for variant in suite.variants:
             runs = []
             for path in sorted((root / scenario.name).glob(f"{variant.name}-s*/summary.json")):
-                seed = int(path.parent.name.rsplit("-s", 1)[1])
+                name, _, tail = path.parent.name.rpartition("-s")
+                if name != variant.name or not tail.isdigit():
+                    continue  # another variant whose name starts with this one's (fedproto-secagg-s0)
+                seed = int(tail)
                 if seeds is None or seed in seeds:
                     runs.append((json.loads(path.read_text()), _accuracies(path.parent)))
             if not runs:

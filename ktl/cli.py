@@ -626,6 +626,27 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     flower_parser.add_argument("--write", type=Path, default=None, help="also write the table into this file")
     flower_parser.set_defaults(func=_cmd_bench, bench_main=flower_main)
+    secagg_parser = bench_sub.add_parser(
+        "secagg",
+        help="what secure aggregation costs on Flower: bytes and time per round, plain vs SecAgg+",
+        description="fedproto, fedproto-secagg, fedktl and fedktl-secagg through ktl flower simulate with "
+        "the same configuration: wire bytes per client and round both ways, time per round, final accuracy. "
+        "See docs/results.md.",
+    )
+
+    def secagg_main(args: argparse.Namespace) -> int:
+        from ktl.benchmarks import secagg as bench_secagg
+
+        return bench_secagg.main(args)
+
+    secagg_parser.add_argument("--preset", default="cpu-small")
+    secagg_parser.add_argument("--clients", type=int, default=20)
+    secagg_parser.add_argument("--rounds", type=int, default=3)
+    secagg_parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of the table"
+    )
+    secagg_parser.add_argument("--write", type=Path, default=None, help="also write the table into this file")
+    secagg_parser.set_defaults(func=_cmd_bench, bench_main=secagg_main)
     return parser
 
 

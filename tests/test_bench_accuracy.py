@@ -123,3 +123,19 @@ def test_table_shows_each_rows_seeds_and_judges_only_three_seed_rows() -> None:
     assert "(meets the +2-point target)" in table(
         [_row("local", [0, 1, 2], 90.0), _row("fedktl", [0, 1, 2], 92.5)]
     )
+
+
+def test_summarize_keeps_a_variant_apart_from_one_whose_name_extends_it(tmp_path: Path) -> None:
+    """``fedproto-s*`` also matches ``fedproto-secagg-s0``: each run counts for its own variant only."""
+    suite = accuracy.SUITES["secagg"]
+    for name, final in (("fedproto", 0.9), ("fedproto-secagg", 0.5)):
+        run = tmp_path / "dir-lowdata" / f"{name}-s0"
+        run.mkdir(parents=True)
+        summary = {"method": name, "seed": 0, "final_accuracy": final, "best_accuracy": final,
+                   "bytes_up_per_client_round": 1, "bytes_down_per_client_round": 1, "wall_time_s": 1.0,
+                   "num_clients": 20, "rounds": 1, "device": "cpu", "data": "synthetic"}  # fmt: skip
+        (run / "summary.json").write_text(json.dumps(summary))
+        (run / "metrics.jsonl").write_text(json.dumps({"accuracy": final}) + "\n")
+    rows = {r["variant"]: r for r in accuracy.summarize(tmp_path, suite)["scenarios"][0]["rows"]}
+    assert rows["fedproto"]["seeds"] == [0] and rows["fedproto"]["last"] == (90.0, 0.0)
+    assert rows["fedproto-secagg"]["last"] == (50.0, 0.0)
