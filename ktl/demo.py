@@ -76,7 +76,7 @@ def run_demo(options: DemoOptions) -> dict[str, object]:
     torch.manual_seed(derive_seed(config.seed, "global"))
     out = options.out or Path("runs") / f"demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     host, port = "127.0.0.1", free_port()
-    admin_token = secrets.token_urlsafe(24)
+    admin_token = "ktl_" + secrets.token_urlsafe(24)  # never starts with "-" (see add_client)
     settings = ServerSettings(
         data_dir=out / "server",
         host=host,

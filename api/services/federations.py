@@ -164,7 +164,9 @@ class FederationService(Service):
     def add_client(self, fid: str, name: str | None) -> tuple[ClientRecord, str]:
         """Register a client; returns it and its token (shown once, stored only as a hash)."""
         self.get(fid)
-        token = secrets.token_urlsafe(32)
+        # A fixed prefix: a token never starts with "-", which command lines would take for an option
+        # (`ktl client run --token -x…` failed in one run of 64), and it is recognisable in a leaked log.
+        token = "ktl_" + secrets.token_urlsafe(32)
         return self.store.add_client(fid, name, hash_token(token), self.clock()), token
 
     def clients(

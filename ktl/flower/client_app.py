@@ -14,6 +14,7 @@ from typing import cast
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import LOGGER_NAME
 
 from ktl.clients import simplex_etf
 from ktl.config import SimulateConfig
@@ -28,7 +29,9 @@ from ktl.simulate import build_client, method_settings
 
 __all__ = ["app", "make_client_app"]
 
-logger = logging.getLogger(__name__)
+# Through Flower's logger ("flwr"): the app's lines appear where Flower prints, in a SuperLink's or
+# SuperNode's log as in a simulation.
+logger = logging.getLogger(f"{LOGGER_NAME}.{__name__}")
 
 _STATE = "ktl-client"
 _METHOD_PREFIX = "method."

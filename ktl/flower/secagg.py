@@ -45,6 +45,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.logger import LOGGER_NAME
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import ClientManager
@@ -67,7 +68,9 @@ __all__ = [
     "secure_sum_round",
 ]
 
-logger = logging.getLogger(__name__)
+# Through Flower's logger ("flwr"): the app's lines appear where Flower prints, in a SuperLink's or
+# SuperNode's log as in a simulation.
+logger = logging.getLogger(f"{LOGGER_NAME}.{__name__}")
 
 _FIT_INS_CONFIG = "fitins.config"
 _NAMES = "broadcast-names"

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.logger import LOGGER_NAME
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
@@ -33,7 +34,9 @@ from ktl.simulate import build_method
 
 __all__ = ["CountingGrid", "app", "make_server_app", "run_rounds"]
 
-logger = logging.getLogger(__name__)
+# Through Flower's logger ("flwr"): the app's lines appear where Flower prints, in a SuperLink's or
+# SuperNode's log as in a simulation.
+logger = logging.getLogger(f"{LOGGER_NAME}.{__name__}")
 
 
 class CountingGrid(Grid):

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import torch
+from flwr.common.logger import LOGGER_NAME
 
 from ktl.config import SimulateConfig
 from ktl.flower.client_app import make_client_app
@@ -15,7 +16,9 @@ from ktl.flower.server_app import make_server_app
 
 __all__ = ["run_flower_simulation"]
 
-logger = logging.getLogger(__name__)
+# Through Flower's logger ("flwr"): the app's lines appear where Flower prints, in a SuperLink's or
+# SuperNode's log as in a simulation.
+logger = logging.getLogger(f"{LOGGER_NAME}.{__name__}")
 
 
 def run_flower_simulation(

@@ -235,3 +235,11 @@ def test_the_etf_is_served_as_safetensors_at_any_size_and_as_json_only_when_smal
     etf = admin.etf(big["id"])
     assert etf.shape == (1000, 100) and etf.dtype == torch.float32
     torch.testing.assert_close(etf, simplex_etf(100, 1000, seed=3).float(), rtol=0, atol=0)
+
+
+def test_client_tokens_never_start_with_a_dash(http, admin) -> None:
+    """A token is passed on command lines (``ktl client run --token T``): one starting with "-" would be
+    taken for an option. 64 registrations: a bare ``token_urlsafe`` starts with "-" in 1/64 of them."""
+    fed = federation(admin)
+    tokens = [admin.register_client(fed["id"])["token"] for _ in range(64)]
+    assert all(t.startswith("ktl_") for t in tokens) and len(set(tokens)) == 64
