@@ -1,9 +1,17 @@
-"""Heterogeneous client backbones, built from transformers configs and kept in a registry.
+"""Heterogeneous client backbones, kept in a registry: transformers models, or any plain ``nn.Module``.
 
 Every backbone maps ``(B, C, H, W)`` pixels (normalised, see `ktl.clients.inputs`) to a ``(B, D)`` feature
-vector and reports ``feature_dim`` = D. All are transformers ``PreTrainedModel``s, so each saves with
-``save_pretrained``. The default sizes are chosen for 28×28 and 32×32 inputs on a CPU (see
-docs/architecture.md for the measured cost per sample).
+vector and reports ``feature_dim`` = D. The built-in ones are transformers ``PreTrainedModel``s (called
+with ``pixel_values=``), so each saves with ``save_pretrained``. The default sizes are chosen for 28×28 and
+32×32 inputs on a CPU (see docs/architecture.md for the measured cost per sample).
+
+A registered builder ``build(num_channels, image_size)`` returns either a `Backbone` or a plain
+``torch.nn.Module`` whose ``forward(x)`` takes the pixels positionally and returns features ``(B, D)``;
+an output of more dimensions ``(B, D1, D2, …)`` is flattened to ``(B, D1·D2·…)`` (pool inside the module
+if you want a pooled vector). A plain module is wrapped in a `ModuleBackbone`; its D is, in this order,
+``register_backbone(..., feature_dim=D)``, the module's own ``feature_dim`` attribute, or the size of its
+output for a zero batch of the declared input shape, measured once in eval mode without gradients (so
+running statistics and the RNG are untouched). See docs/extending.md.
 """
 
 from __future__ import annotations
@@ -27,12 +35,18 @@ from transformers import (
     ViTModel,
 )
 
+from ktl.errors import ConfigError
+
 __all__ = [
     "Backbone",
+    "BackboneBuild",
     "BackboneInfo",
+    "ModuleBackbone",
     "register_backbone",
     "build_backbone",
     "available_backbones",
+    "infer_feature_dim",
+    "wrap_module",
     "BACKBONES",
 ]
 
@@ -52,23 +66,54 @@ class Backbone(nn.Module):
         return self._pool(self.model(pixel_values=pixel_values)).flatten(1)
 
 
+def _as_tensor(out: object) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"a backbone module must return a tensor of features, got {type(out).__name__}")
+    return out
+
+
+class ModuleBackbone(Backbone):
+    """A plain ``nn.Module`` as a backbone: called as ``module(x)``, its output flattened to ``(B, D)``.
+
+    The module is kept as ``.model``, like a transformers backbone, so a `ClientModel`'s state dict has the
+    same shape of names whichever kind it holds.
+    """
+
+    def __init__(self, module: nn.Module, feature_dim: int) -> None:
+        super().__init__(module, _as_tensor, feature_dim)  # type: ignore[arg-type]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return _as_tensor(self.model(pixel_values)).flatten(1)
+
+
+# (num_channels, image_size) -> a Backbone, or a plain nn.Module (wrapped by `wrap_module`)
+BackboneBuild = Callable[[int, int], nn.Module]
+
+
 @dataclass(frozen=True)
 class BackboneInfo:
     name: str
-    build: Callable[[int, int], Backbone]  # (num_channels, image_size) -> Backbone
+    build: BackboneBuild
     summary: str
+    feature_dim: int | None = None  # a plain module's D, when declared at registration
 
 
 BACKBONES: dict[str, BackboneInfo] = {}
 
 
 def register_backbone(
-    name: str, summary: str
-) -> Callable[[Callable[[int, int], Backbone]], Callable[[int, int], Backbone]]:
-    def wrap(build: Callable[[int, int], Backbone]) -> Callable[[int, int], Backbone]:
+    name: str, summary: str, *, feature_dim: int | None = None
+) -> Callable[[BackboneBuild], BackboneBuild]:
+    """Decorator: make ``build(num_channels, image_size)`` — a function or an ``nn.Module`` class — the
+    backbone ``name``. ``feature_dim`` declares a plain module's D (else it is the module's
+    ``feature_dim`` attribute, else measured; see the module docstring)."""
+    if feature_dim is not None and feature_dim < 1:
+        raise ValueError(f"backbone {name!r}: feature_dim must be positive, got {feature_dim}")
+
+    def wrap(build: BackboneBuild) -> BackboneBuild:
         if name in BACKBONES:
             raise ValueError(f"backbone {name!r} is registered twice")
-        BACKBONES[name] = BackboneInfo(name, build, summary)
+        BACKBONES[name] = BackboneInfo(name, build, summary, feature_dim)
         return build
 
     return wrap
@@ -83,7 +128,53 @@ def build_backbone(name: str, *, num_channels: int, image_size: int) -> Backbone
     info = BACKBONES.get(name)
     if info is None:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(available_backbones())}")
-    return info.build(num_channels, image_size)
+    built = info.build(num_channels, image_size)
+    if isinstance(built, Backbone):
+        return built
+    return wrap_module(
+        built, num_channels=num_channels, image_size=image_size, feature_dim=info.feature_dim, name=name
+    )
+
+
+def infer_feature_dim(module: nn.Module, *, num_channels: int, image_size: int, name: str = "") -> int:
+    """D of ``module``: the per-sample size of its output for a zero batch ``(2, C, S, S)``, in eval mode
+    without gradients (the module's training flag is restored)."""
+    label = f"backbone {name!r}" if name else "backbone"
+    shape = (2, num_channels, image_size, image_size)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = _as_tensor(module(torch.zeros(shape)))
+    except Exception as exc:
+        raise ConfigError(f"{label} failed on a zero batch of shape {shape}: {exc}") from exc
+    finally:
+        module.train(was_training)
+    if out.ndim < 2 or out.shape[0] != shape[0]:
+        raise ConfigError(
+            f"{label} must return (B, D) features; for input {shape} it gave {tuple(out.shape)}"
+        )
+    return int(out[0].numel())
+
+
+def wrap_module(
+    module: nn.Module,
+    *,
+    num_channels: int,
+    image_size: int,
+    feature_dim: int | None = None,
+    name: str = "",
+) -> ModuleBackbone:
+    """A plain module as a `Backbone`; D is ``feature_dim``, else ``module.feature_dim``, else measured."""
+    label = f"backbone {name!r}" if name else "backbone"
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"{label}: the builder returned {type(module).__name__}, not a torch.nn.Module")
+    dim = feature_dim if feature_dim is not None else getattr(module, "feature_dim", None)
+    if dim is None:
+        dim = infer_feature_dim(module, num_channels=num_channels, image_size=image_size, name=name)
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise ConfigError(f"{label}: feature_dim must be a positive int, got {dim!r}")
+    return ModuleBackbone(module, dim)
 
 
 # --- a plain 4-layer CNN as a transformers model -------------------------------------------------------

@@ -196,6 +196,11 @@ class KtlHttpClient:
     def register_client(self, fid: str, name: str | None = None) -> dict[str, Any]:
         return dict(self._json("POST", f"/v1/federations/{fid}/clients", json={"name": name}))
 
+    def clients(self, fid: str, *, limit: int = 100, after: str | None = None) -> list[dict[str, Any]]:
+        """One page of a federation's clients, in registration order (``after``: the last id before)."""
+        params: dict[str, Any] = {"limit": limit} | ({"after": after} if after else {})
+        return list(self._json("GET", f"/v1/federations/{fid}/clients", params=params))
+
     def remove_client(self, fid: str, client_id: str) -> dict[str, Any]:
         return dict(self._json("DELETE", f"/v1/federations/{fid}/clients/{client_id}"))
 
@@ -234,6 +239,10 @@ class KtlHttpClient:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} is still {job['state']} after {timeout:.0f}s")
             self._sleep(poll)
+
+    def job_result_bytes(self, job_id: str) -> bytes:
+        """A finished job's safetensors file, as the server stored it."""
+        return self.request("GET", f"/v1/jobs/{job_id}/result").content
 
     def job_result(self, job_id: str) -> dict[str, torch.Tensor]:
         """``images`` (uint8 NCHW), ``latents``, ``class_ids`` of a finished job."""

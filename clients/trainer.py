@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ktl.clients.inputs import adapt_images, normalize_pixels
 from ktl.clients.losses import distillation_loss, etf_cosines, margin_loss
 from ktl.clients.model import ClientModel
+from ktl.errors import ConfigError
 from ktl.records import Pairs, Prototypes
 
 __all__ = [
+    "LR_SCHEDULES",
     "ClientSettings",
     "LocalData",
     "TrainStats",
     "LocalClient",
     "Regularizer",
     "batchnorm_stats_frozen",
+    "scheduled_lr",
 ]
 
 Regularizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -98,6 +102,57 @@ class ClientSettings(BaseModel):
     eval_batch_size: int = Field(
         512, ge=1, description="Batch size of forward-only passes (prototypes, evaluation)"
     )
+    lr_schedule: str = Field(
+        "constant",
+        description="Learning rate per round: constant (client.lr every round), step (× client.lr_gamma "
+        "every client.lr_step_rounds rounds) or cosine (from client.lr down to client.lr_min over "
+        "client.lr_rounds rounds); recorded as lr in metrics.jsonl",
+    )
+    lr_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: the factor applied at each step")
+    lr_step_rounds: int = Field(10, ge=1, description="step schedule: rounds between steps")
+    lr_min: float = Field(0.0, ge=0, description="cosine schedule: the learning rate it ends at")
+    lr_rounds: int | None = Field(
+        None,
+        ge=1,
+        description="cosine schedule: rounds it spans; none = the run's rounds (a client of a server "
+        "(ktl client run) needs it set)",
+    )
+
+    @field_validator("lr_schedule")
+    @classmethod
+    def _known_schedule(cls, name: str) -> str:
+        if name not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr schedule {name!r}; available: {', '.join(sorted(LR_SCHEDULES))}")
+        return name
+
+
+LrSchedule = Callable[[ClientSettings, int, int | None], float]
+"""The learning rate of round ``r`` (from 1) of a run of ``total`` rounds (None: unknown)."""
+
+
+def _constant(s: ClientSettings, r: int, total: int | None) -> float:
+    return s.lr
+
+
+def _step(s: ClientSettings, r: int, total: int | None) -> float:
+    return s.lr * s.lr_gamma ** ((r - 1) // s.lr_step_rounds)
+
+
+def _cosine(s: ClientSettings, r: int, total: int | None) -> float:
+    span = s.lr_rounds or total
+    if span is None:
+        raise ConfigError("the cosine lr schedule needs client.lr_rounds (the run's rounds are unknown)")
+    progress = min(r - 1, span) / span
+    return s.lr_min + 0.5 * (s.lr - s.lr_min) * (1.0 + math.cos(math.pi * progress))
+
+
+LR_SCHEDULES: dict[str, LrSchedule] = {"constant": _constant, "step": _step, "cosine": _cosine}
+"""The client learning-rate schedules by name (``client.lr_schedule``)."""
+
+
+def scheduled_lr(settings: ClientSettings, round_index: int, total_rounds: int | None = None) -> float:
+    """The learning rate ``settings`` give round ``round_index`` (from 1) of ``total_rounds``."""
+    return LR_SCHEDULES[settings.lr_schedule](settings, round_index, total_rounds)
 
 
 @dataclass
@@ -187,6 +242,7 @@ class LocalClient:
         self.data = data.to(self.device)
         self.etf = F.normalize(etf.float(), dim=0).to(self.device)
         self.settings = settings or ClientSettings()
+        self.lr = self.settings.lr  # this round's learning rate (`start_round`)
         self.num_classes = int(etf.shape[1])
         self._rng = torch.Generator().manual_seed(seed)  # batch order
         self._init_rng = torch.Generator().manual_seed((seed + 1) % 2**63)  # the projector's weights
@@ -248,6 +304,12 @@ class LocalClient:
 
     # -- local training -----------------------------------------------------------------------------
 
+    def start_round(self, round_index: int, total_rounds: int | None = None) -> float:
+        """Set the learning rate of round ``round_index`` (of ``total_rounds``) from the settings' schedule
+        (``client.lr_schedule``); a transport calls this before the method's client step. Returns it."""
+        self.lr = scheduled_lr(self.settings, round_index, total_rounds)
+        return self.lr
+
     def train(self, *, mu: float = 0.0, regularizer: Regularizer | None = None) -> TrainStats:
         """One round of local training: margin loss on private data + μ·distillation on held pairs
         (+ ``regularizer(head_outputs, labels)`` when a method gives one).
@@ -261,7 +323,7 @@ class LocalClient:
         model.train()
         distillation = self._distillation() if mu > 0 else None
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=self.lr, momentum=s.momentum, weight_decay=s.weight_decay)
         sup_total = torch.zeros((), device=self.device)
         dist_total = torch.zeros((), device=self.device)
         steps = skipped = 0

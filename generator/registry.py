@@ -16,10 +16,11 @@ _LOADERS: dict[str, GeneratorLoader] = {}
 
 
 def register_generator(kind: str) -> Callable[[GeneratorLoader], GeneratorLoader]:
-    """Decorator: make ``loader(spec, device)`` available as ``GeneratorSpec(kind=kind)``."""
+    """Decorator: make ``loader(spec, device)`` available as ``GeneratorSpec(kind=kind)`` (registering the
+    same loader again under the same kind does nothing; another loader raises ``ValueError``)."""
 
     def wrap(loader: GeneratorLoader) -> GeneratorLoader:
-        if kind in _LOADERS:
+        if kind in _LOADERS and _LOADERS[kind] is not loader:
             raise ValueError(f"generator kind {kind!r} is registered twice")
         _LOADERS[kind] = loader
         return loader

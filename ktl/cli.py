@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 
@@ -46,6 +47,44 @@ def _setup_logging(verbosity: int) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+class _Parser(argparse.ArgumentParser):
+    """ktl's parsers (sub-commands inherit the class): no abbreviated flags (``--round 3`` is not
+    ``--rounds 3``), and an unknown flag or choice gets a "did you mean" from every flag of the command line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def _all_options(self) -> list[str]:
+        found: set[str] = set()
+        stack: list[argparse.ArgumentParser] = [self]
+        while stack:
+            parser = stack.pop()
+            for action in parser._actions:
+                found.update(o for o in action.option_strings if o.startswith("--"))
+                if isinstance(action, argparse._SubParsersAction):
+                    stack.extend(action.choices.values())
+        return sorted(found)
+
+    def error(self, message: str) -> NoReturn:
+        hints: list[str] = []
+        if message.startswith("unrecognized arguments:"):
+            for word in message.partition(":")[2].split():
+                flag = word.partition("=")[0]
+                if flag.startswith("--"):
+                    others = [
+                        o for o in self._all_options() if o != flag
+                    ]  # e.g. --round belongs to another command
+                    close = difflib.get_close_matches(flag, others, n=1, cutoff=0.7)
+                    hints += [f"{flag} → did you mean {close[0]}?"] if close else []
+        elif "invalid choice:" in message:
+            wrong = message.partition("invalid choice: ")[2].split("'")[1] if "'" in message else ""
+            choices = message.partition("(choose from ")[2].rstrip(")").replace("'", "").split(", ")
+            close = difflib.get_close_matches(wrong, choices, n=1, cutoff=0.6)
+            hints += [f"did you mean {close[0]}?"] if close else []
+        super().error(message + ("; " + "; ".join(hints) if hints else ""))
+
+
 def _preset_in(argv: Sequence[str] | None) -> str | None:
     """The preset ``argv`` names (``--preset X`` or ``--preset=X``; the last wins, as in argparse), found
     before parsing so that the settings flags' help can show that preset's values."""
@@ -59,6 +98,34 @@ def _preset_in(argv: Sequence[str] | None) -> str | None:
         elif arg.startswith("--preset="):
             preset = arg.partition("=")[2]
     return preset
+
+
+def _plugins_in(argv: Sequence[str]) -> list[str]:
+    """The ``--plugin SPEC`` / ``--plugin=SPEC`` options before the subcommand (where argparse takes the
+    global options), found before parsing so that the plugins' names are registered when the parser and
+    its help are built."""
+    specs: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--plugin" and i + 1 < len(args):
+            specs.append(args[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--plugin="):
+            specs.append(arg.partition("=")[2])
+        elif arg == "--" or not arg.startswith("-"):
+            break  # the subcommand
+        i += 1
+    return specs
+
+
+def _load_plugins(argv: Sequence[str]) -> None:
+    """Entry points, then ``$KTL_PLUGINS``, then each ``--plugin`` (see `ktl.plugins`)."""
+    from ktl.plugins import ENV_VAR, load_plugins, plugins_from_env
+
+    load_plugins([*plugins_from_env(os.environ.get(ENV_VAR)), *_plugins_in(argv)])
 
 
 def _add_config_flags(
@@ -107,11 +174,18 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from ktl.config import build_config
-    from ktl.simulate import run_simulation
+    from ktl.simulate import run_repeats
 
     config = build_config(preset=args.preset, config_file=args.config, overrides=_overrides(args))
     with logging_redirect_tqdm(loggers=[logging.getLogger("ktl")]):
-        run_simulation(config, overwrite=args.overwrite, progress=not args.no_progress)
+        summary = run_repeats(config, overwrite=args.overwrite, progress=not args.no_progress)
+    if config.study.repeats > 1:
+        final, best = summary["final_accuracy"], summary["best_accuracy"]
+        sys.stdout.write(
+            f"{config.study.repeats} seeds ({summary['seeds'][0]}…{summary['seeds'][-1]}): "
+            f"final accuracy {final['mean']:.4f} ± {final['std']:.4f}, "
+            f"best {best['mean']:.4f} ± {best['std']:.4f}\n"
+        )
     return 0
 
 
@@ -156,19 +230,16 @@ def _cmd_flower_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from ktl.clients.backbones import BACKBONES
-    from ktl.config import available_presets
-    from ktl.data import DATASETS
-    from ktl.generator import available_generators
-    from ktl.methods import available_methods
+    from ktl.catalog import listing
 
+    names = listing()  # the built-in names from ktl/catalog.json (no torch), or live once plugins loaded
     lines = [
-        "presets:    " + ", ".join(available_presets()),
-        "methods:    " + ", ".join(available_methods()),
-        "datasets:   " + ", ".join(sorted(DATASETS)),
-        "generators: " + ", ".join(available_generators()),
+        "presets:    " + ", ".join(names["presets"]),
+        "methods:    " + ", ".join(names["methods"]),
+        "datasets:   " + ", ".join(names["datasets"]),
+        "generators: " + ", ".join(names["generators"]),
         "models:",
-        *(f"  {name:12s} {info.summary}" for name, info in sorted(BACKBONES.items())),
+        *(f"  {name:12s} {summary}" for name, summary in names["models"].items()),
     ]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
@@ -248,6 +319,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
         raise KtlError(f"server answered {exc}") from None
     except httpx.HTTPError as exc:
         raise KtlError(f"cannot reach {args.url}: {exc}") from None
+    except TimeoutError as exc:  # --wait ran out: one line, not a traceback
+        raise KtlError(f"gave up waiting: {exc}") from None
 
 
 def _client_status(args: argparse.Namespace) -> int:
@@ -314,40 +387,67 @@ def _refuse_federation_settings(overrides: dict[str, Any], federation: dict[str,
             )
 
 
-def _client_run(args: argparse.Namespace) -> int:
+def _participant(args: argparse.Namespace, sdk: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """The client (a partition of the preset's data, or ``--site``'s own files) and the client side of the
+    federation's method, as ``ktl client run`` and ``ktl client prototypes`` build them."""
     import secrets
 
     from ktl.config import build_config
-    from ktl.data import build_federated_data
+    from ktl.data import FederatedData, build_federated_data
     from ktl.device import resolve_device
-    from ktl.participant import method_for_federation, take_broadcast, train_and_upload
+    from ktl.participant import method_for_federation
     from ktl.simulate import build_client
+    from ktl.site import load_site
 
     overrides = _overrides(args)
     if args.method is not None:
         overrides["method"] = args.method
-    with _client_sdk(args) as sdk:
-        fed = sdk.federation(args.federation)
-        _refuse_federation_settings(overrides, fed)
+    fed = sdk.federation(args.federation)
+    _refuse_federation_settings(overrides, fed)
+    num_classes = int(fed["spec"]["num_classes"])
+    if args.site is not None:
+        given = sorted(k for k in overrides.get("data", {}) if k != "path")
+        if given:
+            raise KtlError(f"--data.{given[0]} does not apply to --site (a site's own data is used as it is)")
         config = build_config(preset=args.preset, config_file=args.config, overrides=overrides)
-        if not 0 <= args.client_index < config.num_clients:
+        index = args.client_index if args.client_index is not None else 0
+        local = load_site(args.site, num_classes=num_classes, index=args.client_index)
+        names = fed["spec"].get("class_names") or [f"class {c}" for c in range(num_classes)]
+        model = config.models[index % len(config.models)]
+        config = config.model_copy(update={"models": [model]})
+        data = FederatedData(clients=[local], class_names=list(names), source=f"site {args.site}")
+        logger.info("site %s: %d training and %d test samples, model %s", args.site, len(local.train_y),
+                    len(local.test_y), model)  # fmt: skip
+        index = 0
+    else:
+        if args.client_index is None:
+            raise KtlError("--client-index is needed (which partition of the preset's data), or --site DIR")
+        config = build_config(preset=args.preset, config_file=args.config, overrides=overrides)
+        index = args.client_index
+        if not 0 <= index < config.num_clients:
             raise KtlError(f"--client-index must lie in [0, {config.num_clients})")
         data = build_federated_data(config.data, num_clients=config.num_clients, seed=config.seed)
-        if fed["spec"]["num_classes"] != data.num_classes:
-            raise KtlError(
-                f"federation has {fed['spec']['num_classes']} classes, the local data {data.num_classes}"
-            )
-        device = resolve_device(config.device)
-        client = build_client(config, data, args.client_index, sdk.etf(args.federation), device)
-        # The client's privacy noise comes from a secret seed: a server that knew it could remove it.
-        method = method_for_federation(fed, seed=secrets.randbits(62), device=device)
-        if fed["privacy"]:
-            logger.info(
-                "privacy: the federation's budget ε = %g over %d rounds (noise σ = %.3g per release)",
-                fed["privacy"]["epsilon"],
-                fed["privacy"]["rounds"],
-                fed["privacy"]["noise_std"],
-            )
+        if num_classes != data.num_classes:
+            raise KtlError(f"federation has {num_classes} classes, the local data {data.num_classes}")
+    device = resolve_device(config.device)
+    client = build_client(config, data, index, sdk.etf(args.federation), device)
+    # The client's privacy noise comes from a secret seed: a server that knew it could remove it.
+    method = method_for_federation(fed, seed=secrets.randbits(62), device=device)
+    if fed["privacy"]:
+        logger.info(
+            "privacy: the federation's budget ε = %g over %d rounds (noise σ = %.3g per release)",
+            fed["privacy"]["epsilon"],
+            fed["privacy"]["rounds"],
+            fed["privacy"]["noise_std"],
+        )
+    return client, method, fed
+
+
+def _client_run(args: argparse.Namespace) -> int:
+    from ktl.participant import take_broadcast, train_and_upload
+
+    with _client_sdk(args) as sdk:
+        client, method, fed = _participant(args, sdk)
         start = int(fed["current_round"])
         for r in range(start, start + args.rounds):
             train_and_upload(method, client, sdk, args.federation, r)
@@ -355,6 +455,166 @@ def _client_run(args: argparse.Namespace) -> int:
             take_broadcast(method, client, sdk, args.federation, r, timeout=args.wait)
             logger.info("round %d: local accuracy %.4f (%d test samples)", r, correct / max(total, 1), total)
     return 0
+
+
+def _client_prototypes(args: argparse.Namespace) -> int:
+    """Train one local round and write the method's upload (what ``ktl client upload`` sends) to a file."""
+    with _client_sdk(args) as sdk:
+        client, method, fed = _participant(args, sdk)
+        update = method.client_update(client, int(fed["current_round"]))
+    if update.payload is None:
+        raise KtlError(f"method {fed['method']!r} uploads nothing")
+    args.out.write_bytes(update.payload)
+    logger.info("wrote %s (%d bytes) for round %d", args.out, len(update.payload), fed["current_round"])
+    return 0
+
+
+def _admin_sdk(args: argparse.Namespace) -> Any:
+    from ktl.clients.sdk import KtlHttpClient
+
+    token = args.token or os.environ.get("KTL_ADMIN_TOKEN")
+    if not token:
+        raise KtlError("no admin token: pass --token or set KTL_ADMIN_TOKEN")
+    return KtlHttpClient(args.url, token, timeout=args.timeout)
+
+
+def _cmd_admin_api(args: argparse.Namespace) -> int:
+    """``ktl admin federation|client|job …``: one SDK call, its JSON answer on stdout."""
+    from ktl.clients.sdk import KtlApiError
+
+    try:
+        with _admin_sdk(args) as sdk:
+            answer = args.admin_func(sdk, args)
+    except KtlApiError as exc:
+        raise KtlError(f"server answered {exc}") from None
+    except httpx.HTTPError as exc:
+        raise KtlError(f"cannot reach {args.url}: {exc}") from None
+    except TimeoutError as exc:
+        raise KtlError(f"gave up waiting: {exc}") from None
+    if answer is not None:
+        sys.stdout.write(json.dumps(answer, indent=2) + "\n")
+    return 0
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise KtlError(f"cannot read {path}: {exc}") from None
+    if not isinstance(spec, dict):
+        raise KtlError(f"{path} must hold a JSON object")
+    return spec
+
+
+def _federation_create(sdk: Any, args: argparse.Namespace) -> Any:
+    spec = _json_file(args.spec) if args.spec else {}
+    for key, value in (("name", args.name), ("num_classes", args.num_classes), ("method", args.method),
+                       ("quorum", args.quorum)):  # fmt: skip
+        if value is not None:
+            spec[key] = value
+    if "num_classes" not in spec:
+        raise KtlError("--num-classes (or num_classes in --spec) is needed")
+    return sdk.create_federation(spec)
+
+
+def _client_add(sdk: Any, args: argparse.Namespace) -> Any:
+    created = sdk.register_client(args.federation, args.name)
+    logger.warning("the token is shown once: store it now (the server keeps only its hash)")
+    return created
+
+
+def _job_submit(sdk: Any, args: argparse.Namespace) -> Any:
+    spec = _json_file(args.spec) if args.spec else {}
+    for key, value in (
+        ("federation_id", args.federation),
+        ("round", args.round),
+        ("per_class", args.per_class),
+    ):
+        if value is not None:
+            spec[key] = value
+    job = sdk.submit_job(spec)
+    return sdk.wait_for_job(job["id"], timeout=args.wait) if args.wait else job
+
+
+def _job_result(sdk: Any, args: argparse.Namespace) -> Any:
+    data = sdk.job_result_bytes(args.job)
+    args.out.write_bytes(data)
+    logger.info("job %s: %s (%d bytes)", args.job, args.out, len(data))
+    return None
+
+
+_ADMIN_CALLS: dict[str, Any] = {
+    "federation create": _federation_create,
+    "federation list": lambda sdk, a: sdk.federations(limit=a.limit, after=a.after),
+    "federation show": lambda sdk, a: sdk.federation(a.federation),
+    "federation pause": lambda sdk, a: sdk.pause_federation(a.federation),
+    "federation resume": lambda sdk, a: sdk.resume_federation(a.federation),
+    "federation delete": lambda sdk, a: sdk.delete_federation(a.federation),
+    "client add": _client_add,
+    "client list": lambda sdk, a: sdk.clients(a.federation, limit=a.limit, after=a.after),
+    "client remove": lambda sdk, a: sdk.remove_client(a.federation, a.client),
+    "job submit": _job_submit,
+    "job status": lambda sdk, a: sdk.job(a.job),
+    "job result": _job_result,
+    "job cancel": lambda sdk, a: sdk.cancel_job(a.job),
+}
+
+
+def _add_admin_api(admin_sub: Any) -> None:
+    """``ktl admin federation|client|job …`` over the SDK (token: --token or $KTL_ADMIN_TOKEN)."""
+
+    def leaf(group: Any, name: str, help_text: str, key: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = group.add_parser(name, help=help_text)
+        p.add_argument("--url", default=os.environ.get("KTL_URL"), required="KTL_URL" not in os.environ,
+                       help="server URL (default: $KTL_URL)")  # fmt: skip
+        p.add_argument("--token", default=None, help="admin token (default: $KTL_ADMIN_TOKEN)")
+        p.add_argument("--timeout", type=float, default=30.0, help="seconds per request attempt")
+        p.set_defaults(func=_cmd_admin_api, admin_func=_ADMIN_CALLS[key])
+        return p
+
+    def page(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--limit", type=int, default=100, help="at most this many (one page)")
+        p.add_argument("--after", default=None, help="the last id of the page before")
+
+    fed = admin_sub.add_parser("federation", help="create, list, show, pause, resume or delete federations")
+    fed_sub = fed.add_subparsers(dest="admin_fed_command", required=True)
+    create = leaf(fed_sub, "create", "create a federation from flags and/or a JSON spec", "federation create")
+    create.add_argument("--spec", type=Path, default=None, help="a JSON federation spec (docs/api.md)")
+    create.add_argument("--name", default=None)
+    create.add_argument("--num-classes", type=int, default=None)
+    create.add_argument(
+        "--method", default=None, help="fedktl (default), fedproto, fedtgp, fd, fedktl-latents"
+    )
+    create.add_argument("--quorum", type=int, default=None, help="uploads that close a round")
+    page(leaf(fed_sub, "list", "list federations (one page)", "federation list"))
+    for name in ("show", "pause", "resume", "delete"):
+        leaf(fed_sub, name, f"{name} a federation", f"federation {name}").add_argument("federation")
+    cl = admin_sub.add_parser("client", help="register (token printed once), list or remove clients")
+    cl_sub = cl.add_subparsers(dest="admin_client_command", required=True)
+    add = leaf(cl_sub, "add", "register a client; its token is printed once", "client add")
+    add.add_argument("federation")
+    add.add_argument("--name", default=None)
+    lst = leaf(cl_sub, "list", "a federation's clients (one page)", "client list")
+    lst.add_argument("federation")
+    page(lst)
+    rm = leaf(cl_sub, "remove", "remove a client (its token stops working)", "client remove")
+    rm.add_argument("federation")
+    rm.add_argument("client")
+    job = admin_sub.add_parser("job", help="batch generation jobs: submit, status, result, cancel")
+    job_sub = job.add_subparsers(dest="admin_job_command", required=True)
+    submit = leaf(job_sub, "submit", "queue a generation job from flags and/or a JSON spec", "job submit")
+    submit.add_argument("--spec", type=Path, default=None, help="a JSON job spec (docs/api.md)")
+    submit.add_argument("--federation", default=None, help="federation id (federation_id)")
+    submit.add_argument("--round", type=int, default=None, help="a published round")
+    submit.add_argument("--per-class", type=int, default=None, help="images per class centroid")
+    submit.add_argument("--wait", type=float, default=0.0, help="wait up to this many seconds for it to end")
+    for name in ("status", "cancel"):
+        leaf(
+            job_sub, name, f"a job's {name}" if name == "status" else "cancel a job", f"job {name}"
+        ).add_argument("job")
+    result = leaf(job_sub, "result", "download a finished job's safetensors", "job result")
+    result.add_argument("job")
+    result.add_argument("--out", type=Path, required=True)
 
 
 def _cmd_admin_check(args: argparse.Namespace) -> int:
@@ -388,12 +648,42 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return int(args.bench_main(args))
 
 
+def _command_in(argv: Sequence[str] | None) -> str | None:
+    """The sub-command ``argv`` names (its first word after the global options); None when there is none."""
+    skip = False
+    for arg in argv or ():
+        if skip:
+            skip = False
+        elif arg == "--plugin":
+            skip = True
+        elif arg == "--":
+            break
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The ``ktl`` parser; ``argv``, when given, is pre-scanned for ``--preset`` (see `_add_config_flags`)."""
+    """The ``ktl`` parser; ``argv``, when given, is pre-scanned for ``--preset`` (see `_add_config_flags`)
+    and for its sub-command: only that one gets its settings flags and benchmark modules (they import
+    torch), so ``ktl --help`` and a mistyped command answer at once. Without ``argv``, everything."""
     preset = _preset_in(argv)
-    parser = argparse.ArgumentParser(prog="ktl", description="Generator-based knowledge transfer (FedKTL).")
+    command = _command_in(argv)
+
+    def wants(name: str) -> bool:
+        return argv is None or command == name
+
+    parser = _Parser(prog="ktl", description="Generator-based knowledge transfer (FedKTL).")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="load a plugin before anything else: a .py file or a module path (repeatable; also "
+        "$KTL_PLUGINS, comma-separated; see docs/extending.md)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser(
@@ -409,7 +699,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace the contents of an existing --out folder"
     )
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_config_flags(sim, preset=preset)
+    sim.add_argument(
+        "--repeats",
+        dest="set:study.repeats",
+        default=argparse.SUPPRESS,
+        metavar="N",
+        help="run seeds seed … seed+N−1 into sub-folders and report mean ± std (= --study.repeats N)",
+    )
+    if wants("simulate"):
+        _add_config_flags(sim, preset=preset)
     sim.set_defaults(func=_cmd_simulate)
 
     flower = sub.add_parser("flower", help="run ktl's methods on Flower (see docs/flower.md)")
@@ -421,7 +719,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     fsim.add_argument("--preset", default=None, help="a preset name (see `ktl list`), e.g. cpu-small")
     fsim.add_argument("--config", type=Path, default=None, help="a TOML or JSON config file")
-    fsim.add_argument("--fraction", type=float, default=1.0, help="fraction of the nodes sampled each round")
+    fsim.add_argument(
+        "--fraction",
+        type=float,
+        default=None,
+        help="fraction of the nodes sampled each round (= --study.join-ratio)",
+    )
     fsim.add_argument(
         "--cpus-per-client", type=float, default=1.0, help="Ray CPUs reserved per virtual client"
     )
@@ -438,7 +741,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         default=2,
         help="methods *-secagg: shares needed to rebuild a secret (integer below the shares, or a fraction)",
     )
-    _add_config_flags(fsim, exclude=frozenset({"preset", "out"}), preset=preset)
+    if wants("flower"):
+        _add_config_flags(fsim, exclude=frozenset({"preset", "out"}), preset=preset)
     fsim.set_defaults(func=_cmd_flower_simulate)
 
     lst = sub.add_parser("list", help="presets, methods, data sets, generators and models")
@@ -474,9 +778,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     demo.add_argument(
         "--method", default="fedktl", help="a method that exchanges payloads: fedktl, fedproto, fedtgp, fd, …"
     )
-    _add_config_flags(
-        demo, exclude=frozenset({"preset", "rounds", "num_clients", "seed", "out", "method"}), preset=preset
-    )
+    if wants("demo"):
+        _add_config_flags(
+            demo,
+            exclude=frozenset({"preset", "rounds", "num_clients", "seed", "out", "method"}),
+            preset=preset,
+        )
     demo.set_defaults(func=_cmd_demo)
 
     client = sub.add_parser(
@@ -506,27 +813,51 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     pr.add_argument("--png", type=Path, default=None, help="also write the labelled grid here")
     pr.set_defaults(client_func=_client_pairs)
     run = client_sub.add_parser(
-        "run", help="participate: train on partition --client-index of the preset's data, for --rounds rounds"
+        "run",
+        help="participate for --rounds rounds: on a site's own data (--site DIR), or on partition "
+        "--client-index of the preset's data",
     )
-    common(run)
-    run.add_argument("--client-index", type=int, required=True)
+    protos = client_sub.add_parser(
+        "prototypes",
+        help="train one local round and write the upload (what `ktl client upload` takes) to --out",
+    )
+    for p in (run, protos):
+        common(p)
+        p.add_argument(
+            "--site",
+            type=Path,
+            default=None,
+            help="this site's own data: a folder with train.npz and test.npz (or PFLlib's train/<i>.npz and "
+            "test/<i>.npz of this site only); nothing of other clients is needed",
+        )
+        p.add_argument(
+            "--client-index",
+            type=int,
+            default=None,
+            help="which partition of the preset's data (without --site); with --site, the <i> of its files",
+        )
+        p.add_argument("--preset", default="cpu-small")
+        p.add_argument("--config", type=Path, default=None)
+        p.add_argument(
+            "--method", default=None, help="check that the federation runs this method (it decides which)"
+        )
+        if wants("client"):
+            _add_config_flags(p, exclude=frozenset({"preset", "rounds", "method", "out"}), preset=preset)
+        p.epilog = (
+            "The method and its settings (fedktl.*, aligner.*, baseline.*, privacy.*) are the federation's; "
+            "a flag that would change them is refused."
+        )
     run.add_argument("--rounds", type=int, default=1)
-    run.add_argument("--wait", type=float, default=3600.0, help="seconds to wait for each round's pairs")
-    run.add_argument("--preset", default="cpu-small")
-    run.add_argument("--config", type=Path, default=None)
-    run.add_argument(
-        "--method", default=None, help="check that the federation runs this method (it decides which)"
-    )
-    _add_config_flags(run, exclude=frozenset({"preset", "rounds", "method", "out"}), preset=preset)
-    run.epilog = (
-        "The method and its settings (fedktl.*, aligner.*, baseline.*, privacy.*) are the federation's; "
-        "a flag that would change them is refused."
-    )
+    run.add_argument("--wait", type=float, default=3600.0, help="seconds to wait for each round's broadcast")
     run.set_defaults(client_func=_client_run)
-    for p in (st, up, pr, run):
+    protos.add_argument("--out", type=Path, required=True, help="the safetensors file to write")
+    protos.set_defaults(client_func=_client_prototypes)
+    for p in (st, up, pr, run, protos):
         p.set_defaults(func=_cmd_client)
 
-    admin = sub.add_parser("admin", help="operator tools for a server's data folder")
+    admin = sub.add_parser(
+        "admin", help="operator tools: a server's federations, clients and jobs; its data folder"
+    )
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)
     check = admin_sub.add_parser(
         "check",
@@ -544,6 +875,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     check.add_argument("--repair", action="store_true", help="fix what can be fixed")
     check.set_defaults(func=_cmd_admin_check)
+    _add_admin_api(admin_sub)
 
     pre = sub.add_parser(
         "pretrain-generator",
@@ -564,94 +896,114 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     pre.set_defaults(func=_cmd_pretrain)
 
     bench = sub.add_parser("bench", help="benchmarks (code in benchmarks/)")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    from ktl.benchmarks import api as bench_api
+    if wants("bench"):  # the benchmark modules import torch
+        bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+        from ktl.benchmarks import api as bench_api
 
-    api_parser = bench_sub.add_parser(
-        "api", help="upload latency with concurrent clients; server RSS over many rounds"
-    )
-    bench_api.add_arguments(api_parser)
-    api_parser.set_defaults(func=_cmd_bench, bench_main=bench_api.main)
-    server_parser = bench_sub.add_parser(
-        "server",
-        help="server round vs a faithful re-run of the reference loop; generation throughput",
-        description="Time to the reference's alignment loss, ours vs the reference loop, same inputs; "
-        "batch-job vs bare-generator images/s. See docs/benchmarks.md.",
-    )
-    from ktl.benchmarks import server as bench_server
+        api_parser = bench_sub.add_parser(
+            "api", help="upload latency with concurrent clients; server RSS over many rounds"
+        )
+        bench_api.add_arguments(api_parser)
+        api_parser.set_defaults(func=_cmd_bench, bench_main=bench_api.main)
+        server_parser = bench_sub.add_parser(
+            "server",
+            help="server round vs a faithful re-run of the reference loop; generation throughput",
+            description="Time to the reference's alignment loss, ours vs the reference loop, same inputs; "
+            "batch-job vs bare-generator images/s. See docs/benchmarks.md.",
+        )
+        from ktl.benchmarks import server as bench_server
 
-    bench_server.add_arguments(server_parser)
-    server_parser.set_defaults(func=_cmd_bench, bench_main=bench_server.main)
-    accuracy_parser = bench_sub.add_parser(
-        "accuracy",
-        help="every method (and FedKTL's ablations) in the same harness, mean ± std over seeds",
-        description="Runs a suite of ktl simulate runs (resumable: finished runs are kept) and builds the "
-        "table: last/best-round accuracy, bytes up/down per client per round, wall time; --write also "
-        "draws accuracy-per-round plots. See docs/results.md.",
-    )
-    from ktl.benchmarks import accuracy as bench_accuracy
+        bench_server.add_arguments(server_parser)
+        server_parser.set_defaults(func=_cmd_bench, bench_main=bench_server.main)
+        accuracy_parser = bench_sub.add_parser(
+            "accuracy",
+            help="every method (and FedKTL's ablations) in the same harness, mean ± std over seeds",
+            description="Runs a suite of ktl simulate runs (resumable: finished runs are kept) and builds the "
+            "table: last/best-round accuracy, bytes up/down per client per round, wall time; --write also "
+            "draws accuracy-per-round plots. See docs/results.md.",
+        )
+        from ktl.benchmarks import accuracy as bench_accuracy
 
-    bench_accuracy.add_arguments(accuracy_parser)
-    accuracy_parser.set_defaults(func=_cmd_bench, bench_main=bench_accuracy.main)
-    chaos_parser = bench_sub.add_parser(
-        "chaos",
-        help="a bounded soak of a real server with kill -9, a full disk and a poison federation",
-        description="Healthy federations run rounds while the server is killed, its disk fills (root) and a "
-        "poison round runs beside them; checks that no acknowledged upload is lost and every healthy "
-        "round publishes; reports /healthz latency. See docs/benchmarks.md.",
-    )
-    from ktl.benchmarks import chaos as bench_chaos
+        bench_accuracy.add_arguments(accuracy_parser)
+        accuracy_parser.set_defaults(func=_cmd_bench, bench_main=bench_accuracy.main)
+        chaos_parser = bench_sub.add_parser(
+            "chaos",
+            help="a bounded soak of a real server with kill -9, a full disk and a poison federation",
+            description="Healthy federations run rounds while the server is killed, its disk fills (root) and a "
+            "poison round runs beside them; checks that no acknowledged upload is lost and every healthy "
+            "round publishes; reports /healthz latency. See docs/benchmarks.md.",
+        )
+        from ktl.benchmarks import chaos as bench_chaos
 
-    bench_chaos.add_arguments(chaos_parser)
-    chaos_parser.set_defaults(func=_cmd_bench, bench_main=bench_chaos.main)
-    flower_parser = bench_sub.add_parser(
-        "flower",
-        help="ktl on Flower's Simulation Engine vs ktl simulate (overhead per round); 200 clients",
-        description="Per-round time of the same configuration through ktl simulate and ktl flower simulate, "
-        "and a run of many virtual clients (time per round, peak memory). See docs/benchmarks.md.",
-    )
+        bench_chaos.add_arguments(chaos_parser)
+        chaos_parser.set_defaults(func=_cmd_bench, bench_main=bench_chaos.main)
+        flower_parser = bench_sub.add_parser(
+            "flower",
+            help="ktl on Flower's Simulation Engine vs ktl simulate (overhead per round); 200 clients",
+            description="Per-round time of the same configuration through ktl simulate and ktl flower simulate, "
+            "and a run of many virtual clients (time per round, peak memory). See docs/benchmarks.md.",
+        )
 
-    def flower_main(args: argparse.Namespace) -> int:
-        from ktl.benchmarks import flower as bench_flower
+        def flower_main(args: argparse.Namespace) -> int:
+            from ktl.benchmarks import flower as bench_flower
 
-        return bench_flower.main(args)
+            return bench_flower.main(args)
 
-    flower_parser.add_argument("--preset", default="cpu-small")
-    flower_parser.add_argument("--clients", type=int, default=20)
-    flower_parser.add_argument("--rounds", type=int, default=3)
-    flower_parser.add_argument("--scale-clients", type=int, default=200, help="0: skip the scale run")
-    flower_parser.add_argument("--scale-rounds", type=int, default=2)
-    flower_parser.add_argument(
-        "--json", action="store_true", help="print one JSON object instead of the table"
-    )
-    flower_parser.add_argument("--write", type=Path, default=None, help="also write the table into this file")
-    flower_parser.set_defaults(func=_cmd_bench, bench_main=flower_main)
-    secagg_parser = bench_sub.add_parser(
-        "secagg",
-        help="what secure aggregation costs on Flower: bytes and time per round, plain vs SecAgg+",
-        description="fedproto, fedproto-secagg, fedktl and fedktl-secagg through ktl flower simulate with "
-        "the same configuration: wire bytes per client and round both ways, time per round, final accuracy. "
-        "See docs/results.md.",
-    )
+        flower_parser.add_argument("--preset", default="cpu-small")
+        flower_parser.add_argument("--clients", type=int, default=20)
+        flower_parser.add_argument("--rounds", type=int, default=3)
+        flower_parser.add_argument("--scale-clients", type=int, default=200, help="0: skip the scale run")
+        flower_parser.add_argument("--scale-rounds", type=int, default=2)
+        flower_parser.add_argument(
+            "--json", action="store_true", help="print one JSON object instead of the table"
+        )
+        flower_parser.add_argument(
+            "--write", type=Path, default=None, help="also write the table into this file"
+        )
+        flower_parser.set_defaults(func=_cmd_bench, bench_main=flower_main)
+        secagg_parser = bench_sub.add_parser(
+            "secagg",
+            help="what secure aggregation costs on Flower: bytes and time per round, plain vs SecAgg+",
+            description="fedproto, fedproto-secagg, fedktl and fedktl-secagg through ktl flower simulate with "
+            "the same configuration: wire bytes per client and round both ways, time per round, final accuracy. "
+            "See docs/results.md.",
+        )
 
-    def secagg_main(args: argparse.Namespace) -> int:
-        from ktl.benchmarks import secagg as bench_secagg
+        def secagg_main(args: argparse.Namespace) -> int:
+            from ktl.benchmarks import secagg as bench_secagg
 
-        return bench_secagg.main(args)
+            return bench_secagg.main(args)
 
-    secagg_parser.add_argument("--preset", default="cpu-small")
-    secagg_parser.add_argument("--clients", type=int, default=20)
-    secagg_parser.add_argument("--rounds", type=int, default=3)
-    secagg_parser.add_argument(
-        "--json", action="store_true", help="print one JSON object instead of the table"
-    )
-    secagg_parser.add_argument("--write", type=Path, default=None, help="also write the table into this file")
-    secagg_parser.set_defaults(func=_cmd_bench, bench_main=secagg_main)
+        secagg_parser.add_argument("--preset", default="cpu-small")
+        secagg_parser.add_argument("--clients", type=int, default=20)
+        secagg_parser.add_argument("--rounds", type=int, default=3)
+        secagg_parser.add_argument(
+            "--json", action="store_true", help="print one JSON object instead of the table"
+        )
+        secagg_parser.add_argument(
+            "--write", type=Path, default=None, help="also write the table into this file"
+        )
+        secagg_parser.set_defaults(func=_cmd_bench, bench_main=secagg_main)
+        from ktl.benchmarks import startup as bench_startup
+
+        startup_parser = bench_sub.add_parser(
+            "startup",
+            help="how long ktl takes before it answers (--help, a mistyped command, list), median of runs",
+            description="Fresh processes per case; the whole parser built eagerly side by side. See "
+            "docs/benchmarks.md.",
+        )
+        bench_startup.add_arguments(startup_parser)
+        startup_parser.set_defaults(func=_cmd_bench, bench_main=bench_startup.main)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        _load_plugins(argv)
+    except KtlError as exc:
+        sys.stderr.write(f"ktl: error: {exc}\n")
+        return 2
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     _setup_logging(-1 if args.quiet else args.verbose)

@@ -7,8 +7,10 @@ Precedence, lowest first: model defaults → ``--preset`` → ``--config FILE`` 
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
+import logging
 import re
 import sys
 import types
@@ -29,6 +31,7 @@ from ktl.data import DataConfig
 from ktl.errors import ConfigError
 from ktl.generator import GeneratorSpec
 from ktl.methods import BaselineSettings, FedKTLSettings, PrivacySettings, SecureSumSettings
+from ktl.study import StudySettings
 
 __all__ = [
     "Setting",
@@ -45,6 +48,8 @@ __all__ = [
     "preset_value",
     "update_docs",
 ]
+
+logger = logging.getLogger(__name__)
 
 # HtFLlib-style heterogeneous zoo, assigned to clients round-robin.
 DEFAULT_MODELS = ["cnn4", "resnet-s", "resnet-m", "mobilenetv2", "vit-small", "convnext"]
@@ -94,6 +99,7 @@ class SimulateConfig(BaseModel):
     baseline: BaselineSettings = Field(default_factory=BaselineSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     secagg: SecureSumSettings = Field(default_factory=SecureSumSettings)
+    study: StudySettings = Field(default_factory=StudySettings)
 
     @field_validator("models")
     @classmethod
@@ -165,7 +171,8 @@ def format_validation_error(exc: ValidationError) -> str:
         loc = ".".join(str(x) for x in err["loc"]) or "config"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown setting"
+            close = difflib.get_close_matches(loc, [x.name for x in iter_settings()], n=1, cutoff=0.7)
+            msg = "unknown setting" + (f" (did you mean {close[0]}?)" if close else "")
         got = err.get("input")
         suffix = "" if isinstance(got, dict) or err["type"] == "extra_forbidden" else f" (got {got!r})"
         parts.append(f"{loc}: {msg}{suffix}")
@@ -179,13 +186,35 @@ def build_config(
     data: dict[str, Any] = {}
     if preset is not None:
         data = _merge(load_preset(preset), {"preset": preset})
+    given: dict[str, Any] = {}
     if config_file is not None:
-        data = _merge(data, _load_file(Path(config_file)))
-    data = _merge(data, overrides or {})
+        given = _load_file(Path(config_file))
+    given = _merge(given, overrides or {})
+    data = _merge(data, given)
+    _keep_users_data_whole(data, given, preset)
     try:
         return SimulateConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+
+
+def _keep_users_data_whole(data: dict[str, Any], given: dict[str, Any], preset: str | None) -> None:
+    """A preset's ``data.fraction`` subsamples the preset's own data set; on a data set the user brought
+    (another ``data.dataset``) it is dropped unless the user set it too — a preset never shrinks a user's
+    data silently (it once took a PFLlib client from 61 training samples to 15)."""
+    section, mine = data.get("data") or {}, given.get("data") or {}
+    if preset is None or "dataset" not in mine or "fraction" in mine:
+        return
+    preset_data = load_preset(preset).get("data") or {}
+    if "fraction" in preset_data and mine["dataset"] != preset_data.get("dataset", mine["dataset"]):
+        section.pop("fraction", None)
+        logger.info(
+            "preset %s: data.fraction %s is for its %s data, not applied to %s (set --data.fraction to subsample)",
+            preset,
+            preset_data["fraction"],
+            preset_data.get("dataset"),
+            mine["dataset"],
+        )
 
 
 # -- flags -----------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ def train_and_upload(
     method: Method, client: LocalClient, sdk: KtlHttpClient, fid: str, r: int
 ) -> tuple[TrainStats, dict[str, Any] | None]:
     """One round of local training (with what the last broadcast gave), then the upload."""
+    client.start_round(r)  # the round's learning rate (client.lr_schedule)
     update = method.client_update(client, r)
     answer = sdk.upload_bytes(fid, r, update.payload) if update.payload is not None else None
     return update.stats, answer

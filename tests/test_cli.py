@@ -116,3 +116,60 @@ def test_list_shows_the_registries(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for word in ("cpu-small", "fedktl", "local", "fashion-mnist", "autoencoder-kl", "vit-small"):
         assert word in out
+
+
+def test_abbreviated_flags_are_refused_and_close_matches_suggested(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--round 3`` is not ``--rounds 3`` (argparse would have taken the prefix); a misspelled flag or
+    command gets a "did you mean"."""
+    for argv, hint in (
+        (["simulate", "--round", "3"], "did you mean --rounds?"),
+        (["simulate", "--client.lrr", "0.1"], "did you mean --client.lr?"),
+        (["simulat"], "did you mean simulate?"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("ktl: error:") and err.endswith(hint)
+
+
+def test_help_list_and_a_mistyped_command_answer_without_importing_torch() -> None:
+    """``ktl --help`` and argument errors build no settings flags and import no benchmark, ``ktl list``
+    reads ktl/catalog.json: torch (seconds to import) stays out. Checked on what is imported, not on a clock (the figure is in docs/benchmarks.md)."""
+    probe = (
+        "import sys, contextlib, io\n"
+        "from ktl.cli import main\n"
+        "for argv in (['--help'], ['simulat'], ['serve', '--nope'], ['list']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()), "
+        "contextlib.redirect_stderr(io.StringIO()):\n"
+        "        main(argv)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'ktl.config') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_misspelled_setting_in_a_config_file_or_run_config_gets_a_suggestion(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ktl.errors import ConfigError
+    from ktl.flower.config import from_run_config
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[client]\nlrr = 0.1\n")
+    assert main(["simulate", "--preset", "smoke", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err.strip().endswith("client.lrr: unknown setting (did you mean client.lr?)")
+    with pytest.raises(ConfigError, match="did you mean data.alpha"):
+        from_run_config({"settings": "data.alpah=0.5"})
+
+
+def test_the_catalog_ktl_list_reads_is_the_registries() -> None:
+    """ktl/catalog.json is generated (``python -m ktl.catalog --write``): stale, this fails."""
+    import json
+
+    from ktl.catalog import CATALOG, live
+
+    assert json.loads(CATALOG.read_text()) == live(), "stale: run python -m ktl.catalog --write"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from pathlib import Path
 
@@ -200,3 +201,23 @@ def test_pfl_folder_errors(tmp_path: Path) -> None:
         load_pfl_folder(tmp_path)
     with pytest.raises(DataError, match="needs --data.path"):
         build_federated_data(DataConfig(dataset="pfl-npz"), num_clients=2, seed=0)
+
+
+def test_a_preset_does_not_shrink_a_users_own_data_and_class_names_come_from_it(tmp_path: Path) -> None:
+    """cpu-small subsamples its Fashion-MNIST to 25 %; on a user's pfl-npz folder that fraction is not applied
+    unless the user sets it. A PFLlib folder's config.json may name its classes."""
+    from ktl.config import build_config
+
+    root = _pfl_folder(tmp_path / "pfl", pickled=False)
+    (root / "config.json").write_text(
+        json.dumps({"num_classes": 10, "class_names": [f"c{i}" for i in range(10)]})
+    )
+    own = {"num_clients": 3, "data": {"dataset": "pfl-npz", "path": str(root)}}
+    config = build_config(preset="cpu-small", overrides=own)
+    assert config.data.fraction == 1.0
+    fed = build_federated_data(config.data, num_clients=3, seed=0)
+    assert [c.train_y.numel() for c in fed.clients] == [6, 6, 6]  # every sample kept
+    assert fed.class_names == [f"c{i}" for i in range(10)]
+    asked = build_config(preset="cpu-small", overrides={**own, "data": {**own["data"], "fraction": 0.5}})
+    assert asked.data.fraction == 0.5  # asked for: applied
+    assert build_config(preset="cpu-small").data.fraction == 0.25  # the preset's own data: as before

@@ -14,6 +14,7 @@ from ktl.config import build_config
 from ktl.flower.config import FlowerOptions, from_run_config, to_run_config
 from ktl.flower.simulation import run_flower_simulation
 from ktl.simulate import run_simulation
+from ktl.study import miss_reason
 
 
 def test_the_run_config_round_trips_to_the_same_configuration() -> None:
@@ -54,9 +55,20 @@ def test_flower_simulation_gives_the_per_round_accuracies_of_ktl_simulate(
 
 
 def test_partial_participation_samples_the_same_nodes_for_the_same_seed(tmp_path: Path) -> None:
-    """flower.fraction: each round trains a seeded sample of the nodes; the rest keep their state."""
-    config = build_config(preset="smoke", overrides={"method": "fedproto", "num_clients": 4, "rounds": 2})
-    summary = run_flower_simulation(config, FlowerOptions(fraction=0.5, out=str(tmp_path / "half")))
-    rows = [json.loads(x) for x in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["sampled"] for r in rows] == [2, 2] and [r["replies"] for r in rows] == [2, 2]
+    """study.join_ratio (as in ktl simulate): each round trains a seeded sample of the nodes; the rest keep
+    their state. A sampled client that drops out (study.dropout: the same seeded draw per partition and
+    round as ktl simulate) answers without training. flower.fraction is an alias of the join ratio."""
+    study = {"join_ratio": 0.75, "dropout": 0.6}
+    overrides = {"method": "fedproto", "num_clients": 4, "rounds": 2, "study": study}
+    config = build_config(preset="smoke", overrides=overrides)
+    summary = run_flower_simulation(config, FlowerOptions(out=str(tmp_path / "part")))
+    rows = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sampled"] for r in rows] == [3, 3] and [r["replies"] + r["missed"] for r in rows] == [3, 3]
+    # with seed 0, partitions {0, 3} miss round 1 and {1, 3} round 2: any 3 of the 4 hold one or two
+    dropping = [
+        {i for i in range(4) if miss_reason(config.study, 0, r, i, num_train=1, epochs=1)} for r in (1, 2)
+    ]
+    assert dropping == [{0, 3}, {1, 3}] and all(1 <= r["missed"] <= 2 for r in rows)
     assert summary["failures"] == 0 and all(0 <= a <= 1 for a in summary["accuracy"])
+    alias = from_run_config(to_run_config(config, FlowerOptions(fraction=0.5)))
+    assert alias[1].fraction == 0.5 and alias[0].study.join_ratio == 0.75

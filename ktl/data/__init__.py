@@ -2,11 +2,18 @@
 
 `build_federated_data` turns a `DataConfig` into one `LocalData` per client. Data sets and partition
 schemes are registries (``DATASETS``, ``PARTITIONS``), so adding one is a decorator, not an elif.
+
+The data set protocol (`DatasetLoader`): ``loader(config, seed) -> (images, splits)`` where ``images`` is
+an `ImageSet` — uint8 ``(N, C, S, S)`` pixels (square), int64 labels in ``[0, len(class_names))`` and the
+class names — and ``splits`` is either None (one pooled set: ktl subsamples it by ``data.fraction`` and
+partitions it by ``data.partition``) or, for data that is already per client, one ``(train, test)`` pair of
+index arrays into ``images`` per client (`pool_clients` builds both from per-client arrays). Register one
+with ``@register_dataset("name")``; see docs/extending.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,13 +24,25 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ktl.clients.trainer import LocalData
 from ktl.data.fashion_mnist import load_fashion_mnist
+from ktl.data.folder import load_image_folder
 from ktl.data.images import ImageSet
 from ktl.data.partition import dirichlet_partition, pathological_partition, split_train_test
 from ktl.data.pfl import load_pfl_folder
 from ktl.data.synthetic import make_synthetic
 from ktl.errors import DataError
 
-__all__ = ["DataConfig", "FederatedData", "build_federated_data", "DATASETS", "PARTITIONS", "ImageSet"]
+__all__ = [
+    "DATASETS",
+    "PARTITIONS",
+    "DataConfig",
+    "DatasetLoader",
+    "FederatedData",
+    "ImageSet",
+    "Splits",
+    "build_federated_data",
+    "pool_clients",
+    "register_dataset",
+]
 
 
 class DataConfig(BaseModel):
@@ -33,12 +52,20 @@ class DataConfig(BaseModel):
 
     dataset: str = Field(
         "fashion-mnist",
-        description="fashion-mnist, synthetic, or pfl-npz (per-client .npz folders as PFLlib writes them)",
+        description="fashion-mnist, synthetic, pfl-npz (per-client .npz folders as PFLlib writes them), "
+        "image-folder (PNG files in one subfolder per class), or a plugin's (docs/extending.md)",
     )
     path: Path | None = Field(
         None,
         description="Data folder; for fashion-mnist the fallbacks are $KTL_DATA_DIR, then "
-        "/usr/share/datasets/fashion-mnist",
+        "/usr/share/datasets/fashion-mnist; for image-folder, the folder holding one subfolder per class",
+    )
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        le=1024,
+        description="image-folder: every image is resized (bilinear) to this side; none = the images' own "
+        "side when all are the same square size, else 32",
     )
     fraction: float = Field(
         1.0,
@@ -91,16 +118,80 @@ class FederatedData:
 
 
 # A data set loader returns the pooled images and, for pre-partitioned data, each client's (train, test)
-# indices into them; None means "partition me".
+# indices into them; None means "partition me" (see the module docstring).
 Splits = list[tuple[np.ndarray, np.ndarray]]
 DatasetLoader = Callable[[DataConfig, int], tuple[ImageSet, Splits | None]]
 Partitioner = Callable[[np.ndarray, int, DataConfig, np.random.Generator], list[np.ndarray]]
 
-DATASETS: dict[str, DatasetLoader] = {
-    "fashion-mnist": lambda cfg, seed: (load_fashion_mnist(cfg.path), None),
-    "synthetic": lambda cfg, seed: (make_synthetic(samples_per_class=300, seed=seed), None),
-    "pfl-npz": lambda cfg, seed: _pfl(cfg),
-}
+DATASETS: dict[str, DatasetLoader] = {}
+
+
+def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
+    """Decorator: make ``loader(config, seed)`` the data set ``name`` (``--data.dataset name``)."""
+
+    def wrap(loader: DatasetLoader) -> DatasetLoader:
+        if name in DATASETS:
+            raise ValueError(f"dataset {name!r} is registered twice")
+        DATASETS[name] = loader
+        return loader
+
+    return wrap
+
+
+@register_dataset("fashion-mnist")
+def _fashion_mnist(cfg: DataConfig, seed: int) -> tuple[ImageSet, Splits | None]:
+    return load_fashion_mnist(cfg.path), None
+
+
+@register_dataset("synthetic")
+def _synthetic(cfg: DataConfig, seed: int) -> tuple[ImageSet, Splits | None]:
+    return make_synthetic(samples_per_class=300, seed=seed), None
+
+
+@register_dataset("image-folder")
+def _image_folder(cfg: DataConfig, seed: int) -> tuple[ImageSet, Splits | None]:
+    if cfg.path is None:
+        raise DataError(
+            "dataset image-folder needs --data.path, a folder with one subfolder of PNGs per class"
+        )
+    return load_image_folder(cfg.path, cfg.image_size), None
+
+
+def pool_clients(
+    clients: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    class_names: list[str],
+    source: str = "",
+) -> tuple[ImageSet, Splits]:
+    """Per-client arrays ``(x_train, y_train, x_test, y_test)`` (uint8 ``(n, C, S, S)`` images, int labels)
+    → the pooled `ImageSet` (every train set, then every test set, in client order) and each client's
+    ``(train, test)`` indices into it: what a loader of already-partitioned data returns."""
+    if not clients:
+        raise DataError(f"{source or 'dataset'}: no clients")
+    xs = [c[0] for c in clients] + [c[2] for c in clients]
+    ys = [np.asarray(c[1], dtype=np.int64) for c in clients] + [
+        np.asarray(c[3], dtype=np.int64) for c in clients
+    ]
+    sizes = [len(y) for y in ys]
+    if any(len(x) != n for x, n in zip(xs, sizes, strict=True)):
+        raise DataError(f"{source or 'dataset'}: a client's images and labels differ in length")
+    if len({x.shape[1:] for x in xs}) != 1:
+        raise DataError(f"{source or 'dataset'}: clients' images differ in shape")
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    n = len(clients)
+    splits = [(np.arange(starts[i], ends[i]), np.arange(starts[n + i], ends[n + i])) for i in range(n)]
+    pooled = ImageSet(
+        np.concatenate(xs).astype(np.uint8, copy=False), np.concatenate(ys), class_names, source
+    )
+    return pooled, splits
+
+
+@register_dataset("pfl-npz")
+def _pfl(cfg: DataConfig, seed: int) -> tuple[ImageSet, Splits | None]:
+    if cfg.path is None:
+        raise DataError("dataset pfl-npz needs --data.path, a folder with train/ and test/ <i>.npz files")
+    return load_pfl_folder(cfg.path)
+
 
 PARTITIONS: dict[str, Partitioner] = {
     "dirichlet": lambda y, n, cfg, rng: dirichlet_partition(
@@ -108,12 +199,6 @@ PARTITIONS: dict[str, Partitioner] = {
     ),
     "pathological": lambda y, n, cfg, rng: pathological_partition(y, n, cfg.classes_per_client, rng),
 }
-
-
-def _pfl(cfg: DataConfig) -> tuple[ImageSet, Splits]:
-    if cfg.path is None:
-        raise DataError("dataset pfl-npz needs --data.path, a folder with train/ and test/ <i>.npz files")
-    return load_pfl_folder(cfg.path)
 
 
 def _subsample(index: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:

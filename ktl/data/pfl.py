@@ -1,7 +1,7 @@
 """Per-client ``.npz`` folders as PFLlib writes them, so users can bring their existing partitions.
 
 Layout: ``ROOT/train/{i}.npz`` and ``ROOT/test/{i}.npz`` for clients ``i = 0 … N-1`` (an optional
-``ROOT/config.json`` may give ``num_classes``). Each file holds either arrays ``x`` and ``y`` directly, or
+``ROOT/config.json`` may give ``num_classes`` and ``class_names``). Each file holds either arrays ``x`` and ``y`` directly, or
 PFLlib's single ``data`` entry: a pickled dict ``{'x': …, 'y': …}``. That pickle is read with an
 unpickler that admits numpy array reconstruction only — never arbitrary classes — so a crafted file
 cannot run code. Images may be ``(n, H, W)`` or ``(n, C, H, W)``; uint8 in [0, 255], float in [0, 1],
@@ -22,7 +22,7 @@ from numpy.lib import format as npformat
 from ktl.data.images import ImageSet
 from ktl.errors import DataError
 
-__all__ = ["load_pfl_folder", "read_client_npz"]
+__all__ = ["class_names_from", "load_pfl_folder", "read_client_npz", "to_uint8_nchw"]
 
 _ALLOWED_GLOBALS = {
     (module, name)
@@ -70,7 +70,8 @@ def read_client_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(item["x"]), np.asarray(item["y"])
 
 
-def _to_uint8_nchw(x: np.ndarray, path: Path) -> np.ndarray:
+def to_uint8_nchw(x: np.ndarray, path: Path) -> np.ndarray:
+    """Images of any accepted layout and range (module docstring) → uint8 ``(n, C, H, W)``."""
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
@@ -81,6 +82,26 @@ def _to_uint8_nchw(x: np.ndarray, path: Path) -> np.ndarray:
     if x.size and x.min() < 0:  # PFLlib's Normalize(0.5, 0.5): [-1, 1] → [0, 1]
         x = x * 0.5 + 0.5
     return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+
+
+def class_names_from(root: Path, seen: int) -> list[str]:
+    """Class names for a PFLlib-style folder: ``config.json``'s ``class_names`` (a list) when it has them,
+    else ``class <c>`` for as many classes as its ``num_classes`` says or the labels ``seen`` need."""
+    config = Path(root) / "config.json"
+    info: dict[str, Any] = {}
+    if config.is_file():
+        try:
+            loaded = json.loads(config.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read {config}: {exc}") from None
+        info = loaded if isinstance(loaded, dict) else {}
+    names = info.get("class_names")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) < seen:
+            raise DataError(f"{config}: class_names must be a list of at least {seen} names")
+        return list(names)
+    count = max(seen, int(info.get("num_classes", seen)))
+    return [f"class {c}" for c in range(count)]
 
 
 def load_pfl_folder(root: Path) -> tuple[ImageSet, list[tuple[np.ndarray, np.ndarray]]]:
@@ -107,20 +128,16 @@ def load_pfl_folder(root: Path) -> tuple[ImageSet, list[tuple[np.ndarray, np.nda
             x, y = read_client_npz(path)
             if y.ndim != 1 or y.shape[0] != x.shape[0]:
                 raise DataError(f"{path}: labels {y.shape} do not match images {x.shape}")
-            chunks.append((_to_uint8_nchw(x, path), y.astype(np.int64)))
+            chunks.append((to_uint8_nchw(x, path), y.astype(np.int64)))
     shapes = {c[0].shape[1:] for c in chunks if c[0].shape[0]}
     if len(shapes) > 1:
         raise DataError(f"{root}: clients' images differ in shape: {sorted(shapes)}")
     images = np.concatenate([c[0] for c in chunks])
     labels = np.concatenate([c[1] for c in chunks])
-    num_classes = int(labels.max()) + 1 if labels.size else 0
-    config = root / "config.json"
-    if config.is_file():
-        num_classes = max(num_classes, int(json.loads(config.read_text()).get("num_classes", num_classes)))
     if labels.size and labels.min() < 0:
         raise DataError(f"{root}: labels must be non-negative")
     offsets = np.cumsum([0] + [c[1].shape[0] for c in chunks])
     spans = [np.arange(offsets[k], offsets[k + 1]) for k in range(len(chunks))]
     per_client = [(spans[i], spans[n_clients + i]) for i in range(n_clients)]
-    names = [f"class {c}" for c in range(num_classes)]
+    names = class_names_from(root, int(labels.max()) + 1 if labels.size else 0)
     return ImageSet(images, labels, names, source=f"PFLlib folder {root}"), per_client

@@ -16,16 +16,17 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import LOGGER_NAME
 
-from ktl.clients import simplex_etf
+from ktl.clients import LocalClient, simplex_etf
 from ktl.config import SimulateConfig
 from ktl.data import DataConfig, FederatedData, build_federated_data
 from ktl.device import resolve_device
 from ktl.flower.config import from_run_config
 from ktl.flower.records import from_record, from_tensors, to_record, to_tensors
 from ktl.flower.secagg import fit_res, is_secure_message, read_fit_ins, secure_sum_mod
-from ktl.methods import MethodContext, get_method
+from ktl.methods import Method, MethodContext, get_method
 from ktl.seeding import derive_seed
 from ktl.simulate import build_client, method_settings
+from ktl.study import miss_reason
 
 __all__ = ["app", "make_client_app"]
 
@@ -41,6 +42,13 @@ _METHOD_PREFIX = "method."
 def _data(data_json: str, num_clients: int, seed: int) -> FederatedData:
     """The federated data, built once per process (deterministic in its config: a cache, not state)."""
     return build_federated_data(DataConfig.model_validate_json(data_json), num_clients=num_clients, seed=seed)
+
+
+def _save_state(context: Context, client: LocalClient, method: Method) -> None:
+    """The client's state (and its method's) into the node's ``context.state`` for the next round."""
+    state = client.state_tensors()
+    state.update({_METHOD_PREFIX + k: v for k, v in method.client_state(client).items()})
+    context.state[_STATE] = from_tensors(state)
 
 
 def train_step(config: SimulateConfig, message: Message, context: Context) -> Message:
@@ -69,20 +77,45 @@ def train_step(config: SimulateConfig, message: Message, context: Context) -> Me
         )
     content = message.content
     secure = is_secure_message(content)
+    evaluate = True
     if secure:
         round_index, broadcast = read_fit_ins(content)
     else:
-        round_index = cast(int, content.config_records["config"]["round"])
+        round_config = content.config_records["config"]
+        round_index = cast(int, round_config["round"])
+        evaluate = bool(round_config.get("evaluate", True))
         broadcast = (
             from_record(content.array_records["broadcast"]) if "broadcast" in content.array_records else None
         )
     if broadcast is not None:
         method.client_receive(client, broadcast)
+    # study.dropout / study.round_budget: a client that misses the round keeps the broadcast but neither
+    # trains nor uploads (under SecAgg+ every sampled client takes part: its protocol handles dropouts).
+    missed = None
+    if not secure:
+        missed = miss_reason(
+            config.study,
+            config.seed,
+            round_index,
+            index,
+            num_train=client.num_train,
+            epochs=config.client.epochs,
+        )
+    if missed is not None:
+        _save_state(context, client, method)
+        reply = RecordDict(
+            {
+                "meta": ConfigRecord(
+                    {"client-id": client.client_id, "partition-id": index, "missed": missed}
+                ),
+                "metrics": MetricRecord({"missed": 1, "seconds": time.perf_counter() - t0}),
+            }
+        )
+        return Message(reply, reply_to=message)
+    client.start_round(round_index, config.rounds)
     update = method.client_update(client, round_index)
-    correct, total = client.evaluate()
-    state = client.state_tensors()
-    state.update({_METHOD_PREFIX + k: v for k, v in method.client_state(client).items()})
-    context.state[_STATE] = from_tensors(state)
+    correct, total = client.evaluate() if evaluate else (0, 0)
+    _save_state(context, client, method)
     metrics = {
         "correct": correct,
         "total": total,

@@ -5,11 +5,13 @@ Every setting of ``ktl simulate`` is a run-config key, dotted as on the command 
 ``pyproject.toml``'s ``[tool.flwr.app.config]`` or ``flwr run . --run-config "method='fedproto'"``; since ``flwr run`` only overrides keys its
 ``pyproject.toml`` lists, any other setting goes in the one ``settings`` key as space-separated pairs
 (``--run-config "settings='client.lr=0.05 data.alpha=0.5'"``). Keys under ``flower.`` are the
-transport's own (`FlowerOptions`).
+transport's own (`FlowerOptions`); participation is ``study.join_ratio`` / ``study.min_clients`` as in
+``ktl simulate`` (``flower.fraction`` remains as an alias).
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ktl.config import SimulateConfig, build_config, config_fields, nest, parse_flag_value
 from ktl.errors import ConfigError
+from ktl.study import StudySettings
 
-__all__ = ["FlowerOptions", "from_run_config", "to_run_config"]
+__all__ = ["FlowerOptions", "from_run_config", "participation", "to_run_config"]
 
 
 class FlowerOptions(BaseModel):
@@ -26,8 +29,12 @@ class FlowerOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    fraction: float = Field(
-        1.0, gt=0, le=1, description="Fraction of the connected nodes sampled for each round's training."
+    fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="An alias of study.join_ratio (the fraction of the connected nodes sampled for each "
+        "round's training), kept for older run configs: set, it overrides study.join_ratio.",
     )
     min_nodes: int = Field(
         1, ge=1, alias="min-nodes", description="Nodes that must be connected before the first round starts."
@@ -65,6 +72,14 @@ class FlowerOptions(BaseModel):
         return self
 
 
+def participation(config: SimulateConfig, options: FlowerOptions) -> StudySettings:
+    """The study settings the ServerApp samples with: ``study``, with ``flower.fraction`` (when set) as
+    its join ratio."""
+    if options.fraction is None:
+        return config.study
+    return config.study.model_copy(update={"join_ratio": options.fraction})
+
+
 def from_run_config(run_config: Mapping[str, Any]) -> tuple[SimulateConfig, FlowerOptions]:
     """Split a run config into ktl's configuration (validated as ``ktl simulate`` validates it) and the
     transport's options; one `ConfigError` line for anything unknown or invalid."""
@@ -85,7 +100,9 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[SimulateConfig, Flow
             flower[key.removeprefix("flower.")] = value
             continue
         if key not in annotations:
-            raise ConfigError(f"unknown run-config key {key!r} (ktl simulate's settings, or flower.*)")
+            close = difflib.get_close_matches(key, list(annotations), n=1, cutoff=0.7)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown run-config key {key!r} (ktl simulate's settings, or flower.*){hint}")
         overrides[key] = parse_flag_value(annotations[key], value) if isinstance(value, str) else value
     config = build_config(preset=str(preset) if preset else None, overrides=nest(overrides))
     try:
@@ -111,6 +128,6 @@ def to_run_config(config: SimulateConfig, options: FlowerOptions | None = None) 
                 flat[f"{prefix}{key}"] = value if isinstance(value, bool | int | float) else str(value)
 
     walk(config.model_dump(mode="json", exclude={"preset", "out"}), "")
-    for key, value in (options or FlowerOptions()).model_dump(by_alias=True).items():
+    for key, value in (options or FlowerOptions()).model_dump(by_alias=True, exclude_none=True).items():
         flat[f"flower.{key}"] = value
     return flat

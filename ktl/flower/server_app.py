@@ -1,4 +1,6 @@
-"""ktl's ServerApp: each round, the previous broadcast goes to the sampled nodes with the round number;
+"""ktl's ServerApp: each round, the previous broadcast goes to the sampled nodes (``study.join_ratio``,
+``study.min_clients``: the same seeded draw as ``ktl simulate``, over the sorted node ids) with the round
+number;
 their replies (the method's payloads, as Flower records) go through the method's server step — the same
 `Method` ``ktl simulate`` and ``ktl serve`` drive. Nodes that fail mid-round are counted and the round goes
 on with the replies it got (Flower's way). A method whose uploads are summands (``fedproto-secagg``,
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -25,12 +26,13 @@ from flwr.supercore.run import Run
 from ktl.config import SimulateConfig
 from ktl.data import build_federated_data
 from ktl.device import resolve_device
-from ktl.flower.config import FlowerOptions, from_run_config
+from ktl.flower.config import FlowerOptions, from_run_config, participation
 from ktl.flower.records import from_record, to_record
 from ktl.flower.secagg import secure_sum_round
 from ktl.methods import SUM_UPLOAD
 from ktl.seeding import derive_seed
 from ktl.simulate import build_method
+from ktl.study import Plateau, is_evaluated, participants
 
 __all__ = ["CountingGrid", "app", "make_server_app", "run_rounds"]
 
@@ -104,10 +106,10 @@ def _wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[in
 
 
 def _plain_round(
-    grid: Grid, sampled: list[int], r: int, broadcast: bytes | None, timeout: float
+    grid: Grid, sampled: list[int], r: int, broadcast: bytes | None, timeout: float, evaluate: bool = True
 ) -> tuple[dict[str, bytes], list[dict[str, Any]]]:
     """Send the broadcast, collect each reply's payload and metrics (in the clients' order)."""
-    content = RecordDict({"config": ConfigRecord({"round": r})})
+    content = RecordDict({"config": ConfigRecord({"round": r, "evaluate": evaluate})})
     if broadcast is not None:
         content["broadcast"] = to_record(broadcast)
     messages = [
@@ -153,12 +155,15 @@ def run_rounds(
         (out / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
     broadcast: bytes | None = None
     history: list[dict[str, Any]] = []
+    study = participation(config, options)
+    plateau = Plateau(study.patience, study.min_delta)
+    stopped: dict[str, Any] | None = None
     for r in range(1, config.rounds + 1):
         t_round = time.perf_counter()
         sent_before, received_before = grid.bytes_sent, grid.bytes_received
         nodes = sorted(grid.get_node_ids())
-        k = max(1, min(len(nodes), round(options.fraction * len(nodes))))
-        sampled = sorted(random.Random(derive_seed(config.seed, "flower-sample", r)).sample(nodes, k))
+        sampled = [nodes[i] for i in participants(study, config.seed, r, len(nodes))]
+        evaluated = is_evaluated(study, r, config.rounds)
         sent = broadcast
         server_input: Mapping[str, bytes]
         payload_bytes: int | None
@@ -178,19 +183,26 @@ def run_rounds(
             server_input = {SUM_UPLOAD: secured.total} if secured.total is not None else {}
             metrics, payload_bytes = secured.metrics, None  # the summands never reach the server
         else:
-            uploads, metrics = _plain_round(grid, sampled, r, broadcast, options.round_timeout)
+            uploads, metrics = _plain_round(grid, sampled, r, broadcast, options.round_timeout, evaluated)
             payload_bytes = sum(len(p) for p in uploads.values())
             server_input = method.server_input(uploads) if uploads else {}
-        correct = sum(float(x["correct"]) for x in metrics)
-        total = sum(float(x["total"]) for x in metrics)
+        # A client that missed the round (study.dropout, study.round_budget) answers without training.
+        missed = sum(1 for x in metrics if float(x.get("missed", 0.0)) > 0)
+        reported = [x for x in metrics if not float(x.get("missed", 0.0)) > 0]
+        correct = sum(float(x["correct"]) for x in reported)
+        total = sum(float(x["total"]) for x in reported)
         server = method.server_update(server_input, r) if server_input else None
         if server is not None and server.payload is not None:
             broadcast = server.payload
+        # over the clients that reported (Flower evaluates where it trains); none when not evaluated
+        accuracy = correct / max(total, 1.0) if evaluated else None
         record = {
             "round": r,
-            "accuracy": correct / max(total, 1.0),
+            "accuracy": accuracy,
+            "evaluated": evaluated,
             "sampled": len(sampled),
-            "replies": len(metrics),
+            "replies": len(reported),
+            "missed": missed,
             "failures": len(sampled) - len(metrics),
             "bytes_up": payload_bytes,  # the method's payloads, as ktl simulate counts them
             "bytes_sent": grid.bytes_sent - sent_before,  # Flower's encoding, every message of the round
@@ -201,24 +213,31 @@ def run_rounds(
         }
         history.append(record)
         logger.info(
-            "round %d/%d  accuracy %.4f  (%d/%d replies)  %.1fs",
+            "round %d/%d  accuracy %s  (%d/%d replies)  %.1fs",
             r,
             config.rounds,
-            record["accuracy"],
-            len(metrics),
+            f"{accuracy:.4f}" if accuracy is not None else "not evaluated",
+            len(reported),
             len(sampled),
             record["round_seconds"],
         )
         if out is not None:
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        if accuracy is not None and plateau.update(accuracy):
+            stopped = {"round": r, "reason": plateau.reason()}
+            logger.info("early stop after round %d: %s", r, stopped["reason"])
+            break
     accuracies = [h["accuracy"] for h in history]
+    scored = [a for a in accuracies if a is not None]
     summary = {
         "method": config.method,
         "transport": "flower",
         "rounds": config.rounds,
-        "final_accuracy": accuracies[-1],
-        "best_accuracy": max(accuracies),
+        "rounds_run": len(history),
+        "stopped_early": stopped,
+        "final_accuracy": scored[-1],
+        "best_accuracy": max(scored),
         "accuracy": accuracies,
         "failures": sum(h["failures"] for h in history),
         "bytes_sent": grid.bytes_sent,
