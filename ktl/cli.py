@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import importlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -301,26 +303,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client_sdk(args: argparse.Namespace) -> Any:
+def _sdk(args: argparse.Namespace, env: str, what: str) -> Any:
+    """An SDK client for ``args.url`` with ``--token`` or ``$env``."""
     from ktl.clients.sdk import KtlHttpClient
 
-    token = args.token or os.environ.get("KTL_TOKEN")
+    token = args.token or os.environ.get(env)
     if not token:
-        raise KtlError("no token: pass --token or set KTL_TOKEN")
+        raise KtlError(f"no {what}: pass --token or set {env}")
     return KtlHttpClient(args.url, token, timeout=args.timeout)
 
 
-def _cmd_client(args: argparse.Namespace) -> int:
+def _client_sdk(args: argparse.Namespace) -> Any:
+    return _sdk(args, "KTL_TOKEN", "token")
+
+
+@contextlib.contextmanager
+def _server_errors(url: str) -> Iterator[None]:
+    """What a server or the network answers, as one line: an API error, no connection, a wait run out."""
     from ktl.clients.sdk import KtlApiError
 
     try:
-        return int(args.client_func(args))
+        yield
     except KtlApiError as exc:
         raise KtlError(f"server answered {exc}") from None
     except httpx.HTTPError as exc:
-        raise KtlError(f"cannot reach {args.url}: {exc}") from None
+        raise KtlError(f"cannot reach {url}: {exc}") from None
     except TimeoutError as exc:  # --wait ran out: one line, not a traceback
         raise KtlError(f"gave up waiting: {exc}") from None
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    with _server_errors(args.url):
+        return int(args.client_func(args))
 
 
 def _client_status(args: argparse.Namespace) -> int:
@@ -469,28 +483,10 @@ def _client_prototypes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_sdk(args: argparse.Namespace) -> Any:
-    from ktl.clients.sdk import KtlHttpClient
-
-    token = args.token or os.environ.get("KTL_ADMIN_TOKEN")
-    if not token:
-        raise KtlError("no admin token: pass --token or set KTL_ADMIN_TOKEN")
-    return KtlHttpClient(args.url, token, timeout=args.timeout)
-
-
 def _cmd_admin_api(args: argparse.Namespace) -> int:
     """``ktl admin federation|client|job …``: one SDK call, its JSON answer on stdout."""
-    from ktl.clients.sdk import KtlApiError
-
-    try:
-        with _admin_sdk(args) as sdk:
-            answer = args.admin_func(sdk, args)
-    except KtlApiError as exc:
-        raise KtlError(f"server answered {exc}") from None
-    except httpx.HTTPError as exc:
-        raise KtlError(f"cannot reach {args.url}: {exc}") from None
-    except TimeoutError as exc:
-        raise KtlError(f"gave up waiting: {exc}") from None
+    with _server_errors(args.url), _sdk(args, "KTL_ADMIN_TOKEN", "admin token") as sdk:
+        answer = args.admin_func(sdk, args)
     if answer is not None:
         sys.stdout.write(json.dumps(answer, indent=2) + "\n")
     return 0
@@ -646,6 +642,61 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     return int(args.bench_main(args))
+
+
+# ``ktl bench NAME``: module ktl.benchmarks.NAME (its add_arguments and main), help, description.
+_BENCHES: tuple[tuple[str, str, str | None], ...] = (
+    ("api", "upload latency with concurrent clients; server RSS over many rounds", None),
+    (
+        "server",
+        "server round vs a faithful re-run of the reference loop; generation throughput",
+        "Time to the reference's alignment loss, ours vs the reference loop, same inputs; batch-job vs "
+        "bare-generator images/s. See docs/benchmarks.md.",
+    ),
+    (
+        "accuracy",
+        "every method (and FedKTL's ablations) in the same harness, mean ± std over seeds",
+        "Runs a suite of ktl simulate runs (resumable: finished runs are kept) and builds the table: "
+        "last/best-round accuracy, bytes up/down per client per round, wall time; --write also draws "
+        "accuracy-per-round plots. See docs/results.md.",
+    ),
+    (
+        "chaos",
+        "a bounded soak of a real server with kill -9, a full disk and a poison federation",
+        "Healthy federations run rounds while the server is killed, its disk fills (root) and a poison round "
+        "runs beside them; checks that no acknowledged upload is lost and every healthy round publishes; "
+        "reports /healthz latency. See docs/benchmarks.md.",
+    ),
+    (
+        "startup",
+        "how long ktl takes before it answers (--help, a mistyped command, list), median of runs",
+        "Fresh processes per case; the whole parser built eagerly side by side. See docs/benchmarks.md.",
+    ),
+)
+
+
+# ``ktl bench flower|secagg``: their modules import Flower (an optional extra) only when they run.
+_FLOWER_BENCHES: tuple[tuple[str, str, str, bool], ...] = (
+    (
+        "flower",
+        "ktl on Flower's Simulation Engine vs ktl simulate (overhead per round); 200 clients",
+        "Per-round time of the same configuration through ktl simulate and ktl flower simulate, and a run of "
+        "many virtual clients (time per round, peak memory). See docs/benchmarks.md.",
+        True,
+    ),
+    (
+        "secagg",
+        "what secure aggregation costs on Flower: bytes and time per round, plain vs SecAgg+",
+        "fedproto, fedproto-secagg, fedktl and fedktl-secagg through ktl flower simulate with the same "
+        "configuration: wire bytes per client and round both ways, time per round, final accuracy. See "
+        "docs/results.md.",
+        False,
+    ),
+)
+
+
+def _flower_bench_main(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(f"ktl.benchmarks.{args.bench_command}").main(args))
 
 
 def _command_in(argv: Sequence[str] | None) -> str | None:
@@ -898,102 +949,23 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (code in benchmarks/)")
     if wants("bench"):  # the benchmark modules import torch
         bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-        from ktl.benchmarks import api as bench_api
+        for name, help_text, description in _BENCHES:
+            module = importlib.import_module(f"ktl.benchmarks.{name}")
+            p = bench_sub.add_parser(name, help=help_text, description=description)
+            module.add_arguments(p)
+            p.set_defaults(func=_cmd_bench, bench_main=module.main)
+        for name, help_text, description, scale in _FLOWER_BENCHES:
+            p = bench_sub.add_parser(name, help=help_text, description=description)
+            p.add_argument("--preset", default="cpu-small")
+            p.add_argument("--clients", type=int, default=20)
+            p.add_argument("--rounds", type=int, default=3)
+            if scale:
+                p.add_argument("--scale-clients", type=int, default=200, help="0: skip the scale run")
+                p.add_argument("--scale-rounds", type=int, default=2)
+            p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+            p.add_argument("--write", type=Path, default=None, help="also write the table into this file")
+            p.set_defaults(func=_cmd_bench, bench_main=_flower_bench_main)
 
-        api_parser = bench_sub.add_parser(
-            "api", help="upload latency with concurrent clients; server RSS over many rounds"
-        )
-        bench_api.add_arguments(api_parser)
-        api_parser.set_defaults(func=_cmd_bench, bench_main=bench_api.main)
-        server_parser = bench_sub.add_parser(
-            "server",
-            help="server round vs a faithful re-run of the reference loop; generation throughput",
-            description="Time to the reference's alignment loss, ours vs the reference loop, same inputs; "
-            "batch-job vs bare-generator images/s. See docs/benchmarks.md.",
-        )
-        from ktl.benchmarks import server as bench_server
-
-        bench_server.add_arguments(server_parser)
-        server_parser.set_defaults(func=_cmd_bench, bench_main=bench_server.main)
-        accuracy_parser = bench_sub.add_parser(
-            "accuracy",
-            help="every method (and FedKTL's ablations) in the same harness, mean ± std over seeds",
-            description="Runs a suite of ktl simulate runs (resumable: finished runs are kept) and builds the "
-            "table: last/best-round accuracy, bytes up/down per client per round, wall time; --write also "
-            "draws accuracy-per-round plots. See docs/results.md.",
-        )
-        from ktl.benchmarks import accuracy as bench_accuracy
-
-        bench_accuracy.add_arguments(accuracy_parser)
-        accuracy_parser.set_defaults(func=_cmd_bench, bench_main=bench_accuracy.main)
-        chaos_parser = bench_sub.add_parser(
-            "chaos",
-            help="a bounded soak of a real server with kill -9, a full disk and a poison federation",
-            description="Healthy federations run rounds while the server is killed, its disk fills (root) and a "
-            "poison round runs beside them; checks that no acknowledged upload is lost and every healthy "
-            "round publishes; reports /healthz latency. See docs/benchmarks.md.",
-        )
-        from ktl.benchmarks import chaos as bench_chaos
-
-        bench_chaos.add_arguments(chaos_parser)
-        chaos_parser.set_defaults(func=_cmd_bench, bench_main=bench_chaos.main)
-        flower_parser = bench_sub.add_parser(
-            "flower",
-            help="ktl on Flower's Simulation Engine vs ktl simulate (overhead per round); 200 clients",
-            description="Per-round time of the same configuration through ktl simulate and ktl flower simulate, "
-            "and a run of many virtual clients (time per round, peak memory). See docs/benchmarks.md.",
-        )
-
-        def flower_main(args: argparse.Namespace) -> int:
-            from ktl.benchmarks import flower as bench_flower
-
-            return bench_flower.main(args)
-
-        flower_parser.add_argument("--preset", default="cpu-small")
-        flower_parser.add_argument("--clients", type=int, default=20)
-        flower_parser.add_argument("--rounds", type=int, default=3)
-        flower_parser.add_argument("--scale-clients", type=int, default=200, help="0: skip the scale run")
-        flower_parser.add_argument("--scale-rounds", type=int, default=2)
-        flower_parser.add_argument(
-            "--json", action="store_true", help="print one JSON object instead of the table"
-        )
-        flower_parser.add_argument(
-            "--write", type=Path, default=None, help="also write the table into this file"
-        )
-        flower_parser.set_defaults(func=_cmd_bench, bench_main=flower_main)
-        secagg_parser = bench_sub.add_parser(
-            "secagg",
-            help="what secure aggregation costs on Flower: bytes and time per round, plain vs SecAgg+",
-            description="fedproto, fedproto-secagg, fedktl and fedktl-secagg through ktl flower simulate with "
-            "the same configuration: wire bytes per client and round both ways, time per round, final accuracy. "
-            "See docs/results.md.",
-        )
-
-        def secagg_main(args: argparse.Namespace) -> int:
-            from ktl.benchmarks import secagg as bench_secagg
-
-            return bench_secagg.main(args)
-
-        secagg_parser.add_argument("--preset", default="cpu-small")
-        secagg_parser.add_argument("--clients", type=int, default=20)
-        secagg_parser.add_argument("--rounds", type=int, default=3)
-        secagg_parser.add_argument(
-            "--json", action="store_true", help="print one JSON object instead of the table"
-        )
-        secagg_parser.add_argument(
-            "--write", type=Path, default=None, help="also write the table into this file"
-        )
-        secagg_parser.set_defaults(func=_cmd_bench, bench_main=secagg_main)
-        from ktl.benchmarks import startup as bench_startup
-
-        startup_parser = bench_sub.add_parser(
-            "startup",
-            help="how long ktl takes before it answers (--help, a mistyped command, list), median of runs",
-            description="Fresh processes per case; the whole parser built eagerly side by side. See "
-            "docs/benchmarks.md.",
-        )
-        bench_startup.add_arguments(startup_parser)
-        startup_parser.set_defaults(func=_cmd_bench, bench_main=bench_startup.main)
     return parser
 
 

@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+
+from ktl.config import SimulateConfig
+from ktl.simulate import run_simulation
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -21,3 +26,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(1234)
+
+
+def simulate_like_ray(config: SimulateConfig) -> dict[str, Any]:
+    """``ktl simulate`` with one torch thread, as each of Flower's Ray workers trains (a client reserves one
+    CPU): float reductions depend on the thread count, so this removes the one source of difference."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_simulation(config, progress=False)
+    finally:
+        torch.set_num_threads(threads)

@@ -13,8 +13,8 @@ import torch
 from ktl.config import build_config
 from ktl.flower.config import FlowerOptions, from_run_config, to_run_config
 from ktl.flower.simulation import run_flower_simulation
-from ktl.simulate import run_simulation
 from ktl.study import miss_reason
+from tests.conftest import simulate_like_ray
 
 
 def test_the_run_config_round_trips_to_the_same_configuration() -> None:
@@ -34,17 +34,9 @@ def test_flower_simulation_gives_the_per_round_accuracies_of_ktl_simulate(
 ) -> None:
     overrides = {"method": method, "num_clients": 3, "rounds": 2, "aligner": {"steps": 20}}
     torch.manual_seed(1234)
-    # Flower's Ray workers train with one thread each (a client reserves one CPU); float reductions depend
-    # on the thread count, so ktl simulate runs with one thread too: the one source of difference, removed.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        simulated = run_simulation(
-            build_config(preset="smoke", overrides={**overrides, "out": str(tmp_path / "sim")}),
-            progress=False,
-        )
-    finally:
-        torch.set_num_threads(threads)
+    simulated = simulate_like_ray(
+        build_config(preset="smoke", overrides={**overrides, "out": str(tmp_path / "sim")})
+    )
     lines = [json.loads(x) for x in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()]
     config = build_config(preset="smoke", overrides=overrides)
     flower = run_flower_simulation(config, FlowerOptions(out=str(tmp_path / "flower")))

@@ -26,6 +26,7 @@ from ktl.methods import SUM_UPLOAD, MethodContext, ServerUpdate, get_method
 from ktl.methods.secure import FedProtoSecAgg, decode_sum, encode_summand
 from ktl.records import Prototypes
 from ktl.simulate import run_simulation
+from tests.conftest import simulate_like_ray
 
 C = K = 10
 CTX = MethodContext(num_classes=C, proto_dim=K, class_names=None)
@@ -149,15 +150,9 @@ def test_on_flower_secagg_plus_hands_the_server_only_the_sum(
     monkeypatch.setattr(FedProtoSecAgg, "client_update", record_client)
     monkeypatch.setattr(CountingGrid, "_received", record_received)
     overrides = {"method": "fedproto-secagg", "num_clients": 3, "rounds": 1}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        simulated = run_simulation(
-            build_config(preset="smoke", overrides={**overrides, "out": str(tmp_path / "sim")}),
-            progress=False,
-        )
-    finally:
-        torch.set_num_threads(threads)
+    simulated = simulate_like_ray(
+        build_config(preset="smoke", overrides={**overrides, "out": str(tmp_path / "sim")})
+    )
     assert len(summands) == 3 and len(inputs) == 1
     plain_sum = {k: v.double() for k, v in st_load(inputs[0][SUM_UPLOAD]).items()}
     inputs.clear()
