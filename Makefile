@@ -24,12 +24,18 @@ $(STAMP): pyproject.toml
 
 # Fashion-MNIST (IDX .gz files) and the Noto Color Emoji font (`ktl pretrain-generator`'s image set) from
 # Debian's packages; needs root. Without them `ktl simulate` / `ktl pretrain-generator` say how to get them.
+# Debian's Chromium too, for the console's browser tests (Playwright drives it; no browser download).
 EMOJI := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 data:
 	@if { [ ! -e $(FMNIST)/train-images-idx3-ubyte.gz ] || [ ! -e $(EMOJI) ]; } && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing dataset-fashion-mnist fonts-noto-color-emoji"; \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist fonts-noto-color-emoji >/dev/null) \
 			|| echo "note: could not install dataset-fashion-mnist / fonts-noto-color-emoji"; \
+	fi
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium (the console's browser tests)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+			|| echo "note: could not install chromium: the console's browser tests will be skipped"; \
 	fi
 
 demo: setup

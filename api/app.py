@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
 import ktl
+from ktl.api.console import router as console
 from ktl.api.errors import ApiError, http_error
 from ktl.api.limits import BodyLimitMiddleware
 from ktl.api.routers import federations, health, jobs, rounds
@@ -98,6 +99,6 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     app.add_middleware(BodyLimitMiddleware, settings=settings, on_refusal=count_refusal)
 
-    for router in (health.router, federations.router, rounds.router, jobs.router):
+    for router in (health.router, federations.router, rounds.router, jobs.router, console.router):
         app.include_router(router)
     return app

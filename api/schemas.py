@@ -205,6 +205,9 @@ class RoundOut(BaseModel):
     error: str | None
     current_round: int
     stats: dict[str, Any] | None = None
+    # The round's alignment quality report (``ktl.quality``: MMD to the prior, centroid distances, class
+    # spread, KID, verdict) once published; None for methods without one (all but fedktl) and before.
+    quality: dict[str, Any] | None = None
 
 
 class UploadOut(BaseModel):

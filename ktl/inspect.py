@@ -1,7 +1,8 @@
 """What the notebooks look at: a run folder (or a running server through the SDK) and the views the
 paper's argument needs — per-class images across rounds, F(prototypes) against the generator's prior in
 2-D, the aligner's loss per server step, and images from aligned latents beside images from unaligned
-inputs (raw prototypes linearly lifted to the latent size) and from prior samples.
+inputs (raw prototypes linearly lifted to the latent size) and from prior samples — and each round's
+alignment quality report (`ktl.quality`; `load_quality`), the same numbers a server's round state carries.
 
 Kept out of the notebooks so that they stay short and what they compute is tested.
 """
@@ -21,6 +22,7 @@ from ktl.aligner import Aligner
 from ktl.aligner.aligner import class_centroids
 from ktl.config import SimulateConfig
 from ktl.generator import Generator, load_generator
+from ktl.quality import pca_2d
 from ktl.records import Pairs, Prototypes
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "class_centroids",
     "class_images_over_rounds",
     "lift_linearly",
+    "load_quality",
     "nearest_images",
     "pca_2d",
     "distinctness",
@@ -70,6 +73,16 @@ class RunView:
     def history(self, r: int) -> dict[str, list[float]]:
         return json.loads((self.path / "rounds" / f"aligner-{r:04d}.json").read_text())
 
+    def quality(self, r: int) -> dict[str, Any] | None:
+        """Round ``r``'s alignment quality report (`ktl.quality`), or None if the run wrote none."""
+        path = self.path / "rounds" / f"quality-{r:04d}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def quality_png(self, r: int) -> bytes | None:
+        """Round ``r``'s 2-D PCA picture of F(prototypes), centroids and prior draws (PNG), or None."""
+        path = self.path / "rounds" / f"quality-{r:04d}.png"
+        return path.read_bytes() if path.is_file() else None
+
     def uploads(self) -> Prototypes:
         """Every client's prototypes of the last round, stacked."""
         return Prototypes.from_bytes((self.path / "uploads.safetensors").read_bytes())
@@ -109,6 +122,23 @@ class ServerView:
     def stats(self, r: int) -> dict[str, Any]:
         return dict(self.sdk.round(self.fid, r).get("stats") or {})
 
+    def quality(self, r: int) -> dict[str, Any] | None:
+        """Round ``r``'s alignment quality report from its round state (None: not published, or a method
+        without one)."""
+        report = self.sdk.round(self.fid, r).get("quality")
+        return dict(report) if report is not None else None
+
+    def quality_png(self, r: int) -> bytes:
+        """Round ``r``'s PCA picture (``GET …/rounds/{r}/quality.png``)."""
+        return bytes(self.sdk.request("GET", f"/v1/federations/{self.fid}/rounds/{r}/quality.png").content)
+
+
+def load_quality(source: RunView | ServerView | str | Path, r: int) -> dict[str, Any] | None:
+    """Round ``r``'s alignment quality report from a run folder (a path or a `RunView`) or a server
+    (`ServerView`): the same dict either way (keys `ktl.quality.REPORT_KEYS`), None where there is none."""
+    view = RunView(Path(source)) if isinstance(source, str | Path) else source
+    return view.quality(r)
+
 
 def class_images_over_rounds(
     pairs_by_round: dict[int, Pairs], num_classes: int
@@ -126,15 +156,6 @@ def class_images_over_rounds(
             tiles.append(p.images[hit[0]] if hit.numel() else blank)
             labels.append(f"c{c} r{r}")
     return torch.stack(tiles), labels
-
-
-def pca_2d(*groups: torch.Tensor) -> list[torch.Tensor]:
-    """Project every group of ``(n_i, W)`` rows onto the top two principal axes of all rows together."""
-    rows = torch.cat([g.float() for g in groups])
-    mean = rows.mean(0, keepdim=True)
-    _, _, v = torch.linalg.svd(rows - mean, full_matrices=False)
-    axes = v[:2].T
-    return [(g.float() - mean) @ axes for g in groups]
 
 
 def lift_linearly(vectors: torch.Tensor, latent_dim: int, *, seed: int = 0) -> torch.Tensor:

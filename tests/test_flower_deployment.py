@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +27,17 @@ BIN = Path(sys.executable).parent
 def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with open(log, "wb") as f:  # its own process group: stopping it stops the helpers it starts too
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:
+    """Until the SuperLink accepts connections (a fixed sleep failed on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no SuperLink on port {port} after {timeout:.0f}s"
+        time.sleep(0.5)
 
 
 def _certificates(folder: Path) -> dict[str, Path]:
@@ -98,7 +110,7 @@ def test_four_supernodes_on_loopback_run_the_app_and_give_simulates_accuracies(
         )
     ]  # fmt: skip
     try:
-        time.sleep(5)
+        _wait_for_port(port, procs[0], tmp_path / "superlink.log")
         for i in range(5 if auth else 4):
             keys: list[str] = []
             if auth:  # an ECDSA key pair per SuperNode; the operator registers the first four only

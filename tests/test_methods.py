@@ -203,6 +203,10 @@ def test_fedktl_run_folder_keeps_every_rounds_pairs_and_aligner_history(tmp_path
         "aligner-0002.json",
         "pairs-0001.safetensors",
         "pairs-0002.safetensors",
+        "quality-0001.json",
+        "quality-0001.png",
+        "quality-0002.json",
+        "quality-0002.png",
     ]
     history = json.loads((rounds / "aligner-0002.json").read_text())
     assert len(history["mmd"]) == TINY["aligner"]["steps"]  # type: ignore[index]

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response, status
 
 from ktl.api.deps import Admin, ClientCaller, FederationAccess, RoundIndex, ServiceDep, UploadBody
 from ktl.api.schemas import ErrorBody, RoundOut, UploadOut
+from ktl.quality import QUALITY_PNG
 
 router = APIRouter(
     prefix="/v1/federations/{fid}/rounds/{r}",
@@ -82,7 +83,8 @@ def cancel_round(r: RoundIndex, fed: FederationAccess, service: ServiceDep, _: A
 
 @router.get("")
 def get_round(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> RoundOut:
-    """Round state (open / aligning / published / failed) and the uploads so far."""
+    """Round state (open / aligning / published / failed), the uploads so far and, once published, the
+    method's round stats and (fedktl) its alignment quality report."""
     rnd = service.rounds.get(fed.id, r)
     uploads = service.rounds.uploads(fed.id, r)
     current = service.federations.get(fed.id).current_round
@@ -101,6 +103,7 @@ def get_round(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Roun
         error=rnd.error,
         current_round=current,
         stats=rnd.stats,
+        quality=service.rounds.quality(fed, rnd),
     )
 
 
@@ -136,6 +139,39 @@ def get_pairs(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Resp
 def get_pairs_png(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Response:
     """The round's generated images as a labelled PNG grid (once published)."""
     return Response(service.rounds.send_file(fed, r, "pairs.png"), media_type="image/png")
+
+
+@router.get(
+    "/quality.png",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"image/png": {}},
+            "description": "2-D PCA of F(prototypes), centroids, prior draws",
+        },
+        409: {"model": ErrorBody},
+    },
+)
+def get_quality_png(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Response:
+    """The round's alignment quality picture (fedktl, once published): F(prototypes), the class centroids
+    and prior draws on their top two principal axes; its numbers are the round state's ``quality``."""
+    return Response(service.rounds.send_file(fed, r, QUALITY_PNG), media_type="image/png")
+
+
+@router.get(
+    "/align-history",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"application/json": {}},
+            "description": "the aligner's loss, MMD² and MSE at every step: {loss: [...], mmd: [...], mse: [...]}",
+        },
+        409: {"model": ErrorBody},
+    },
+)
+def get_align_history(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Response:
+    """The round's alignment, step by step (fedktl, once published), for a loss curve."""
+    return Response(service.rounds.send_file(fed, r, "align-history.json"), media_type="application/json")
 
 
 @router.get(

@@ -9,10 +9,12 @@ is then *aligning* (the next round opens at once) while the device worker runs t
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -23,8 +25,9 @@ from ktl.api.services.federations import FederationService
 from ktl.api.services.jsonparse import parse_json_bounded
 from ktl.api.store import ClientRecord, FederationRecord, RoundRecord, UploadRecord, UploadResult
 from ktl.api.worker import ROUND_PRIORITY, Task
-from ktl.errors import ConflictError, NotFoundError, PayloadError, UnsupportedMediaError
+from ktl.errors import ConflictError, CorruptFileError, NotFoundError, PayloadError, UnsupportedMediaError
 from ktl.methods import Method, ServerUpdate, load_method
+from ktl.quality import QUALITY_FILE
 from ktl.records import Prototypes
 from ktl.work import Work
 
@@ -165,6 +168,22 @@ class RoundService(Service):
         # Checked against the checksum written with it: a damaged file is `corrupt_file` naming the round,
         # never its bytes.
         return self.store.read_verified(path)
+
+    def quality(self, fed: FederationRecord, rnd: RoundRecord) -> dict[str, Any] | None:
+        """The published round's alignment quality report (``quality.json``), or None: not published yet,
+        or the method publishes none. A damaged report is logged and left out — it never breaks the round
+        state clients poll (``ktl admin check`` lists it)."""
+        if rnd.state != "published":
+            return None
+        path = self.store.round_dir(fed.id, rnd.round) / QUALITY_FILE
+        if self.store.file_record(path) is None:
+            return None
+        try:
+            report = json.loads(self.store.read_verified(path))
+        except (CorruptFileError, ValueError) as exc:
+            logger.warning("%s round %d: quality report not served: %s", fed.id, rnd.round, exc)
+            return None
+        return report if isinstance(report, dict) else None
 
     def send_file(self, fed: FederationRecord, r: int, name: str) -> bytes:
         """A published round's file, for sending (counted in ``ktl_bytes_sent``)."""

@@ -36,8 +36,16 @@ from ktl.methods.base import (
     register_method,
 )
 from ktl.methods.privacy import PrivacySettings, privacy_facts, private_prototypes
+from ktl.quality import (
+    QUALITY_FILE,
+    QUALITY_PNG,
+    QualityResult,
+    QualityThresholds,
+    quality_metrics,
+    quality_report,
+)
 from ktl.records import Pairs, Prototypes
-from ktl.seeding import torch_generator
+from ktl.seeding import derive_seed, torch_generator
 from ktl.work import Work, run_to_end
 
 __all__ = [
@@ -83,6 +91,9 @@ class RoundResult:
     centroids: torch.Tensor  # (C, W) on the CPU; zero rows for classes nobody uploaded
     present: torch.Tensor  # (C,) bool
     history: dict[str, list[float]]  # the aligner's per-step loss, mmd, mse
+    aligned: torch.Tensor  # (n, W) F(prototypes) after the round's alignment, upload order, on the CPU
+    class_ids: torch.Tensor  # (n,) class of each aligned row
+    counts: torch.Tensor  # (n,) samples behind each row
     num_uploads: int
     num_rows: int
     align_seconds: float
@@ -244,6 +255,9 @@ class KnowledgeTransferServer:
             centroids=fit.centroids.cpu(),
             present=fit.present.cpu(),
             history=fit.history,
+            aligned=fit.aligned.detach().float().cpu(),
+            class_ids=class_ids.cpu(),
+            counts=counts.cpu(),
             num_uploads=len(uploads),
             num_rows=int(vectors.shape[0]),
             align_seconds=align_seconds,
@@ -267,6 +281,42 @@ class KnowledgeTransferServer:
                 latents.append(fit.aligned[pick.to(fit.aligned.device)])
             labels += [c] * self.pairs_per_class
         return torch.cat(latents), torch.tensor(labels, dtype=torch.int64)
+
+    def quality(
+        self,
+        result: RoundResult,
+        round_index: int,
+        *,
+        thresholds: QualityThresholds | None = None,
+        title: str = "F(prototypes) vs the generator's prior",
+    ) -> QualityResult:
+        """The round's alignment quality report (`ktl.quality`): its prior draws, images of some of them and
+        its subsets come from the round's own ``"quality"`` stream, so the server's streams (and with them
+        every training number) are the same with or without it."""
+        t = thresholds or QualityThresholds()
+        rng = torch_generator(self.seed, "quality", round_index, device=self.generator.device)
+
+        def sample_prior(n: int) -> torch.Tensor:
+            return self.generator.sample_latents(n, generator=rng).float().cpu()
+
+        prior_images = None
+        if result.pairs.images.shape[0] >= t.min_kid_images and t.kid_prior_images > 0:
+            latents = sample_prior(t.kid_prior_images).to(self.generator.device)
+            prior_images = self.generator.synthesize(latents).float().cpu()
+        return quality_report(
+            result.aligned,
+            result.class_ids,
+            result.counts,
+            result.centroids,
+            result.present,
+            sample_prior,
+            images=result.pairs.images,
+            prior_images=prior_images,
+            multipliers=self.aligner.settings.bandwidth_multipliers,
+            thresholds=t,
+            seed=derive_seed(self.seed, "quality", round_index),
+            title=title,
+        )
 
     def save_pretrained(self, path: str | Path) -> None:
         """Save the warm aligner (F and its settings) HF-style under ``path``."""
@@ -310,6 +360,7 @@ class FedKTL(Method):
         self.upload_dtype: torch.dtype = getattr(torch, self.settings.fedktl.upload_dtype)
         self._server: KnowledgeTransferServer | None = None
         self.last: RoundResult | None = None
+        self.last_quality: QualityResult | None = None
 
     @property
     def generator(self) -> Generator:
@@ -403,7 +454,29 @@ class FedKTL(Method):
             "centroids.safetensors": centroids,
             "align-history.json": (json.dumps(result.history) + "\n").encode(),
         }
-        return ServerUpdate(payload=result.pairs.to_bytes(), metrics=result.stats(), files=files)
+        metrics = result.stats()
+        t0 = time.perf_counter()
+        quality = self.round_quality(result, round_index)
+        if quality is not None:
+            files[QUALITY_FILE] = quality.to_json()
+            files[QUALITY_PNG] = quality.png
+            metrics.update(quality_metrics(quality.report), quality_seconds=time.perf_counter() - t0)
+        return ServerUpdate(payload=result.pairs.to_bytes(), metrics=metrics, files=files)
+
+    def round_quality(self, result: RoundResult, round_index: int) -> QualityResult | None:
+        """The round's quality report (kept for `save_round`); a report that cannot be made is logged and
+        left out — it never fails the round it describes."""
+        self.last_quality = None
+        try:
+            quality = self.server.quality(
+                result, round_index, title=f"round {round_index}: F(prototypes) vs the generator's prior"
+            )
+        except Exception:
+            logger.warning("round %d: no alignment quality report", round_index, exc_info=True)
+            return None
+        self.last_quality = quality
+        logger.info("round %d: %s", round_index, quality.report["verdict_line"])
+        return quality
 
     # -- state -------------------------------------------------------------------------------------------
 
@@ -426,14 +499,18 @@ class FedKTL(Method):
         return {**facts, **privacy_facts(self.settings.privacy)}
 
     def save_round(self, run_dir: Path, round_index: int, uploads: Mapping[str, bytes]) -> None:
-        """Per round: the pairs (wire format) and the aligner's per-step loss/MMD/MSE under
-        ``rounds/``; the last round's uploads as ``uploads.safetensors`` (for notebooks)."""
+        """Per round: the pairs (wire format), the aligner's per-step loss/MMD/MSE and the alignment
+        quality report with its PCA picture (``quality-<r>.json``, ``quality-<r>.png``) under ``rounds/``;
+        the last round's uploads as ``uploads.safetensors`` (for notebooks)."""
         if self.last is None:
             return
         folder = run_dir / "rounds"
         folder.mkdir(exist_ok=True)
         (folder / f"pairs-{round_index:04d}.safetensors").write_bytes(self.last.pairs.to_bytes())
         (folder / f"aligner-{round_index:04d}.json").write_text(json.dumps(self.last.history) + "\n")
+        if self.last_quality is not None:
+            (folder / f"quality-{round_index:04d}.json").write_bytes(self.last_quality.to_json())
+            (folder / f"quality-{round_index:04d}.png").write_bytes(self.last_quality.png)
         rows = list(self.decode_uploads(uploads).values())
         merged = Prototypes(
             vectors=torch.cat([p.vectors.float() for p in rows]),

@@ -8,12 +8,14 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from ktl import inspect as ki
 from ktl.api.service import KtlService
 from ktl.clients import simplex_etf
 from ktl.clients.sdk import KtlApiError, KtlHttpClient
 from ktl.methods import KnowledgeTransferServer
+from ktl.quality import QUALITY_FILE, REPORT_KEYS, VERDICTS
 from ktl.records import Pairs
-from tests.api.conftest import ADMIN, auth, federation, protos, register
+from tests.api.conftest import ADMIN, FAST_ALIGNER, auth, federation, protos, register
 
 
 def wait_state(client: KtlHttpClient, fid: str, r: int, states: tuple[str, ...], timeout: float = 60) -> dict:
@@ -243,3 +245,39 @@ def test_client_tokens_never_start_with_a_dash(http, admin) -> None:
     fed = federation(admin)
     tokens = [admin.register_client(fed["id"])["token"] for _ in range(64)]
     assert all(t.startswith("ktl_") for t in tokens) and len(set(tokens)) == 64
+
+
+def test_a_published_fedktl_round_carries_its_quality_report_and_picture(http, service, admin) -> None:
+    fed = federation(admin, quorum=1)
+    (a,) = register(admin, http, fed["id"], 1)
+    a.upload(fed["id"], 1, protos([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    state = wait_state(a, fed["id"], 1, ("published",))
+    quality = state["quality"]
+    assert tuple(quality) == REPORT_KEYS and quality["verdict"] in VERDICTS
+    assert quality["kid"] is not None and quality["mmd_ratio"] > 0  # 10 images: enough for the KID
+    assert state["stats"]["quality_mmd_ratio"] == quality["mmd_ratio"]
+    assert a.round(fed["id"], 2)["quality"] is None  # the open round
+    png = a.request("GET", f"/v1/federations/{fed['id']}/rounds/1/quality.png")
+    assert png.headers["content-type"] == "image/png" and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    view = ki.ServerView(a, fed["id"])
+    assert ki.load_quality(view, 1) == quality and view.quality_png(1) == png.content
+    assert http.get(f"/v1/federations/{fed['id']}/rounds/1/quality.png").status_code == 401  # as pairs.png
+    history = a.request("GET", f"/v1/federations/{fed['id']}/rounds/1/align-history").json()
+    assert len(history["loss"]) == len(history["mmd"]) == len(history["mse"]) == FAST_ALIGNER["steps"]
+    assert history["loss"][-1] == state["stats"]["align_loss_last"]
+    # A damaged report is left out of the round state (which clients poll), never an error.
+    (service.store.round_dir(fed["id"], 1) / QUALITY_FILE).write_text("{}")
+    assert a.round(fed["id"], 1)["quality"] is None
+
+
+def test_methods_without_a_quality_report_show_null_and_no_picture(http, admin) -> None:
+    fed = admin.create_federation({"num_classes": 10, "quorum": 1, "method": "fedproto", "etf_seed": 0})
+    (a,) = register(admin, http, fed["id"], 1)
+    a.upload(fed["id"], 1, protos([0, 1, 2]))
+    assert wait_state(a, fed["id"], 1, ("published",))["quality"] is None
+    with pytest.raises(KtlApiError) as info:
+        a.request("GET", f"/v1/federations/{fed['id']}/rounds/1/quality.png")
+    assert info.value.status == 404 and info.value.reason == "not_published_by_method"
+    with pytest.raises(KtlApiError) as info:
+        a.request("GET", f"/v1/federations/{fed['id']}/rounds/1/align-history")
+    assert info.value.status == 404
