@@ -491,7 +491,12 @@ class Store:
     def rel(self, path: Path | str) -> str:
         """``path`` relative to the data folder, with '/' (the key of the ``files`` table)."""
         p = Path(path)
-        return (p.relative_to(self.root) if p.is_absolute() else p).as_posix()
+        try:  # a path built from the root, absolute or relative like the root itself
+            return p.relative_to(self.root).as_posix()
+        except ValueError:
+            if p.is_absolute():
+                raise
+            return p.as_posix()  # already a key ("federations/…")
 
     # -- file checksums -------------------------------------------------------------------------------
 

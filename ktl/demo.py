@@ -25,7 +25,7 @@ from ktl.clients.sdk import KtlHttpClient
 from ktl.config import SimulateConfig, build_config
 from ktl.data import FederatedData, build_federated_data
 from ktl.device import resolve_device
-from ktl.errors import ConfigError, DataError
+from ktl.errors import ConfigError, DataError, KtlError
 from ktl.methods import get_method
 from ktl.participant import method_for_federation, take_broadcast, train_and_upload
 from ktl.seeding import derive_seed
@@ -134,6 +134,7 @@ def _run_clients(
     # The run seed seeds the clients' privacy noise, as in ktl simulate (a deployed client keeps its own).
     method = method_for_federation(fed, seed=config.seed, device=device)
     history = []
+    failed: list[str] = []  # rounds the server did not publish
     metrics_path = out / "metrics.jsonl"
     with metrics_path.open("w") as metrics_file:
         for r in range(1, options.rounds + 1):
@@ -145,6 +146,8 @@ def _run_clients(
                 take_broadcast(method, client, sdk, fid, r) for client, sdk in zip(clients, sdks, strict=True)
             ]
             state = admin.round(fid, r)
+            if not all(published):
+                failed.append(f"round {r}: {state.get('error') or state['state']}")
             history.append(accuracy)
             record = {
                 "round": r,
@@ -186,6 +189,8 @@ def _run_clients(
     for sdk in sdks:
         sdk.close()
     admin.close()
+    if failed:  # the main job did not do its job: say so, and exit non-zero
+        raise KtlError(f"{len(failed)} of {options.rounds} rounds failed on the server ({failed[0]})")
     return {
         "federation": fid,
         "method": config.method,

@@ -172,3 +172,16 @@ def test_demo_falls_back_to_synthetic_data_with_a_notice(tmp_path: Path, monkeyp
     assert any("SYNTHETIC" in r.getMessage() for r in caplog.records)
     assert any("dataset-fashion-mnist" in r.getMessage() for r in caplog.records)
     assert len(result["accuracy"]) == 1  # type: ignore[arg-type]
+
+
+def test_demo_in_a_relative_run_folder_publishes_every_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make demo` runs in runs/demo-<time>, a relative folder: the server's data folder is relative too.
+    Its stored files were once recorded under one key and read under another (every round failed with
+    corrupt_file while the demo still reported local accuracies); now a failed round fails the demo."""
+    monkeypatch.chdir(tmp_path)
+    result = run_demo(DemoOptions(rounds=2, clients=2, preset="smoke", out=Path("runs") / "demo"))
+    assert len(result["accuracy"]) == 2  # type: ignore[arg-type]
+    states = [json.loads(x)["state"] for x in (tmp_path / "runs/demo/metrics.jsonl").read_text().splitlines()]
+    assert states == ["published", "published"]
