@@ -423,7 +423,8 @@ def _participant(args: argparse.Namespace, sdk: Any) -> tuple[Any, Any, dict[str
         given = sorted(k for k in overrides.get("data", {}) if k != "path")
         if given:
             raise KtlError(f"--data.{given[0]} does not apply to --site (a site's own data is used as it is)")
-        config = build_config(preset=args.preset, config_file=args.config, overrides=overrides)
+    config = build_config(preset=args.preset, config_file=args.config, overrides=overrides)
+    if args.site is not None:
         index = args.client_index if args.client_index is not None else 0
         local = load_site(args.site, num_classes=num_classes, index=args.client_index)
         names = fed["spec"].get("class_names") or [f"class {c}" for c in range(num_classes)]
@@ -436,7 +437,6 @@ def _participant(args: argparse.Namespace, sdk: Any) -> tuple[Any, Any, dict[str
     else:
         if args.client_index is None:
             raise KtlError("--client-index is needed (which partition of the preset's data), or --site DIR")
-        config = build_config(preset=args.preset, config_file=args.config, overrides=overrides)
         index = args.client_index
         if not 0 <= index < config.num_clients:
             raise KtlError(f"--client-index must lie in [0, {config.num_clients})")

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ktl.clients.trainer import LocalData
-from ktl.data.pfl import read_client_npz, to_uint8_nchw
+from ktl.data.pfl import read_client_images
 from ktl.errors import DataError
 
 __all__ = ["load_site", "site_files"]
@@ -40,13 +39,10 @@ def site_files(root: Path, index: int | None) -> tuple[Path, Path]:
 
 
 def _read(path: Path, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = read_client_npz(path)
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise DataError(f"{path}: labels {y.shape} do not match images {x.shape}")
+    x, y = read_client_images(path)
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise DataError(f"{path}: labels must lie in [0, {num_classes}) (the federation's classes)")
-    pixels = torch.from_numpy(to_uint8_nchw(x, path)).float().div_(255.0)
-    return pixels, torch.from_numpy(y.astype(np.int64))
+    return torch.from_numpy(x).float().div_(255.0), torch.from_numpy(y)
 
 
 def load_site(root: Path, *, num_classes: int, index: int | None = None) -> LocalData:

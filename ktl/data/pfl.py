@@ -22,7 +22,7 @@ from numpy.lib import format as npformat
 from ktl.data.images import ImageSet
 from ktl.errors import DataError
 
-__all__ = ["class_names_from", "load_pfl_folder", "read_client_npz", "to_uint8_nchw"]
+__all__ = ["class_names_from", "load_pfl_folder", "read_client_images", "read_client_npz", "to_uint8_nchw"]
 
 _ALLOWED_GLOBALS = {
     (module, name)
@@ -68,6 +68,14 @@ def read_client_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(item, dict) or not {"x", "y"} <= set(item):
         raise DataError(f"{path}: PFLlib 'data' must be a dict with 'x' and 'y'")
     return np.asarray(item["x"]), np.asarray(item["y"])
+
+
+def read_client_images(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One client file as uint8 ``(n, C, H, W)`` images and int64 labels, labels matching images."""
+    x, y = read_client_npz(path)
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise DataError(f"{path}: labels {y.shape} do not match images {x.shape}")
+    return to_uint8_nchw(x, path), y.astype(np.int64)
 
 
 def to_uint8_nchw(x: np.ndarray, path: Path) -> np.ndarray:
@@ -125,10 +133,7 @@ def load_pfl_folder(root: Path) -> tuple[ImageSet, list[tuple[np.ndarray, np.nda
             path = split_dir / f"{i}.npz"
             if not path.is_file():
                 raise DataError(f"{path} is missing: client files must be numbered 0 … {n_clients - 1}")
-            x, y = read_client_npz(path)
-            if y.ndim != 1 or y.shape[0] != x.shape[0]:
-                raise DataError(f"{path}: labels {y.shape} do not match images {x.shape}")
-            chunks.append((to_uint8_nchw(x, path), y.astype(np.int64)))
+            chunks.append(read_client_images(path))
     shapes = {c[0].shape[1:] for c in chunks if c[0].shape[0]}
     if len(shapes) > 1:
         raise DataError(f"{root}: clients' images differ in shape: {sorted(shapes)}")
