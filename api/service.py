@@ -1,7 +1,7 @@
-"""One server instance: the store, the device worker, the generators and the services per resource.
+"""One server instance: the store, the device workers, the generators and the services per resource.
 
-`KtlService` owns the life cycle (load generators, recover unfinished work, run the deadline scheduler,
-stop) and composes the services the routes call: `federations` (federations, clients, tokens),
+`KtlService` owns the life cycle (load generators on every device, recover unfinished work, run the
+deadline scheduler, stop) and composes the services the routes call: `federations` (federations, clients, tokens),
 `rounds` (uploads, the round lifecycle, the method's server step) and `jobs` (batch generation). All
 state lives in `Store`; nothing here knows HTTP.
 """
@@ -17,10 +17,9 @@ from collections.abc import Callable
 from ktl.api.admission import DeviceBudget
 from ktl.api.metrics import Metrics
 from ktl.api.services import FederationService, JobService, RoundService, ServerParts
-from ktl.api.settings import ServerSettings
+from ktl.api.settings import ServerSettings, resolve_devices
 from ktl.api.store import Store
-from ktl.api.worker import DeviceWorker
-from ktl.device import resolve_device
+from ktl.api.worker import DevicePool
 from ktl.errors import ConfigError
 from ktl.generator import Generator, load_generator
 
@@ -37,13 +36,26 @@ class KtlService:
             raise ConfigError("no admin token: set KTL_ADMIN_TOKEN (the server refuses to start without one)")
         self.settings = settings
         self.clock = clock
-        self.device = resolve_device(settings.device)
+        # One worker per device; rounds run on the first (``worker``, ``device``, ``generators``), batch
+        # jobs' batches on every one (``device_generators[i]`` is device i's copy of every generator).
+        self.devices = resolve_devices(settings)
+        self.device = self.devices[0]
         self.store = Store(settings.data_dir, min_free_bytes=settings.min_free_bytes)
         self.metrics = Metrics()
-        self.worker = DeviceWorker()
-        self.generators: dict[str, Generator] = {}
+        self.pool = DevicePool(self.devices)
+        self.worker = self.pool.workers[0]
+        self.device_generators: list[dict[str, Generator]] = [{} for _ in self.devices]
+        self.generators = self.device_generators[0]
         parts = ServerParts(
-            self.store, self.worker, self.device, self.generators, self.metrics, settings, clock
+            self.store,
+            self.worker,
+            self.device,
+            self.generators,
+            self.metrics,
+            settings,
+            clock,
+            self.pool,
+            self.device_generators,
         )
         self.federations = FederationService(parts)
         self.rounds = RoundService(parts, self.federations)
@@ -53,9 +65,17 @@ class KtlService:
         self.ready = False
 
     def start(self) -> None:
-        """Load every generator once, recover unfinished work, start the worker and the scheduler."""
+        """Load every generator once per device, recover unfinished work, start the workers and the
+        scheduler."""
+        logger.info(
+            "%d device worker(s): %s (rounds on %s; batch jobs on all)",
+            len(self.devices),
+            ", ".join(str(d) for d in self.devices),
+            self.device,
+        )
         for name, spec in self.settings.generators.items():
-            self.generators[name] = load_generator(spec, self.device)
+            for generators, device in zip(self.device_generators, self.devices, strict=True):
+                generators[name] = load_generator(spec, device)
             logger.info("generator %r: %s", name, self.generators[name].description)
         self.federations.budget = DeviceBudget.measure(
             self.device,
@@ -70,7 +90,7 @@ class KtlService:
             self.federations.budget.memory_bytes / 2**30,
             self.federations.budget.seconds,
         )
-        self.worker.start()
+        self.pool.start()
         self.rounds.recover()
         self.jobs.recover()
         self._scheduler.start()
@@ -81,15 +101,15 @@ class KtlService:
         self._stop.set()
         if self._scheduler.is_alive():
             self._scheduler.join(5)
-        self.worker.stop()
+        self.pool.stop()
         if not self.worker.alive:  # between two slices: nothing runs any more
             self.rounds.release_running()
         self.store.close()
 
     @property
     def alive(self) -> bool:
-        """Ready to serve, and the device worker is running."""
-        return self.ready and self.worker.alive
+        """Ready to serve, and every device worker is running."""
+        return self.ready and self.pool.alive
 
     def is_admin(self, token: str | None) -> bool:
         expected = self.settings.admin_token.get_secret_value() if self.settings.admin_token else ""
@@ -100,5 +120,6 @@ class KtlService:
             try:
                 self.rounds.close_due()
                 self.rounds.retry_storage_failures()
+                self.rounds.reconcile()
             except Exception:
                 logger.exception("round scheduler failed")

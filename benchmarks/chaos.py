@@ -305,6 +305,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     poison_state = admin.round(poison["id"], 1)
     stop.clear()
     server.stop()
+    kept_log = None
+    if lost or healthy_states.count("published") < len(healthy_states):  # keep the evidence
+        kept_log = Path(tempfile.mkstemp(prefix="ktl-chaos-serve-", suffix=".log")[1])
+        shutil.copyfile(work / "serve.log", kept_log)
+        logger.warning("chaos: the soak failed; the server's log is kept at %s", kept_log)
     if mounted:
         subprocess.run(["umount", str(work / "fs")], check=False, capture_output=True)
     shutil.rmtree(work, ignore_errors=True)
@@ -328,6 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "healthz_p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
         "healthz_max_ms": 1e3 * lat[-1],
         "wall_s": wall,
+        "server_log": str(kept_log) if kept_log else None,
         "machine": machine(),
     }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -59,6 +60,9 @@ class RoundService(Service):
         self.federations = federations
         self._methods: dict[str, tuple[int, Method]] = {}  # fid → (last round, its warm method)
         self._running: dict[str, int] = {}  # fid → the round whose server step is under way
+        # Rounds with a server step queued or running on the worker (one chain of tasks per round at most).
+        self._in_flight: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
 
     # -- uploads --------------------------------------------------------------------------------------
 
@@ -268,8 +272,59 @@ class RoundService(Service):
             logger.info("recovery: aligning %s round %d", rnd.federation_id, rnd.round)
             self.enqueue(rnd.federation_id, rnd.round)
 
-    def enqueue(self, fid: str, r: int) -> None:
-        self.parts.worker.submit(ROUND_PRIORITY, partial(self._start_step, fid, r))
+    def enqueue(self, fid: str, r: int) -> bool:
+        """Queue round ``r``'s server step, unless one is already queued or running; True if queued."""
+        with self._lock:
+            if (fid, r) in self._in_flight:
+                return False
+            self._in_flight.add((fid, r))
+        self.parts.worker.submit(ROUND_PRIORITY, self._tracked(fid, r, partial(self._start_step, fid, r)))
+        return True
+
+    def _tracked(self, fid: str, r: int, task: Task) -> Task:
+        """``task`` and its follow-ups, with round ``r`` counted in flight until the chain ends — by
+        returning nothing or by raising (a failure that could not even be recorded, e.g. on a full disk)."""
+
+        def run() -> Task | None:
+            try:
+                follow = task()
+            except BaseException:
+                self._settle(fid, r)
+                raise
+            if follow is None:
+                self._settle(fid, r)
+                return None
+            return self._tracked(fid, r, follow)
+
+        return run
+
+    def _settle(self, fid: str, r: int) -> None:
+        with self._lock:
+            self._in_flight.discard((fid, r))
+            if self._running.get(fid) == r:
+                del self._running[fid]
+
+    def reconcile(self) -> int:
+        """Queue again every aligning round (of an active federation) that has no server step queued or
+        running here — one whose end could not be recorded (its step failed and the disk was full, so
+        `Store.fail_round` failed too) would otherwise wait forever. Waits while the disk is short of
+        space. Returns how many it queued."""
+        if self.store.disk_free_bytes() < self.settings.min_free_bytes:
+            return 0
+        queued = 0
+        for rnd in self.store.rounds_in_state("aligning"):
+            fed = self.store.get_federation(rnd.federation_id)
+            if fed is None or fed.state != "active":  # a paused federation's rounds wait for `resume`
+                continue
+            if self.enqueue(rnd.federation_id, rnd.round):
+                logger.warning(
+                    "%s round %d was aligning with no server step queued (its end could not be recorded); "
+                    "queuing it again",
+                    rnd.federation_id,
+                    rnd.round,
+                )
+                queued += 1
+        return queued
 
     def _method_for(self, fed: FederationRecord, r: int) -> Method:
         """The federation's method, warm: kept from round ``r − 1``, or loaded from the latest valid state

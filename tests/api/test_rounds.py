@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import threading
 import time
 
 import pytest
@@ -10,8 +13,10 @@ from fastapi.testclient import TestClient
 
 from ktl import inspect as ki
 from ktl.api.service import KtlService
+from ktl.api.worker import ROUND_PRIORITY
 from ktl.clients import simplex_etf
 from ktl.clients.sdk import KtlApiError, KtlHttpClient
+from ktl.errors import InsufficientStorageError
 from ktl.methods import KnowledgeTransferServer
 from ktl.quality import QUALITY_FILE, REPORT_KEYS, VERDICTS
 from ktl.records import Pairs
@@ -130,6 +135,54 @@ def test_a_failed_alignment_marks_the_round_failed_and_the_next_round_proceeds(
     monkeypatch.setattr(KnowledgeTransferServer, "round_steps", original)
     a.upload(fed["id"], 2, protos([0]))
     assert wait_state(a, fed["id"], 2, ("published", "failed"))["state"] == "published"
+
+
+def test_a_step_whose_failure_cannot_be_recorded_runs_again_instead_of_aligning_forever(
+    http, service, admin, monkeypatch, caplog
+) -> None:
+    """A full disk at the worst moment: publishing fails, then recording the failure fails too. The round
+    must not stay aligning with nothing working on it (a chaos soak found this): the scheduler queues its
+    step again and it publishes."""
+    fed = federation(admin, quorum=1, aligner=FAST_ALIGNER)
+    (a,) = register(admin, http, fed["id"], 1)
+    publish, fail = service.store.publish_round, service.store.fail_round
+    calls = {"publish": 0, "fail": 0}
+
+    def publish_once_out_of_space(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["publish"] += 1
+        if calls["publish"] == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return publish(*args, **kwargs)
+
+    def fail_out_of_space(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["fail"] += 1
+        if calls["fail"] == 1:
+            raise InsufficientStorageError("the change")
+        return fail(*args, **kwargs)
+
+    monkeypatch.setattr(service.store, "publish_round", publish_once_out_of_space)
+    monkeypatch.setattr(service.store, "fail_round", fail_out_of_space)
+    with caplog.at_level(logging.WARNING, logger="ktl.api.services.rounds"):
+        a.upload(fed["id"], 1, protos([0, 1]))
+        state = wait_state(a, fed["id"], 1, ("published", "failed"), timeout=30)
+    assert state["state"] == "published" and calls == {"publish": 2, "fail": 1}, (state, calls)
+    assert any("no server step queued" in r.getMessage() for r in caplog.records)
+    assert service.rounds.reconcile() == 0  # nothing left to queue
+
+
+def test_a_round_has_one_server_step_in_flight_at_most(http, service, admin) -> None:
+    fed = federation(admin, quorum=1, aligner=FAST_ALIGNER)
+    (a,) = register(admin, http, fed["id"], 1)
+    release = threading.Event()
+    service.worker.submit(ROUND_PRIORITY, lambda: release.wait(30) and None)  # hold the worker
+    a.upload(fed["id"], 1, protos([0]))  # queues round 1's step behind the held task
+    assert not service.rounds.enqueue(fed["id"], 1)  # already queued: not twice
+    assert service.rounds.reconcile() == 0
+    release.set()
+    assert wait_state(a, fed["id"], 1, ("published", "failed"))["state"] == "published"
+    assert service.rounds.enqueue(fed["id"], 1)  # a published round's step ends at once, queued once more
+    service.worker.wait_idle(30)
+    assert service.rounds.reconcile() == 0 and a.round(fed["id"], 1)["state"] == "published"
 
 
 def test_federation_read_access_and_etf(http, admin) -> None:
