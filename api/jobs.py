@@ -2,8 +2,9 @@
 
 A job is deterministic in its spec: image ``i`` comes from source ``i // per_class`` (a class centroid or
 a given latent) plus ``spread · ε`` with ε drawn from the generator's prior by an RNG seeded from the
-job's seed and the batch's first index. A job that a restart interrupts therefore re-runs to the same
-result.
+job's seed and the batch's first index, always on the CPU (then moved to the device). Batches have a
+fixed size (``job_batch_size``), so a job's bytes do not depend on how many devices share its batches nor
+on which one ran each; a job that a restart interrupts re-runs to the same result.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,13 +23,15 @@ import torch
 from ktl.api.store import commit_temp, is_no_space, sha256_file
 from ktl.errors import InsufficientStorageError
 from ktl.generator import Generator
+from ktl.seeding import torch_generator
 
-__all__ = ["JobPlan", "StreamingSafetensors"]
+__all__ = ["JobPlan", "StreamingSafetensors", "WriterClosedError", "job_noise"]
 
 
 @dataclass(frozen=True)
 class JobPlan:
-    """The generator, sources ``(s, W)`` on its device, their class ids ``(s,)``, and images per source."""
+    """The generator (the first device's copy: its shapes), sources ``(s, W)`` and their class ids
+    ``(s,)`` on the CPU, and images per source."""
 
     generator: Generator
     sources: torch.Tensor
@@ -35,6 +39,7 @@ class JobPlan:
     per_source: int
     spread: float
     seed: int
+    generator_name: str = "default"
 
     @property
     def total(self) -> int:
@@ -49,13 +54,33 @@ class JobPlan:
         return latents, self.class_ids[index.cpu()]
 
 
+def job_noise(generator: Generator, n: int, seed: int, start: int) -> torch.Tensor:
+    """``(n, W)`` prior draws for the images ``start …`` of a job with ``seed``, on the CPU: the same on
+    every device. A standard-normal prior is drawn on the CPU; another prior (StyleGAN's mapping network)
+    is sampled by the generator itself, on the CPU when it runs there, else from a stream seeded the same
+    on its device (the same on every CUDA device of a kind, not bit-equal to the CPU's)."""
+    if getattr(generator, "latent_prior", None) == "standard-normal":
+        return torch.randn(n, generator.latent_dim, generator=torch_generator(seed, "job", start))
+    device = generator.device
+    rng = torch_generator(seed, "job", start, device="cpu" if device.type == "cpu" else device)
+    return generator.sample_latents(n, rng).float().cpu()
+
+
+class WriterClosedError(RuntimeError):
+    """A write to a `StreamingSafetensors` after it was finished or aborted (another batch failed, or the
+    job was cancelled)."""
+
+
 _DTYPES = {torch.uint8: "U8", torch.float32: "F32", torch.int64: "I64"}
 
 
 class StreamingSafetensors:
     """Write a safetensors file whose tensor shapes are known up front, one row range at a time.
 
-    The header (shapes, dtypes, offsets) is written first; each `write` seeks into the data section.
+    The header (shapes, dtypes, offsets) is written first; each `write` is a positional write
+    (``os.pwrite``) into the data section, so batches may be written from several threads in any order.
+    A lock keeps `abort` and `finish` from closing the file under a write (a write after them raises
+    `WriterClosedError`); the generator's work happens before, outside it.
     `finish` fsyncs, hashes (SHA-256, kept in ``sha256`` and ``size``) and renames the file into place,
     then calls ``on_commit(path, sha256, size)`` (e.g. `Store.record_file`); until then readers never see
     a partial file. A full disk raises `InsufficientStorageError` and removes the partial file.
@@ -91,9 +116,12 @@ class StreamingSafetensors:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self._data_start = 8 + len(raw)
+        self._lock = threading.RLock()
+        self._closed = False
         self._file = open(self._tmp, "wb")  # noqa: SIM115 - kept open across batches, closed in finish/abort
         with self._storage_guard():
             self._file.write(struct.pack("<Q", len(raw)) + raw)
+            self._file.flush()
             self._file.truncate(self._data_start + offset)
 
     @contextmanager
@@ -113,20 +141,36 @@ class StreamingSafetensors:
 
     def write(self, name: str, start_row: int, values: torch.Tensor) -> None:
         offset, row = self._layout[name]
-        with self._storage_guard():
-            self._file.seek(self._data_start + offset + start_row * row)
-            self._file.write(values.detach().cpu().contiguous().numpy().tobytes())
+        data = memoryview(values.detach().cpu().contiguous().numpy().tobytes())
+        at = self._data_start + offset + start_row * row
+        with self._lock, self._storage_guard():
+            if self._closed:
+                raise WriterClosedError(f"{self.path.name} was already finished or aborted")
+            fd = self._file.fileno()
+            while data:
+                written = os.pwrite(fd, data, at)
+                data, at = data[written:], at + written
 
     def finish(self) -> None:
-        with self._storage_guard():
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        self._file.close()
+        """Fsync, hash and rename into place; once (a second call raises `WriterClosedError`)."""
+        with self._lock:
+            if self._closed:
+                raise WriterClosedError(f"{self.path.name} was already finished or aborted")
+            with self._storage_guard():
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            self._closed = True
+            self._file.close()
         self.sha256, self.size = sha256_file(self._tmp)
         commit_temp(self._tmp, self.path)
         if self.on_commit is not None:
             self.on_commit(self.path, self.sha256, self.size)
 
     def abort(self) -> None:
-        self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        """Close and remove the partial file (idempotent; leaves a finished file alone)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)

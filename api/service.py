@@ -1,9 +1,10 @@
 """One server instance: the store, the device workers, the generators and the services per resource.
 
 `KtlService` owns the life cycle (load generators on every device, recover unfinished work, run the
-deadline scheduler, stop) and composes the services the routes call: `federations` (federations, clients, tokens),
-`rounds` (uploads, the round lifecycle, the method's server step) and `jobs` (batch generation). All
-state lives in `Store`; nothing here knows HTTP.
+deadline scheduler, stop) and composes the services the routes call: `federations` (federations,
+clients, tokens), `rounds` (uploads, the round lifecycle, the method's server step) and `jobs` (batch
+generation). All state lives in `Store`; nothing here knows HTTP. One `DeviceWorker` per device: rounds
+on the first, batch jobs' batches on all of them.
 """
 
 from __future__ import annotations
@@ -121,5 +122,6 @@ class KtlService:
                 self.rounds.close_due()
                 self.rounds.retry_storage_failures()
                 self.rounds.reconcile()
+                self.jobs.reconcile()
             except Exception:
                 logger.exception("round scheduler failed")

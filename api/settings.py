@@ -2,27 +2,46 @@
 
 Precedence, highest first: explicit values (``ktl serve`` flags, or keyword arguments in tests) →
 environment (``KTL_ADMIN_TOKEN``, ``KTL_DATA_DIR``, ``KTL_PORT``, …; nested with ``__``, e.g.
-``KTL_GENERATORS__DEFAULT__BATCH_SIZE``) → the ``--config`` TOML file → defaults.
+``KTL_GENERATORS__DEFAULT__BATCH_SIZE``; lists comma-separated, ``KTL_DEVICES=cuda:0,cuda:1``) → the
+``--config`` TOML file → defaults.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, ValidationError
+import torch
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
 from ktl.config import format_validation_error
+from ktl.device import resolve_device
 from ktl.errors import ConfigError
 from ktl.generator import GeneratorSpec
 
-__all__ = ["ServerSettings", "load_settings"]
+__all__ = ["ServerSettings", "load_settings", "resolve_devices"]
+
+
+def _canonical(name: str) -> str:
+    """A device name as compared: ``auto`` resolved, ``cuda`` → ``cuda:0``; a malformed name raises."""
+    name = name.strip()
+    if name == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and device.index is None:
+        return "cuda:0"
+    return str(device)
 
 
 class ServerSettings(BaseSettings):
@@ -39,7 +58,17 @@ class ServerSettings(BaseSettings):
         None,
         description="Bearer token of the operator; required: the server refuses to start without one",
     )
-    device: str = Field("auto", description="Where alignment and generation run: cpu, cuda, cuda:N or auto")
+    device: str | None = Field(
+        None,
+        description="One device for alignment and generation: cpu, cuda, cuda:N or auto (the GPU, else "
+        "the CPU); none = the devices of `devices`",
+    )
+    devices: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="The devices the server uses, one worker each (comma-separated in KTL_DEVICES and "
+        "--devices, e.g. cuda:0,cuda:1; a device may repeat): rounds run on the first, batch jobs' "
+        "batches on all of them; none = `device` if set, else every visible CUDA GPU, else the CPU",
+    )
     generators: dict[str, GeneratorSpec] = Field(
         default_factory=lambda: {"default": GeneratorSpec()},
         description="Generators loaded once at start-up, by name, each with the fields of ktl simulate's "
@@ -118,6 +147,48 @@ class ServerSettings(BaseSettings):
         2, ge=1, description="Snapshots of the method's server state kept per federation"
     )
 
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _split_devices(cls, value: Any) -> Any:
+        if isinstance(value, str):  # KTL_DEVICES=cuda:0,cuda:1 (or a JSON list)
+            if value.strip().startswith("["):
+                try:
+                    return json.loads(value)
+                except ValueError:
+                    raise ValueError(f"{value!r} is not a JSON list of device names") from None
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("name at least one device, e.g. cpu or cuda:0,cuda:1")
+            for name in value:
+                _canonical(name)
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str | None) -> str | None:
+        if value is not None:
+            _canonical(value)
+        return value
+
+    @model_validator(mode="after")
+    def _device_agrees_with_devices(self) -> ServerSettings:
+        if (
+            self.device is not None
+            and self.devices is not None
+            and [_canonical(self.device)] != [_canonical(d) for d in self.devices]
+        ):
+            raise ValueError(
+                f"device={self.device} and devices={','.join(self.devices)} disagree: --device "
+                "(KTL_DEVICE) names one device, --devices (KTL_DEVICES) a list; set only one of them"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -153,3 +224,18 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> ServerSe
         raise ConfigError(format_validation_error(exc)) from None
     except ValueError as exc:  # a malformed TOML file
         raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
+
+
+def resolve_devices(settings: ServerSettings) -> list[torch.device]:
+    """The server's devices: ``devices``, else ``device``, else every visible CUDA GPU, else the CPU. A
+    CUDA device that is not there is a `ConfigError`."""
+    names = settings.devices or ([settings.device] if settings.device is not None else None)
+    if names is None:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [torch.device("cuda", i) for i in range(count)] or [torch.device("cpu")]
+    devices = [resolve_device(name.strip()) for name in names]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for device in devices:
+        if device.type == "cuda" and (device.index or 0) >= count:
+            raise ConfigError(f"device {device} asked for, but this machine has {count} CUDA device(s)")
+    return devices

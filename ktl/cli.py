@@ -256,7 +256,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from ktl.api.process import raise_fd_limit, server_options
 
     settings = load_settings(
-        args.config, data_dir=args.data_dir, host=args.host, port=args.port, device=args.device
+        args.config,
+        data_dir=args.data_dir,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        devices=args.devices,
     )
     app = create_app(settings)  # refuses to start without an admin token
     # What the imports made (torch, the app: ~430 k objects) lives as long as the server: out of the
@@ -268,11 +273,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # accept() fail with "Too many open files" before their head timeout closes them.
     was, now = raise_fd_limit()
     logger.info(
-        "ktl serve on http://%s:%d (docs at /docs), state in %s; open files %d (was %d), %d requests at "
-        "once, request heads and bodies within %gs",
+        "ktl serve on http://%s:%d (docs at /docs), state in %s, devices %s; open files %d (was %d), %d "
+        "requests at once, request heads and bodies within %gs",
         settings.host,
         settings.port,
         settings.data_dir,
+        ",".join(str(d) for d in app.state.service.devices),
         now,
         was,
         settings.limit_concurrency,
@@ -640,6 +646,111 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_size(text: str) -> int | None:
+    """``--batch-size``: a positive integer, or ``auto`` (None)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer or auto, got {text!r}") from None
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from ktl import generate as gen
+
+    child = os.environ.get("KTL_GENERATE_CHILD") == "1"
+    try:
+        sources = [s for s in ("data_dir", "url", "latents") if getattr(args, s) is not None]
+        if len(sources) != 1:
+            raise KtlError("give exactly one source: --data-dir DIR, --url URL or --latents FILE")
+        if sources[0] != "latents" and not args.federation:
+            raise KtlError(f"--{sources[0].replace('_', '-')} needs --federation FID")
+        if args.processes < 1:
+            raise KtlError(f"--processes must be at least 1, got {args.processes}")
+        options = gen.GenerateOptions(
+            out=args.out,
+            per_class=args.per_class,
+            spread=args.spread,
+            seed=args.seed,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            precision=args.precision,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            image_folder=args.image_folder,
+            eval_reference=args.eval,
+            eval_max_images=args.eval_max_images,
+            max_images=args.max_images,
+            device=args.device,
+            progress=not args.no_progress,
+        )
+        gen.check_precision(options.precision, options.device)
+        if args.data_dir is not None:
+            source = gen.source_from_data_dir(args.data_dir, args.federation, args.round)
+        elif args.url is not None:
+            with _server_errors(args.url), _client_sdk(args) as sdk:
+                source = gen.source_from_server(sdk, args.federation, args.round, url=args.url)
+        else:
+            source = gen.source_from_latents(args.latents)
+        spec = gen.resolve_generator_spec(args.generator or source.generator, args.server_config)
+        options.check(int(source.latents.shape[0]))
+        if args.processes > 1 and not gen.in_distributed_launch():
+            # a folder of something else or of another spec: refused here, once (not by every process)
+            gen.check_against(
+                options.out, gen.options_spec(source, options), gen.existing_spec(options.out), partial=True
+            )
+            argv = list(args.argv)
+            i = argv.index("generate")
+            # the resolved round, so every process reads the same one (a newer round may be published)
+            rest = [a for a in _without_flag(argv[i + 1 :], "--processes")]
+            if args.round is None and args.latents is None:
+                rest += ["--round", str(source.info["round"])]
+            rc = gen.launch(args.processes, [*argv[:i], "generate", *rest], options.device)
+            if rc != 0:
+                raise KtlError(f"a generate process failed (exit status {rc}); run again to resume")
+            _generate_summary(options.out, json.loads((options.out / gen.MANIFEST).read_text()), {})
+            return 0
+        with gen.quiet_unless_main(), logging_redirect_tqdm(loggers=[logging.getLogger("ktl")]):
+            result = gen.generate_dataset(source, spec, options)
+    except KtlError:
+        if gen.process_rank() != 0:  # the main process says it once
+            raise SystemExit(2) from None
+        raise
+    if result.is_main and not child:
+        done = {
+            "generated": len(result.generated),
+            "kept": len(result.kept),
+            "seconds": round(result.seconds, 1),
+        }
+        _generate_summary(result.out, result.manifest, done)
+    return 0
+
+
+def _generate_summary(out: Path, manifest: dict[str, Any], done: dict[str, Any]) -> None:
+    """The one line ``ktl generate`` prints: the folder, images, shards, what was done, the eval."""
+    summary = {"out": str(out), "images": manifest["total"], "shards": len(manifest["shards"]), **done}
+    if "eval" in manifest:
+        summary["eval"] = {k: manifest["eval"][k] for k in ("fid", "kid", "kid_std")}
+    sys.stdout.write(json.dumps(summary) + "\n")
+
+
+def _without_flag(argv: Sequence[str], flag: str) -> list[str]:
+    """``argv`` without ``flag VALUE`` / ``flag=VALUE``."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     return int(args.bench_main(args))
 
@@ -666,6 +777,13 @@ _BENCHES: tuple[tuple[str, str, str | None], ...] = (
         "Healthy federations run rounds while the server is killed, its disk fills (root) and a poison round "
         "runs beside them; checks that no acknowledged upload is lost and every healthy round publishes; "
         "reports /healthz latency. See docs/benchmarks.md.",
+    ),
+    (
+        "generate",
+        "ktl generate: 1 vs P processes; images/s per precision and batch size, job vs bare forward",
+        "The same data set by ktl generate in 1 and in P processes (the whole command timed); for the embedded "
+        "generator and a diffusers UNet at 64×64, images/s of the bare forward and of ktl generate's shard loop "
+        "per precision and batch size. See docs/benchmarks.md.",
     ),
     (
         "startup",
@@ -811,7 +929,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path, default=None, help="where state lives (default ./ktl-data)")
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
-    serve.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default auto)")
+    serve.add_argument(
+        "--device", default=None, help="one device: cpu | cuda | cuda:N | auto (the GPU, else the CPU)"
+    )
+    serve.add_argument(
+        "--devices",
+        default=None,
+        help="devices, comma-separated (e.g. cuda:0,cuda:1; one worker each: rounds on the first, batch "
+        "jobs on all); default: every visible CUDA GPU, else the CPU",
+    )
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
@@ -945,6 +1071,58 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     pre.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.set_defaults(func=_cmd_pretrain)
+
+    gen = sub.add_parser(
+        "generate",
+        help="a training data set from a published FedKTL round: sharded, resumable, multi-process",
+        description="Generate --per-class images around each class centroid of a published FedKTL round "
+        "(--data-dir DIR or --url URL, with --federation FID [--round R]) or around given latents "
+        "(--latents FILE) into --out: safetensors shards and manifest.json (docs/generate.md). Run it "
+        "again to resume.",
+    )
+    gen.add_argument("--out", type=Path, required=True, help="the data set folder")
+    gen.add_argument("--data-dir", type=Path, default=None, help="a ktl serve data folder (read only)")
+    gen.add_argument("--url", default=None, help="a running server, e.g. http://127.0.0.1:8000")
+    gen.add_argument("--token", default=None, help="with --url: bearer token (default: $KTL_TOKEN)")
+    gen.add_argument("--timeout", type=float, default=30.0, help="with --url: seconds per request attempt")
+    gen.add_argument("--federation", default=None, help="federation id (with --data-dir or --url)")
+    gen.add_argument("--round", type=int, default=None, help="a published round (default: the latest)")
+    gen.add_argument(
+        "--latents", type=Path, default=None, help="a safetensors file: latents (m, W), optional class_ids"
+    )
+    gen.add_argument("--per-class", type=int, default=100, help="images per class centroid (default 100)")
+    gen.add_argument("--spread", type=float, default=0.0, help="latent = centroid + spread · ε (default 0)")
+    gen.add_argument("--seed", type=int, default=0, help="the noise seed (default 0)")
+    gen.add_argument("--shard-size", type=int, default=1024, help="images per shard (default 1024)")
+    gen.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=64,
+        help="latents per generator pass, or auto (probed; recorded in the spec) (default 64)",
+    )
+    gen.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="autocast dtype")
+    gen.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the generator's decoder")
+    gen.add_argument("--image-folder", action="store_true", help="also write images/<class>/00001.png")
+    gen.add_argument(
+        "--eval", type=Path, default=None, metavar="REF_FOLDER", help="FID and KID against these PNG/JPGs"
+    )
+    gen.add_argument("--eval-max-images", type=int, default=10_000, help="images per side in --eval")
+    gen.add_argument(
+        "--max-images", type=int, default=1_000_000, help="refuse larger data sets (default 1,000,000)"
+    )
+    gen.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    gen.add_argument(
+        "--processes", type=int, default=1, help="processes to launch (torch.distributed.run), shards split"
+    )
+    gen.add_argument(
+        "--generator", default=None, help="generator name in the server settings (default: the federation's)"
+    )
+    gen.add_argument(
+        "--server-config", type=Path, default=None, help="the server's TOML settings (its generators)"
+    )
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.set_defaults(func=_cmd_generate, argv=list(argv or ()))
 
     bench = sub.add_parser("bench", help="benchmarks (code in benchmarks/)")
     if wants("bench"):  # the benchmark modules import torch

@@ -25,8 +25,9 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"description": "not ready: starting, or low_disk"}})
 async def readyz(service: ServiceDep) -> JSONResponse:
-    """Generators loaded, store open, device worker running, and at least ``min_free_bytes`` free on the
-    data folder's disk (``disk_free_bytes``; below it the status is ``low_disk`` and uploads get 507)."""
+    """Generators loaded, store open, every device worker running (``devices``; rounds on the first,
+    ``device``), and at least ``min_free_bytes`` free on the data folder's disk (``disk_free_bytes``;
+    below it the status is ``low_disk`` and uploads get 507)."""
     try:
         free = int(shutil.disk_usage(service.settings.data_dir).free)
     except OSError:  # the data folder vanished: nothing can be stored
@@ -37,7 +38,8 @@ async def readyz(service: ServiceDep) -> JSONResponse:
     body = {
         "status": status,
         "generators": sorted(service.generators),
-        "device": str(service.device),
+        "device": str(service.device),  # the first device: the rounds'
+        "devices": [str(d) for d in service.devices],  # one worker each; batch jobs run on all
         "disk_free_bytes": free,
         "min_free_bytes": service.settings.min_free_bytes,
     }

@@ -10,7 +10,7 @@ import torch
 from ktl.api.metrics import Metrics
 from ktl.api.settings import ServerSettings
 from ktl.api.store import Store
-from ktl.api.worker import DeviceWorker
+from ktl.api.worker import DevicePool, DeviceWorker
 from ktl.generator import Generator
 
 __all__ = ["ServerParts", "Service"]
@@ -18,8 +18,10 @@ __all__ = ["ServerParts", "Service"]
 
 @dataclass(frozen=True)
 class ServerParts:
-    """The store, the device worker (and its device), the generators loaded at start-up (filled then),
-    the metrics, the settings and the clock of one server."""
+    """The store, the first device's worker (the rounds run there), that device, its generators (loaded at
+    start-up, filled then), the metrics, the settings and the clock of one server; and every device's
+    worker (``pool``, ``pool.workers[0] is worker``) with its own copy of every generator
+    (``device_generators[i]`` on ``pool.workers[i].device``; ``device_generators[0] is generators``)."""
 
     store: Store
     worker: DeviceWorker
@@ -28,6 +30,8 @@ class ServerParts:
     metrics: Metrics
     settings: ServerSettings
     clock: Callable[[], float]
+    pool: DevicePool
+    device_generators: list[dict[str, Generator]]
 
 
 class Service:

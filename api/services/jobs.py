@@ -1,29 +1,78 @@
-"""Batch generation jobs: plans, queueing on the device worker behind rounds, progress, results."""
+"""Batch generation jobs: plans, batches spread over every device behind rounds, progress, results.
+
+A running job is split into batches of ``job_batch_size`` images (fixed by the settings, not by the
+number of devices). Each batch is a shared device task any worker may take: a job keeps up to one batch
+per device in flight ("lanes"; each lane takes the job's next batch and re-queues itself behind the other
+jobs' batches), the batches are written at their own rows of the result file in whatever order they end,
+and the batch that ends last finishes the file. Noise is drawn on the CPU from the job's seed and the
+batch's first index, so the result's bytes do not depend on the device count nor on which device ran what.
+"""
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
 
-from ktl.api.jobs import JobPlan, StreamingSafetensors
+from ktl.api.jobs import JobPlan, StreamingSafetensors, WriterClosedError, job_noise
 from ktl.api.schemas import JobSpec
 from ktl.api.services.base import ServerParts, Service
 from ktl.api.services.federations import FederationService
 from ktl.api.services.rounds import RoundService
 from ktl.api.store import JobRecord
-from ktl.api.worker import JOB_PRIORITY, Task
+from ktl.api.worker import JOB_PRIORITY, AnyTask, DeviceWorker
 from ktl.errors import ConflictError, InvalidRequestError, KtlError, NotFoundError
 from ktl.generator import Generator
-from ktl.seeding import torch_generator
 
 __all__ = ["JobService"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _JobRun:
+    """One running job in this process: its plan, its result writer and what its batches have done.
+    Everything below ``lock`` changes under it."""
+
+    job_id: str
+    plan: JobPlan
+    writer: StreamingSafetensors
+    batch_size: int
+    t0: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    next_start: int = 0  # first image of the next batch no lane took yet
+    batches_done: int = 0
+    done: int = 0  # images written
+    last_progress: float = 0.0
+    closed: bool = False  # finished, failed or cancelled: the lanes stop
+
+    @property
+    def batches(self) -> int:
+        return -(-self.plan.total // self.batch_size)
+
+    def claim(self) -> tuple[int, int] | None:
+        """The next batch ``(start, end)`` for a lane, or None when every batch is taken or the run closed."""
+        with self.lock:
+            if self.closed or self.next_start >= self.plan.total:
+                return None
+            start = self.next_start
+            self.next_start = min(self.plan.total, start + self.batch_size)
+            return start, self.next_start
+
+    def close(self) -> bool:
+        """Mark the run closed; True for the one caller that closed it."""
+        with self.lock:
+            if self.closed:
+                return False
+            self.closed = True
+            return True
 
 
 class JobService(Service):
@@ -33,8 +82,15 @@ class JobService(Service):
         super().__init__(parts)
         self.federations = federations
         self.rounds = rounds
+        # Jobs with a task queued or running in this process (a count: a job may be enqueued twice), and
+        # when `reconcile` first saw each job that has none.
+        self._in_flight: collections.Counter[str] = collections.Counter()
+        self._stranded: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self.batches_by_device: collections.Counter[int] = collections.Counter()  # worker index -> batches
 
-    def _generator(self, spec: JobSpec) -> Generator:
+    def _generator(self, spec: JobSpec) -> tuple[str, Generator]:
+        """The job's generator: its name and the first device's copy."""
         if spec.federation_id is not None:
             fed = self.federations.get(spec.federation_id)
             generator = self.federations.generator_of(fed)
@@ -43,12 +99,17 @@ class JobService(Service):
                     "no_generator",
                     f"federation {fed.id} runs {fed.spec.method!r}, which has no generator centroids",
                 )
-            return generator
-        return self.federations.generator(spec.generator or "default")
+            return fed.spec.generator, generator
+        name = spec.generator or "default"
+        return name, self.federations.generator(name)
+
+    def generator_on(self, name: str, worker: DeviceWorker) -> Generator:
+        """Generator ``name``'s copy on ``worker``'s device."""
+        return self.parts.device_generators[worker.index][name]
 
     def plan(self, spec: JobSpec) -> JobPlan:
-        """Resolve a job's sources; raises the project's errors for anything a caller can fix."""
-        generator = self._generator(spec)
+        """Resolve a job's sources (on the CPU); raises the project's errors for anything a caller can fix."""
+        name, generator = self._generator(spec)
         if spec.latents is not None:
             if not spec.latents:
                 raise InvalidRequestError("empty", "latents must hold at least one row")
@@ -78,7 +139,7 @@ class JobService(Service):
                 )
             sources, class_ids = data["centroids"][wanted], wanted
         plan = JobPlan(
-            generator, sources.to(generator.device), class_ids, spec.per_class, spec.spread, spec.seed
+            generator, sources.cpu(), class_ids, spec.per_class, spec.spread, spec.seed, generator_name=name
         )
         if plan.total > self.settings.max_job_images:
             raise InvalidRequestError(
@@ -126,83 +187,212 @@ class JobService(Service):
                 logger.info("recovery: job %s was running; restarting it", job.id)
             self.enqueue(job.id)
 
+    # -- in-flight jobs and liveness ------------------------------------------------------------------------
+
+    def _hold(self, job_id: str) -> None:
+        with self._lock:
+            self._in_flight[job_id] += 1
+            self._stranded.pop(job_id, None)
+
+    def _release(self, job_id: str) -> None:
+        with self._lock:
+            self._in_flight[job_id] -= 1
+            if self._in_flight[job_id] <= 0:
+                del self._in_flight[job_id]
+
+    def in_flight(self, job_id: str) -> bool:
+        """Whether a task of this job is queued or running in this process."""
+        with self._lock:
+            return self._in_flight[job_id] > 0
+
+    def reconcile(self, grace_s: float = 2.0) -> list[str]:
+        """Re-queue every queued or running job with no task in flight in this process (its failure could
+        not be recorded, e.g. a full disk, or its tasks were lost) once it has been seen so for ``grace_s``
+        seconds; a running one restarts from its first image, as after a restart. Returns their ids. The
+        scheduler calls this every tick; it waits while the disk is short of space."""
+        if self.store.disk_free_bytes() < self.settings.min_free_bytes:
+            return []
+        now = time.monotonic()
+        requeued = []
+        stale = set()
+        for job in self.store.jobs_in_states("queued", "running"):
+            with self._lock:
+                if self._in_flight[job.id] > 0:
+                    continue
+                stale.add(job.id)
+                first = self._stranded.setdefault(job.id, now)
+            if now - first < grace_s:
+                continue
+            if job.state == "running":
+                if not self.store.update_job(
+                    job.id,
+                    only_if=("running",),
+                    state="queued",
+                    done=0,
+                    started_at=None,
+                    restarts=job.restarts + 1,
+                ):
+                    continue
+                logger.warning("job %s was running with nothing working on it; restarting it", job.id)
+            else:
+                logger.warning("job %s was queued with nothing working on it; queueing it again", job.id)
+            self.enqueue(job.id)
+            requeued.append(job.id)
+        with self._lock:
+            for job_id in list(self._stranded):
+                if job_id not in stale:
+                    del self._stranded[job_id]
+        return requeued
+
     # -- device tasks -------------------------------------------------------------------------------------
 
     def enqueue(self, job_id: str) -> None:
-        self.parts.worker.submit(JOB_PRIORITY, partial(self._start, job_id))
+        self._hold(job_id)
+        self.parts.pool.submit_any(JOB_PRIORITY, partial(self._start, job_id))
 
-    def _start(self, job_id: str) -> Task | None:
-        job = self.store.get_job(job_id)
-        if job is None or job.state != "queued":
-            return None
+    def _start(self, job_id: str, worker: DeviceWorker) -> AnyTask | None:
+        """Claim the queued job (queued → running: one start wins when it was queued twice), plan it,
+        open its result file and queue one lane per device (at most one per batch)."""
         try:
-            plan = self.plan(job.spec)
-        except KtlError as exc:  # e.g. the federation's round files vanished
-            self._failed(job_id, str(exc))
-            return None
-        generator = plan.generator
-        shape = (plan.total, generator.num_channels, generator.image_size, generator.image_size)
-        writer = StreamingSafetensors(
-            self.store.job_result_path(job_id),
-            {
-                "images": (torch.uint8, shape),
-                "latents": (torch.float32, (plan.total, generator.latent_dim)),
-                "class_ids": (torch.int64, (plan.total,)),
-            },
-            on_commit=self.store.record_file,  # its checksum, recorded as it is renamed into place
-        )
-        self.store.update_job(job_id, only_if=("queued",), state="running", started_at=self.clock(), done=0)
-        now = time.perf_counter()
-        return partial(self._step, job_id, plan, writer, 0, now, now)
-
-    def _step(
-        self,
-        job_id: str,
-        plan: JobPlan,
-        writer: StreamingSafetensors,
-        start: int,
-        t0: float,
-        last_progress: float,
-    ) -> Task | None:
-        generator = plan.generator
-        job = self.store.get_job(job_id)
-        if job is None or job.state != "running":  # cancelled
-            writer.abort()
-            if job is not None and job.state == "cancelled":
-                self.metrics.jobs.labels(outcome="cancelled").inc()
-            return None
-        end = min(plan.total, start + self.settings.job_batch_size)
-        try:
-            noise = None
-            if plan.spread > 0:
-                noise = generator.sample_latents(
-                    end - start, torch_generator(plan.seed, "job", start, device=generator.device)
+            if not self.store.update_job(
+                job_id, only_if=("queued",), state="running", started_at=self.clock(), done=0
+            ):
+                return None  # cancelled, gone, or another start has it
+            job = self.store.get_job(job_id)
+            if job is None:
+                return None
+            try:
+                plan = self.plan(job.spec)
+            except KtlError as exc:  # e.g. the federation's round files vanished
+                self._failed(job_id, str(exc))
+                return None
+            generator = plan.generator
+            shape = (plan.total, generator.num_channels, generator.image_size, generator.image_size)
+            try:
+                writer = StreamingSafetensors(
+                    self.store.job_result_path(job_id),
+                    {
+                        "images": (torch.uint8, shape),
+                        "latents": (torch.float32, (plan.total, generator.latent_dim)),
+                        "class_ids": (torch.int64, (plan.total,)),
+                    },
+                    on_commit=self.store.record_file,  # its checksum, recorded as it is renamed into place
                 )
-            latents, class_ids = plan.latents(start, end, noise)
-            images = generator.synthesize(latents)
-            writer.write("images", start, (images.clamp(0, 1) * 255).round().to(torch.uint8))
-            writer.write("latents", start, latents.float())
-            writer.write("class_ids", start, class_ids)
-            self.metrics.images.inc(end - start)
-            if end < plan.total:
-                now = time.perf_counter()
-                if now - last_progress >= self.settings.job_progress_interval_s:
-                    self.store.update_job(job_id, only_if=("running",), done=end)
-                    last_progress = now
-                return partial(self._step, job_id, plan, writer, end, t0, last_progress)
-            writer.finish()
-            self.store.update_job(
-                job_id, only_if=("running",), done=end, state="done", finished_at=self.clock()
-            )
-            self.metrics.jobs.labels(outcome="done").inc()
-            self.metrics.job_seconds.observe(time.perf_counter() - t0)
+            except Exception as exc:  # a full disk
+                logger.exception("job %s failed", job_id)
+                self._failed(job_id, f"{type(exc).__name__}: {exc}")
+                return None
+            now = time.perf_counter()
+            run = _JobRun(job_id, plan, writer, self.settings.job_batch_size, now, last_progress=now)
+            lanes = min(len(self.parts.pool), run.batches)
+            with self._lock:
+                self._in_flight[job_id] += lanes  # each lane releases its hold when it ends
+            for _ in range(lanes):
+                self.parts.pool.submit_any(JOB_PRIORITY, partial(self._lane, run))
             return None
+        finally:
+            self._release(job_id)  # the start's own hold
+
+    def _lane(self, run: _JobRun, worker: DeviceWorker) -> AnyTask | None:
+        """Run the job's next batch on ``worker``; re-queue while batches are left. The lane that writes
+        the last batch finishes the file; the first to see a failure or a cancel ends the job."""
+        claimed = run.claim()
+        if claimed is None:
+            self._release(run.job_id)
+            return None
+        start, end = claimed
+        ended = last = False
+        try:
+            job = self.store.get_job(run.job_id)
+            if job is None or job.state != "running":  # cancelled
+                if self._end(run) and job is not None and job.state == "cancelled":
+                    self.metrics.jobs.labels(outcome="cancelled").inc()
+                self._release(run.job_id)
+                return None
+            self._batch(run, worker, start, end)
+            with run.lock:
+                if run.closed:  # another lane failed, or saw the job cancelled, meanwhile
+                    ended = True
+                else:
+                    run.batches_done += 1
+                    run.done += end - start
+                    last = run.batches_done == run.batches
+                    if last:
+                        run.closed = True  # no other lane may end it now: this one finishes it
+                if not ended and not last:
+                    now = time.perf_counter()
+                    if now - run.last_progress >= self.settings.job_progress_interval_s:
+                        # under the lock: the progress writes of a job's lanes go in order
+                        self.store.update_job(run.job_id, only_if=("running",), done=run.done)
+                        run.last_progress = now
         except Exception as exc:
-            logger.exception("job %s failed", job_id)
-            writer.abort()
-            self._failed(job_id, f"{type(exc).__name__}: {exc}")
+            self._lane_failed(run, exc)
             return None
+        if ended:
+            self._release(run.job_id)
+            return None
+        if last:
+            self._finish(run)
+            return None
+        return partial(self._lane, run)
+
+    def _batch(self, run: _JobRun, worker: DeviceWorker, start: int, end: int) -> None:
+        plan = run.plan
+        generator = self.generator_on(plan.generator_name, worker)
+        noise = job_noise(generator, end - start, plan.seed, start) if plan.spread > 0 else None
+        latents, class_ids = plan.latents(start, end, noise)
+        images = generator.synthesize(latents.to(generator.device))
+        run.writer.write("images", start, (images.clamp(0, 1) * 255).round().to(torch.uint8))
+        run.writer.write("latents", start, latents.float())
+        run.writer.write("class_ids", start, class_ids)
+        self.metrics.images.inc(end - start)
+        with self._lock:
+            self.batches_by_device[worker.index] += 1
+
+    def _end(self, run: _JobRun) -> bool:
+        """Close the run and drop its partial file; True for the one caller that closed it."""
+        if not run.close():
+            return False
+        run.writer.abort()
+        return True
+
+    def _lane_failed(self, run: _JobRun, exc: Exception) -> None:
+        try:
+            if not self._end(run):  # another lane failed first, or the job was cancelled: not this one's
+                if not isinstance(exc, WriterClosedError):
+                    logger.warning("job %s: a batch failed after the job ended: %s", run.job_id, exc)
+                return
+            logger.error("job %s failed", run.job_id, exc_info=exc)
+            self._failed(run.job_id, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._release(run.job_id)
+
+    def _finish(self, run: _JobRun) -> None:
+        """Every batch is written: commit the file and mark the job done (once: the last lane)."""
+        try:
+            run.writer.finish()
+            if self.store.update_job(
+                run.job_id, only_if=("running",), done=run.plan.total, state="done", finished_at=self.clock()
+            ):
+                self.metrics.jobs.labels(outcome="done").inc()
+                self.metrics.job_seconds.observe(time.perf_counter() - run.t0)
+            else:  # cancelled while its last batch ran
+                self.metrics.jobs.labels(outcome="cancelled").inc()
+        except Exception as exc:
+            logger.exception("job %s failed", run.job_id)
+            run.writer.abort()
+            self._failed(run.job_id, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._release(run.job_id)
 
     def _failed(self, job_id: str, error: str) -> None:
-        self.store.update_job(job_id, state="failed", error=error[:2000], finished_at=self.clock())
-        self.metrics.jobs.labels(outcome="failed").inc()
+        """Record the failure (not over a cancel); may raise, e.g. on a full disk: `reconcile` then finds
+        the job with nothing working on it and re-queues it."""
+        if self.store.update_job(
+            job_id,
+            only_if=("queued", "running"),
+            state="failed",
+            error=error[:2000],
+            finished_at=self.clock(),
+        ):
+            self.metrics.jobs.labels(outcome="failed").inc()

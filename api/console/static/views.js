@@ -575,6 +575,7 @@ export async function healthView(main, ctx) {
     ready.replaceChildren(body ? kvTable([
       ['Status', h('span', { class: `badge state-${body.status}`, 'data-testid': 'ready-status' }, `${body.status} (${readyz.status})`)],
       ['Device', h('span', { 'data-testid': 'device' }, body.device)],
+      ['Devices (one worker each; rounds on the first)', h('span', { 'data-testid': 'devices' }, (body.devices || [body.device]).join(', '))],
       ['Generators', (body.generators || []).join(', ') || '—'],
       ['Disk free', h('span', { 'data-testid': 'disk-free' }, fmtBytes(body.disk_free_bytes))],
       ['Least free space', fmtBytes(body.min_free_bytes)],

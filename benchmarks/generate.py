@@ -1,0 +1,274 @@
+"""``ktl bench generate``: what ``ktl generate`` delivers, side by side in one run on one machine.
+
+Two measurements:
+
+* **Processes.** The same data set (``--classes`` × ``--per-class`` images of the embedded generator,
+  written as shards) by ``ktl generate`` in 1 process and in P processes (``--processes P``, each
+  pinned to ``cores / P`` threads), as a user runs it: the wall time of the whole command (start-up
+  included), and images/s. On a CPU box the processes share the cores; on a GPU box each takes a GPU.
+* **Precision × batch size, job vs bare forward.** For the embedded generator and a diffusers UNet at
+  64×64 (random weights: the speed of a forward does not depend on them; DDIM with
+  ``--unet-steps`` steps), images/s of the bare forward (``generator.synthesize`` on pre-drawn
+  latents, the images left on the device) and of ``ktl generate``'s shard loop in the same process
+  (noise, latents, forward, uint8 to the CPU, the shard's SHA-256 and its atomic write), per precision
+  and batch size; the ratio job / bare says what the data set writer costs. On the CPU the grid is
+  fp32 and bf16; with CUDA also fp16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ktl.benchmarks.common import machine, report
+
+__all__ = ["add_arguments", "main", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--classes", type=int, default=10, help="classes (latents) of the data set")
+    parser.add_argument("--per-class", type=int, default=300, help="images per class (process scaling)")
+    parser.add_argument("--processes", type=int, default=2, help="P of the 1 vs P processes comparison")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument(
+        "--batch-sizes", default=None, help="comma-separated (default: 16,64 on the CPU; 64,256,1024 on CUDA)"
+    )
+    parser.add_argument(
+        "--precisions", default=None, help="comma-separated (default: fp32,bf16 on the CPU; +fp16 on CUDA)"
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="images per grid cell (default: 512 on the CPU, 8192 on CUDA)",
+    )
+    parser.add_argument("--unet-steps", type=int, default=5, help="DDIM steps of the UNet generator")
+    parser.add_argument("--no-unet", action="store_true", help="leave the diffusers UNet out")
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many timings per cell")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument(
+        "--write", type=Path, default=None, help="also write the table into this markdown file"
+    )
+
+
+def _device(name: str) -> torch.device:
+    from ktl.device import resolve_device
+
+    return resolve_device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- 1 vs P processes ----------------------------------------------------------------------------------------
+
+
+def _run_generate(
+    latents: Path, out: Path, processes: int, per_class: int, shard: int, device: str, threads: int
+) -> float:
+    """Wall seconds of one ``ktl generate`` command (a fresh process tree)."""
+    cmd = [sys.executable, "-m", "ktl", "-q", "generate", "--latents", str(latents), "--out", str(out),
+           "--per-class", str(per_class), "--spread", "0.5", "--shard-size", str(shard), "--batch-size", "64",
+           "--device", device, "--no-progress", "--processes", str(processes)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"ktl generate --processes {processes} failed: {done.stderr[-2000:]}")
+    return wall
+
+
+def _processes(args: argparse.Namespace, device: torch.device, work: Path) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    from ktl.generator import GeneratorSpec, load_generator
+
+    dim = load_generator(GeneratorSpec(), "cpu").latent_dim
+    latents = work / "latents.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file({"latents": torch.randn(args.classes, dim, generator=g)}, str(latents))
+    cores = os.cpu_count() or 1
+    total = args.classes * args.per_class
+    shard = max(16, total // (4 * args.processes))  # several shards per process: the split is even
+    rows = []
+    for p in (1, args.processes):
+        threads = max(1, cores // p)  # the processes share the cores
+        walls = [
+            _run_generate(latents, work / f"p{p}-{i}", p, args.per_class, shard, device.type, threads)
+            for i in range(args.repeats)
+        ]
+        rows.append(
+            {
+                "processes": p,
+                "threads_each": threads,
+                "wall_s": min(walls),
+                "images_per_s": total / min(walls),
+            }
+        )
+        logger.info("ktl generate, %d process(es) × %d thread(s): %.1f s (best of %s)", p, threads, min(walls),
+                    [round(w, 1) for w in walls])  # fmt: skip
+    return {
+        "images": total,
+        "shard_size": shard,
+        "rows": rows,
+        "ratio": rows[1]["images_per_s"] / rows[0]["images_per_s"],
+    }
+
+
+# -- precision × batch size: bare forward vs the shard loop --------------------------------------------------
+
+
+def _unet_folder(path: Path) -> Path:
+    """A diffusers UNet2DModel at 64×64 (random weights) with a DDIM scheduler, saved as a ``ddim`` folder."""
+    from diffusers.models.unets.unet_2d import UNet2DModel
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64, 128),
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    )
+    unet.save_pretrained(path / "unet")
+    DDIMScheduler(num_train_timesteps=1000).save_pretrained(path / "scheduler")
+    return path
+
+
+def _bare(generator: Any, n: int, batch: int, precision: str, repeats: int) -> float:
+    """Best images/s of ``generator.synthesize`` on pre-drawn latents (the images stay on the device)."""
+    from ktl.generate import _autocast
+
+    device = generator.device
+    z = torch.randn(n, generator.latent_dim, generator=torch.Generator().manual_seed(1)).to(device)
+    generator.batch_size = batch
+    with _autocast(device, precision):
+        generator.synthesize(z[:batch])  # warm-up
+    best = 0.0
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for chunk in z.split(batch):
+            with _autocast(device, precision):
+                generator.synthesize(chunk)
+        _sync(device)
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
+def _job(spec: Any, n: int, batch: int, precision: str, repeats: int, device: str, work: Path) -> float:
+    """Best images/s of ``ktl generate``'s shard loop (one shard of ``n`` images) in this process."""
+    from ktl.generate import GenerateOptions, generate_dataset, source_from_latents
+    from ktl.generator import load_generator
+
+    dim = load_generator(spec, "cpu").latent_dim
+    file = work / f"latents-{dim}.safetensors"
+    if not file.exists():
+        from safetensors.torch import save_file
+
+        save_file({"latents": torch.randn(4, dim, generator=torch.Generator().manual_seed(2))}, str(file))
+    source = source_from_latents(file)
+    best = 0.0
+    for i in range(repeats + 1):  # the first run warms up (cudnn's choices, allocator)
+        options = GenerateOptions(out=work / f"job-{time.monotonic_ns()}", per_class=-(-n // 4), spread=0.5,
+                                  shard_size=n, batch_size=batch, precision=precision,  # type: ignore[arg-type]
+                                  device=device, progress=False)  # fmt: skip
+        result = generate_dataset(source, spec, options)
+        if i:
+            best = max(best, result.manifest["total"] / result.shard_seconds)
+    return best
+
+
+def _grid(args: argparse.Namespace, device: torch.device, work: Path) -> list[dict[str, Any]]:
+    from ktl.generator import GeneratorSpec, load_generator
+
+    cuda = device.type == "cuda"
+    sizes = [int(b) for b in (args.batch_sizes or ("64,256,1024" if cuda else "16,64")).split(",")]
+    precisions = (args.precisions or ("fp32,fp16,bf16" if cuda else "fp32,bf16")).split(",")
+    n = args.images or (8192 if cuda else 512)
+    generators = [("embedded AutoencoderKL decoder (32×32)", GeneratorSpec(), n)]
+    if not args.no_unet:
+        folder = _unet_folder(work / "unet64")
+        unet = GeneratorSpec(kind="ddim", path=folder, num_inference_steps=args.unet_steps)
+        generators.append(
+            (f"diffusers UNet2DModel 64×64, DDIM {args.unet_steps} steps", unet, n if cuda else 32)
+        )
+    rows = []
+    for name, spec, count in generators:
+        generator = load_generator(spec, device)
+        for precision in precisions:
+            for batch in sizes:
+                b = min(batch, count)
+                bare = _bare(generator, count, b, precision, args.repeats)
+                job = _job(spec, count, b, precision, args.repeats, str(device), work)
+                rows.append({"generator": name, "precision": precision, "batch_size": b, "images": count,
+                             "bare_images_per_s": bare, "job_images_per_s": job, "job_vs_bare": job / bare})  # fmt: skip
+                logger.info("%s %s batch %d: bare %.0f, job %.0f images/s (%.0f%%)", name, precision, b, bare, job,
+                            100 * job / bare)  # fmt: skip
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = _device(args.device)
+    with tempfile.TemporaryDirectory(prefix="ktl-bench-generate-") as tmp:
+        work = Path(tmp)
+        processes = _processes(args, device, work)
+        grid = _grid(args, device, work)
+    return {"device": str(device), "processes": processes, "grid": grid, "machine": machine()}
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    p = res["processes"]
+    lines = [
+        "## Batch generation (`ktl bench generate`)",
+        "",
+        f"{res['machine']}; device {res['device']}.",
+        "",
+        f"**1 vs {p['rows'][1]['processes']} processes**: `ktl generate` of {p['images']} images of the embedded "
+        f"generator (shards of {p['shard_size']}, batch 64), the whole command timed (start-up included), best of runs.",
+        "",
+        "| processes | threads each | wall (s) | images/s |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['processes']} | {r['threads_each']} | {r['wall_s']:.1f} | {r['images_per_s']:.0f} |"
+        for r in p["rows"]
+    ]
+    lines += [
+        "",
+        f"{p['rows'][1]['processes']} processes / 1 process: **{p['ratio']:.2f}×** images/s.",
+        "",
+        "**Job vs bare forward**, per precision and batch size: images/s of `generator.synthesize` alone and of "
+        "`ktl generate`'s shard loop (noise, forward, uint8 to the CPU, SHA-256, atomic write) in one process.",
+        "",
+        "| generator | precision | batch | bare (images/s) | job (images/s) | job / bare |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['generator']} | {r['precision']} | {r['batch_size']} | {r['bare_images_per_s']:.0f} | "
+        f"{r['job_images_per_s']:.0f} | {r['job_vs_bare']:.0%} |"
+        for r in res["grid"]
+    ]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    res = run(args)
+    return report(res, to_markdown(res), as_json=args.json, write=args.write, section="generate")
