@@ -1,5 +1,6 @@
 """The CUDA path. Marked ``gpu``: skipped without CUDA, run on the device machine with ``pytest -m gpu``."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,55 @@ def test_diffusion_adapters_on_cuda(tmp_path: Path) -> None:
     gpu = load_generator(GeneratorSpec(kind="ddim", path=tmp_path, num_inference_steps=4), "cuda")
     z = cpu.sample_latents(4, torch.Generator().manual_seed(0))
     torch.testing.assert_close(gpu.synthesize(z).cpu(), cpu.synthesize(z), atol=2e-3, rtol=0)
+
+
+def test_generate_on_cuda_is_deterministic_and_half_precision_stays_close(tmp_path: Path) -> None:
+    """`ktl generate` on the GPU: the same command twice gives the same shard bytes; bf16/fp16 images stay
+    within a few grey levels of fp32 (autocast), and the batch probe picks a power of two."""
+    from safetensors.torch import load_file, save_file
+
+    from ktl.cli import main
+
+    latents = tmp_path / "latents.safetensors"
+    save_file({"latents": torch.randn(4, 256, generator=torch.Generator().manual_seed(0))}, str(latents))
+    common = ["-q", "generate", "--latents", str(latents), "--per-class", "64", "--spread", "0.5", "--device",
+              "cuda", "--shard-size", "128", "--no-progress"]  # fmt: skip
+    images = {}
+    for name, extra in {
+        "a": [],
+        "b": [],
+        "fp16": ["--precision", "fp16"],
+        "bf16": ["--precision", "bf16"],
+    }.items():
+        assert main([*common, "--out", str(tmp_path / name), *extra]) == 0
+        images[name] = torch.cat(
+            [load_file(str(p))["images"] for p in sorted((tmp_path / name).glob("shard-*.safetensors"))]
+        )
+    assert torch.equal(images["a"], images["b"])
+    for half in ("fp16", "bf16"):
+        diff = (images[half].float() - images["a"].float()).abs()
+        assert diff.mean() < 3 and images[half].shape == images["a"].shape, (half, diff.mean())
+    assert main([*common, "--out", str(tmp_path / "auto"), "--batch-size", "auto"]) == 0
+    spec = json.loads((tmp_path / "auto" / "manifest.json").read_text())["spec"]
+    assert spec["batch_size"] & (spec["batch_size"] - 1) == 0
+
+
+def test_server_job_on_cuda_gives_the_same_bytes_with_two_workers(tmp_path: Path) -> None:
+    """Two workers on the GPU (cuda:0 twice: the code path of a two-GPU box) give the one-worker bytes."""
+    from fastapi.testclient import TestClient
+
+    from ktl.api import create_app
+    from ktl.clients.sdk import KtlHttpClient
+    from tests.api.conftest import ADMIN, make_settings
+
+    results = []
+    for name, devices in (("one", ["cuda:0"]), ("two", ["cuda:0", "cuda:0"])):
+        app = create_app(make_settings(tmp_path / name, device=None, devices=devices, job_batch_size=16))
+        with TestClient(app) as http:
+            admin = KtlHttpClient("", ADMIN, http=http, retries=0)
+            latents = torch.randn(3, 256, generator=torch.Generator().manual_seed(1)).tolist()
+            spec = {"latents": latents, "per_class": 40, "spread": 0.5, "seed": 3}
+            job = admin.wait_for_job(admin.submit_job(spec)["id"], timeout=120)
+            assert job["state"] == "done"
+            results.append(admin.job_result_bytes(job["id"]))
+    assert results[0] == results[1]

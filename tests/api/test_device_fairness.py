@@ -100,7 +100,7 @@ def test_sigterm_during_a_long_server_step_ends_in_seconds_and_the_round_complet
     try:
         admin = KtlHttpClient(server.url, ADMIN)
         fed = admin.create_federation(
-            {"num_classes": 10, "quorum": 1, "aligner": {**FAST_ALIGNER, "steps": 30_000}}
+            {"num_classes": 10, "quorum": 1, "aligner": {**FAST_ALIGNER, "steps": 6_000}}
         )
         token = admin.register_client(fed["id"])["token"]
         KtlHttpClient(server.url, token).upload(fed["id"], 1, protos([0, 1, 2]))  # acknowledged

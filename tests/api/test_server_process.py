@@ -139,7 +139,7 @@ def test_kill_9_during_fedproto_and_fedtgp_rounds_recovers_like_fedktl(server_fa
         p = protos([i, (i + 5) % 10], seed=i)
         sent[KtlHttpClient(server.url, tokens[i]).upload(proto["id"], 1, p)["client_id"]] = p
     tgp = admin.create_federation(  # a long server step, running at the kill
-        {"num_classes": 10, "quorum": 1, "method": "fedtgp", "baseline": {"tgp_steps": 30_000}}
+        {"num_classes": 10, "quorum": 1, "method": "fedtgp", "baseline": {"tgp_steps": 6_000}}
     )
     tgp_token = admin.register_client(tgp["id"])["token"]
     KtlHttpClient(server.url, tgp_token).upload(tgp["id"], 1, protos([1, 2, 3], seed=9))
