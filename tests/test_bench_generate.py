@@ -1,0 +1,37 @@
+"""`ktl bench generate` on a tiny load: 1 vs 2 processes of `ktl generate` (whole command and after its
+start-up), and bare forward vs the shard loop per precision and batch size for both generators."""
+
+import json
+
+import pytest
+
+from ktl.cli import main
+
+
+def test_the_generate_benchmark_measures_processes_and_job_vs_bare(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = [
+        "-q",
+        "bench",
+        "generate",
+        "--device",
+        "cpu",
+        "--classes",
+        "2",
+        "--per-class",
+        "16",
+        "--repeats",
+        "1",
+    ]
+    assert main([*args, "--batch-sizes", "8", "--images", "16", "--unet-steps", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    rows = res["processes"]["rows"]
+    assert [r["processes"] for r in rows] == [1, 2] and res["processes"]["images"] == 32
+    assert all(r["wall_s"] > 0 and r["startup_s"] > 0 and r["images_per_s"] > 0 for r in rows)
+    assert res["processes"]["ratio"] > 0
+    grid = res["grid"]
+    assert {(r["generator"].split()[0], r["precision"]) for r in grid} == {
+        (g, p) for g in ("embedded", "diffusers") for p in ("fp32", "bf16")
+    }
+    assert all(r["bare_images_per_s"] > 0 and r["job_images_per_s"] > 0 for r in grid)
