@@ -17,6 +17,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -43,6 +44,11 @@ class _Hub:
         self.seq = itertools.count()
         self.shared: list[tuple[int, int, AnyTask]] = []  # a heap: (priority, seq, task)
         self.pending = 0  # queued + running tasks of every worker
+
+    def push(self, heap: list[Any], priority: int, task: Any) -> None:
+        """Queue ``task`` on ``heap`` (a worker's own or the shared one); the caller holds ``cond``."""
+        self.pending += 1
+        heapq.heappush(heap, (priority, next(self.seq), task))
 
 
 class DeviceWorker:
@@ -73,11 +79,9 @@ class DeviceWorker:
 
     def submit(self, priority: int, task: Task) -> None:
         """Queue ``task`` on this worker only."""
-        hub = self._hub
-        with hub.cond:
-            hub.pending += 1
-            heapq.heappush(self._local, (priority, next(hub.seq), task))
-            hub.cond.notify_all()
+        with self._hub.cond:
+            self._hub.push(self._local, priority, task)
+            self._hub.cond.notify_all()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the task in hand, then stop; queued work is left to the durable store's recovery."""
@@ -133,11 +137,9 @@ class DeviceWorker:
             with hub.cond:
                 self.tasks_run += 1
                 if follow is not None:
-                    hub.pending += 1
-                    heapq.heappush(self._local, (priority, next(hub.seq), follow))
+                    hub.push(self._local, priority, follow)
                 if follow_any is not None:
-                    hub.pending += 1
-                    heapq.heappush(hub.shared, (priority, next(hub.seq), follow_any))
+                    hub.push(hub.shared, priority, follow_any)
                 hub.pending -= 1
                 hub.cond.notify_all()
 
@@ -171,11 +173,9 @@ class DevicePool:
 
     def submit_any(self, priority: int, task: AnyTask) -> None:
         """Queue ``task`` for whichever worker is free first."""
-        hub = self._hub
-        with hub.cond:
-            hub.pending += 1
-            heapq.heappush(hub.shared, (priority, next(hub.seq), task))
-            hub.cond.notify_all()
+        with self._hub.cond:
+            self._hub.push(self._hub.shared, priority, task)
+            self._hub.cond.notify_all()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Every worker finishes the task in hand, then stops (all asked at once, then joined)."""
