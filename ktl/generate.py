@@ -346,6 +346,10 @@ def options_spec(source: Source, o: GenerateOptions) -> dict:
         "shard_size": o.shard_size,
         "batch_size": o.batch_size,
         "precision": o.precision,
+        # speed flags, yet part of the bytes: compiled kernels (and, on some devices, channels-last
+        # algorithms) may round differently (torch.compile on the CPU: up to 1 grey level, measured)
+        "channels_last": o.channels_last,
+        "compile": o.compile,
         "total": total,
         "num_shards": max(1, math.ceil(total / o.shard_size)),
     }
