@@ -38,6 +38,11 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch: py
     client.execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    if path.stem == "inspect_alignment":  # its last view: the quality report, numbers and picture
+        last = nb.cells[-1].outputs
+        text = "".join(o.get("text", "") for o in last if o.output_type == "stream")
+        assert "mmd_ratio:" in text and "centroid_min_distance:" in text, text
+        assert any("image/png" in o.get("data", {}) for o in last)
     # every grid and plot is shown: one image output per display or plt.show in the notebook
     images = sum("image/png" in o.get("data", {}) for o in outputs)
     expected = {"quickstart": 1, "inspect_alignment": 5}[path.stem]  # 6 with the emoji font installed
