@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unet-steps", type=int, default=5, help="DDIM steps of the UNet generator")
     parser.add_argument("--no-unet", action="store_true", help="leave the diffusers UNet out")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many timings per cell")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the embedded generator's bare forward under torch.compile (its compile time too)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument(
         "--write", type=Path, default=None, help="also write the table into this markdown file"
@@ -235,13 +240,44 @@ def _grid(args: argparse.Namespace, device: torch.device, work: Path) -> list[di
     return rows
 
 
+def _compiled(
+    args: argparse.Namespace, device: torch.device, grid: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The embedded generator's bare forward compiled (``ktl generate --compile``) vs eager, per cell of the
+    grid; the first call's time (compilation) apart."""
+    from ktl.generate import GenerateOptions, load_for_generation
+    from ktl.generator import GeneratorSpec
+
+    rows = []
+    for cell in (c for c in grid if c["generator"].startswith("embedded")):
+        options = GenerateOptions(out=Path("unused"), compile=True)
+        generator = load_for_generation(GeneratorSpec(), device, options)
+        t0 = time.perf_counter()
+        _bare(generator, cell["batch_size"], cell["batch_size"], cell["precision"], 1)  # compiles
+        compile_s = time.perf_counter() - t0
+        rate = _bare(generator, cell["images"], cell["batch_size"], cell["precision"], args.repeats)
+        rows.append({"precision": cell["precision"], "batch_size": cell["batch_size"], "compile_s": compile_s,
+                     "compiled_images_per_s": rate, "eager_images_per_s": cell["bare_images_per_s"],
+                     "compiled_vs_eager": rate / cell["bare_images_per_s"]})  # fmt: skip
+        logger.info("compiled %s batch %d: %.0f vs eager %.0f images/s (compiling %.1f s)", cell["precision"],
+                    cell["batch_size"], rate, cell["bare_images_per_s"], compile_s)  # fmt: skip
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = _device(args.device)
     with tempfile.TemporaryDirectory(prefix="ktl-bench-generate-") as tmp:
         work = Path(tmp)
         processes = _processes(args, device, work)
         grid = _grid(args, device, work)
-    return {"device": str(device), "processes": processes, "grid": grid, "machine": machine()}
+        compiled = _compiled(args, device, grid) if args.compile else []
+    return {
+        "device": str(device),
+        "processes": processes,
+        "grid": grid,
+        "compiled": compiled,
+        "machine": machine(),
+    }
 
 
 def to_markdown(res: dict[str, Any]) -> str:
@@ -278,6 +314,20 @@ def to_markdown(res: dict[str, Any]) -> str:
         f"{r['job_images_per_s']:.0f} | {r['job_vs_bare']:.0%} |"
         for r in res["grid"]
     ]
+    if res.get("compiled"):
+        lines += [
+            "",
+            "**torch.compile** of the embedded generator's decoder (`ktl generate --compile`), bare forward, "
+            "compiled vs eager (the first call, which compiles, timed apart):",
+            "",
+            "| precision | batch | compiling (s) | compiled (images/s) | eager (images/s) | compiled / eager |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['precision']} | {r['batch_size']} | {r['compile_s']:.1f} | {r['compiled_images_per_s']:.0f} | "
+            f"{r['eager_images_per_s']:.0f} | {r['compiled_vs_eager']:.2f}× |"
+            for r in res["compiled"]
+        ]
     return "\n".join(lines)
 
 

@@ -28,6 +28,6 @@ step() {  # step NAME COMMAND...: run, keep its log, remember the first failure
 }
 step pytest-gpu python3 -m pytest -q -m gpu tests/test_gpu.py
 step bench-server python3 -m ktl bench server --device cuda --write docs/benchmarks.md
-step bench-generate python3 -m ktl bench generate --device cuda --write docs/benchmarks.md
+step bench-generate python3 -m ktl bench generate --device cuda --compile --write docs/benchmarks.md
 cp docs/benchmarks.md "$OUT/benchmarks.md"
 exit $status
