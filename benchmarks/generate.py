@@ -102,6 +102,10 @@ def _processes(args: argparse.Namespace, device: torch.device, work: Path) -> di
 
     from ktl.generator import GeneratorSpec, load_generator
 
+    if device.type == "cuda" and torch.cuda.device_count() < args.processes:
+        return {
+            "skipped": f"{args.processes} processes need {args.processes} GPUs; {torch.cuda.device_count()} here"
+        }
     dim = load_generator(GeneratorSpec(), "cpu").latent_dim
     latents = work / "latents.safetensors"
     g = torch.Generator().manual_seed(0)
@@ -287,22 +291,31 @@ def to_markdown(res: dict[str, Any]) -> str:
         "",
         f"{res['machine']}; device {res['device']}.",
         "",
-        f"**1 vs {p['rows'][1]['processes']} processes**: `ktl generate` of {p['images']} images of the embedded "
-        f"generator (shards of {p['shard_size']}, batch 64), the whole command timed (start-up included), best of runs.",
-        "",
-        "| processes | threads each | whole command (s) | its start-up (s) | images/s, whole | images/s after start-up |",
-        "|---|---|---|---|---|---|",
     ]
+    if "skipped" in p:
+        lines += [f"**1 vs P processes**: not measured ({p['skipped']}).", ""]
+    else:
+        lines += [
+            f"**1 vs {p['rows'][1]['processes']} processes**: `ktl generate` of {p['images']} images of the "
+            f"embedded generator (shards of {p['shard_size']}, batch 64), the whole command timed (start-up "
+            "included), best of runs.",
+            "",
+            "| processes | threads each | whole command (s) | its start-up (s) | images/s, whole | images/s after start-up |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['processes']} | {r['threads_each']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | "
+            f"{r['images_per_s']:.0f} | {r['images_per_s_after_startup']:.0f} |"
+            for r in p["rows"]
+        ]
+        lines += [
+            "",
+            f"{p['rows'][1]['processes']} processes / 1 process: **{p['ratio']:.2f}×** images/s for the whole "
+            f"command, **{p['ratio_after_startup']:.2f}×** after start-up (start-up: the same command for one "
+            "image per class).",
+            "",
+        ]
     lines += [
-        f"| {r['processes']} | {r['threads_each']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | "
-        f"{r['images_per_s']:.0f} | {r['images_per_s_after_startup']:.0f} |"
-        for r in p["rows"]
-    ]
-    lines += [
-        "",
-        f"{p['rows'][1]['processes']} processes / 1 process: **{p['ratio']:.2f}×** images/s for the whole command, "
-        f"**{p['ratio_after_startup']:.2f}×** after start-up (start-up: the same command for one image per class).",
-        "",
         "**Job vs bare forward**, per precision and batch size: images/s of `generator.synthesize` alone and of "
         "`ktl generate`'s shard loop (noise, forward, uint8 to the CPU, SHA-256, atomic write) in one process.",
         "",

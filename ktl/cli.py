@@ -668,8 +668,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise KtlError("give exactly one source: --data-dir DIR, --url URL or --latents FILE")
         if sources[0] != "latents" and not args.federation:
             raise KtlError(f"--{sources[0].replace('_', '-')} needs --federation FID")
-        if args.processes < 1:
-            raise KtlError(f"--processes must be at least 1, got {args.processes}")
         options = gen.GenerateOptions(
             out=args.out,
             per_class=args.per_class,
@@ -688,6 +686,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         gen.check_precision(options.precision, options.device)
+        gen.check_processes(args.processes, options.device)
         if args.data_dir is not None:
             source = gen.source_from_data_dir(args.data_dir, args.federation, args.round)
         elif args.url is not None:

@@ -309,6 +309,18 @@ def device_type(device: str) -> str:
     return device
 
 
+def check_processes(processes: int, device: str) -> None:
+    """One GPU per process: ``--processes`` beyond the visible GPUs is refused (each process takes
+    ``cuda:<local rank>``); on the CPU any number shares the cores."""
+    if processes < 1:
+        raise KtlError(f"--processes must be at least 1, got {processes}")
+    if device_type(device) == "cuda" and processes > torch.cuda.device_count():
+        raise KtlError(
+            f"--processes {processes} on CUDA needs {processes} GPUs; {torch.cuda.device_count()} visible "
+            "(one process per GPU)"
+        )
+
+
 def check_precision(precision: str, device: str) -> None:
     if precision == "fp16" and device_type(device) == "cpu":
         raise KtlError("--precision fp16 needs a CUDA device; on the CPU use fp32 or bf16")
