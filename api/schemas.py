@@ -273,3 +273,9 @@ class JobOut(BaseModel):
 
 class ErrorBody(BaseModel):
     error: dict[str, Any]
+
+
+def file_responses(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route that serves a file once it exists: 200 with ``media_type``,
+    else 409 with the reason (a round not published, a job not done)."""
+    return {200: {"content": {media_type: {}}, "description": description}, 409: {"model": ErrorBody}}

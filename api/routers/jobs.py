@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, status
 from fastapi.responses import FileResponse
 
 from ktl.api.deps import Admin, ServiceDep
-from ktl.api.schemas import ErrorBody, JobOut, JobSpec
+from ktl.api.schemas import ErrorBody, JobOut, JobSpec, file_responses
 from ktl.api.store import JobRecord
 
 router = APIRouter(
@@ -58,13 +58,9 @@ def get_job(job_id: JobId, service: ServiceDep, _: Admin) -> JobOut:
 @router.get(
     "/{job_id}/result",
     response_class=FileResponse,
-    responses={
-        200: {
-            "content": {"application/octet-stream": {}},
-            "description": "safetensors: images uint8 NCHW, latents, class_ids",
-        },
-        409: {"model": ErrorBody},
-    },
+    responses=file_responses(
+        "application/octet-stream", "safetensors: images uint8 NCHW, latents, class_ids"
+    ),
 )
 def get_job_result(job_id: JobId, service: ServiceDep, _: Admin) -> FileResponse:
     """The finished job's images, latents and class ids (class id -1 for given latents)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response, status
 
 from ktl.api.deps import Admin, ClientCaller, FederationAccess, RoundIndex, ServiceDep, UploadBody
-from ktl.api.schemas import ErrorBody, RoundOut, UploadOut
+from ktl.api.schemas import ErrorBody, RoundOut, UploadOut, file_responses
 from ktl.quality import QUALITY_PNG
 
 router = APIRouter(
@@ -110,13 +110,9 @@ def get_round(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Roun
 @router.get(
     "/pairs",
     response_class=Response,
-    responses={
-        200: {
-            "content": {"application/octet-stream": {}},
-            "description": "safetensors: images uint8 NCHW, latents, class_ids",
-        },
-        409: {"model": ErrorBody},
-    },
+    responses=file_responses(
+        "application/octet-stream", "safetensors: images uint8 NCHW, latents, class_ids"
+    ),
 )
 def get_pairs(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Response:
     """The round's image-vector pairs as safetensors (once published)."""
@@ -131,10 +127,7 @@ def get_pairs(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Resp
 @router.get(
     "/pairs.png",
     response_class=Response,
-    responses={
-        200: {"content": {"image/png": {}}, "description": "labelled grid"},
-        409: {"model": ErrorBody},
-    },
+    responses=file_responses("image/png", "labelled grid"),
 )
 def get_pairs_png(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Response:
     """The round's generated images as a labelled PNG grid (once published)."""
@@ -144,13 +137,7 @@ def get_pairs_png(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> 
 @router.get(
     "/quality.png",
     response_class=Response,
-    responses={
-        200: {
-            "content": {"image/png": {}},
-            "description": "2-D PCA of F(prototypes), centroids, prior draws",
-        },
-        409: {"model": ErrorBody},
-    },
+    responses=file_responses("image/png", "2-D PCA of F(prototypes), centroids, prior draws"),
 )
 def get_quality_png(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Response:
     """The round's alignment quality picture (fedktl, once published): F(prototypes), the class centroids
@@ -161,13 +148,10 @@ def get_quality_png(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -
 @router.get(
     "/align-history",
     response_class=Response,
-    responses={
-        200: {
-            "content": {"application/json": {}},
-            "description": "the aligner's loss, MMD² and MSE at every step: {loss: [...], mmd: [...], mse: [...]}",
-        },
-        409: {"model": ErrorBody},
-    },
+    responses=file_responses(
+        "application/json",
+        "the aligner's loss, MMD² and MSE at every step: {loss: [...], mmd: [...], mse: [...]}",
+    ),
 )
 def get_align_history(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Response:
     """The round's alignment, step by step (fedktl, once published), for a loss curve."""
@@ -177,14 +161,11 @@ def get_align_history(r: RoundIndex, fed: FederationAccess, service: ServiceDep)
 @router.get(
     "/broadcast",
     response_class=Response,
-    responses={
-        200: {
-            "content": {"application/octet-stream": {}},
-            "description": "safetensors: the method's broadcast (fedktl: the pairs; fedproto, fedtgp, fd: "
-            "the global table as prototypes, class_ids, counts)",
-        },
-        409: {"model": ErrorBody},
-    },
+    responses=file_responses(
+        "application/octet-stream",
+        "safetensors: the method's broadcast (fedktl: the pairs; fedproto, fedtgp, fd: "
+        "the global table as prototypes, class_ids, counts)",
+    ),
 )
 def get_broadcast(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Response:
     """What every client of round ``r`` downloads, whatever the method (once published)."""
