@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ktl.api.schemas import FederationSpec
+from ktl.device import synchronize
 from ktl.errors import InvalidRequestError
 from ktl.generator import Generator
 from ktl.methods import CostShape
@@ -37,18 +38,13 @@ def _device_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _flop_rate(device: torch.device, n: int = 512, repeats: int = 3) -> float:
     """Best of a few ``n × n`` float32 products, in flop/s."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         (a @ b).sum().item()
         best = min(best, time.perf_counter() - t0)
@@ -62,14 +58,14 @@ def _step_overhead(device: torch.device, steps: int = 20) -> float:
     x = torch.randn(4, 8, device=device)
     best = float("inf")
     for _ in range(3):  # the first pass warms up (allocator, kernels); keep the best
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             loss = model(x).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        _sync(device)
+        synchronize(device)
         best = min(best, (time.perf_counter() - t0) / steps)
     return best
 

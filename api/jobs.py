@@ -25,7 +25,7 @@ from ktl.errors import InsufficientStorageError
 from ktl.generator import Generator
 from ktl.seeding import torch_generator
 
-__all__ = ["JobPlan", "StreamingSafetensors", "WriterClosedError", "job_noise"]
+__all__ = ["JobPlan", "StreamingSafetensors", "WriterClosedError", "prior_noise"]
 
 
 @dataclass(frozen=True)
@@ -54,15 +54,15 @@ class JobPlan:
         return latents, self.class_ids[index.cpu()]
 
 
-def job_noise(generator: Generator, n: int, seed: int, start: int) -> torch.Tensor:
-    """``(n, W)`` prior draws for the images ``start …`` of a job with ``seed``, on the CPU: the same on
-    every device. A standard-normal prior is drawn on the CPU; another prior (StyleGAN's mapping network)
-    is sampled by the generator itself, on the CPU when it runs there, else from a stream seeded the same
-    on its device (the same on every CUDA device of a kind, not bit-equal to the CPU's)."""
+def prior_noise(generator: Generator, n: int, seed: int, *keys: str | int) -> torch.Tensor:
+    """``(n, W)`` draws from the generator's prior, from a stream seeded by ``(seed, *keys)`` alone, returned
+    on the CPU (a batch job's: ``"job", start``; ``ktl generate``'s: ``"generate", shard``). A standard-
+    normal prior is drawn on the CPU: the same on every device. Another prior (StyleGAN's mapping network)
+    is sampled by the generator itself from that stream on its device: the same on every device of a kind,
+    not bit-equal between the CPU and CUDA."""
     if getattr(generator, "latent_prior", None) == "standard-normal":
-        return torch.randn(n, generator.latent_dim, generator=torch_generator(seed, "job", start))
-    device = generator.device
-    rng = torch_generator(seed, "job", start, device="cpu" if device.type == "cpu" else device)
+        return torch.randn(n, generator.latent_dim, generator=torch_generator(seed, *keys))
+    rng = torch_generator(seed, *keys, device=generator.device)
     return generator.sample_latents(n, rng).float().cpu()
 
 

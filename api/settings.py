@@ -230,11 +230,10 @@ def resolve_devices(settings: ServerSettings) -> list[torch.device]:
     """The server's devices: ``devices``, else ``device``, else every visible CUDA GPU, else the CPU. A
     CUDA device that is not there is a `ConfigError`."""
     names = settings.devices or ([settings.device] if settings.device is not None else None)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if names is None:
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return [torch.device("cuda", i) for i in range(count)] or [torch.device("cpu")]
     devices = [resolve_device(name.strip()) for name in names]
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for device in devices:
         if device.type == "cuda" and (device.index or 0) >= count:
             raise ConfigError(f"device {device} asked for, but this machine has {count} CUDA device(s)")

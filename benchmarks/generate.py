@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ktl.benchmarks.common import machine, report
+from ktl.device import resolve_device, synchronize
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -65,17 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--write", type=Path, default=None, help="also write the table into this markdown file"
     )
-
-
-def _device(name: str) -> torch.device:
-    from ktl.device import resolve_device
-
-    return resolve_device(name)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # -- 1 vs P processes ----------------------------------------------------------------------------------------
@@ -182,12 +172,12 @@ def _bare(generator: Any, n: int, batch: int, precision: str, repeats: int) -> f
         generator.synthesize(z[:batch])  # warm-up
     best = 0.0
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         for chunk in z.split(batch):
             with _autocast(device, precision):
                 generator.synthesize(chunk)
-        _sync(device)
+        synchronize(device)
         best = max(best, n / (time.perf_counter() - t0))
     return best
 
@@ -269,7 +259,7 @@ def _compiled(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    device = _device(args.device)
+    device = resolve_device(args.device)
     with tempfile.TemporaryDirectory(prefix="ktl-bench-generate-") as tmp:
         work = Path(tmp)
         processes = _processes(args, device, work)

@@ -49,7 +49,7 @@ from ktl.benchmarks.reference_round import (
     numpy_normal_prior,
 )
 from ktl.clients import simplex_etf
-from ktl.device import resolve_device
+from ktl.device import resolve_device, synchronize
 from ktl.generator import Generator, GeneratorSpec, load_generator
 
 __all__ = ["add_arguments", "main", "run"]
@@ -88,11 +88,6 @@ def uploads(num_classes: int, num_clients: int, noise: float, seed: int = 0) -> 
     return F.normalize(vectors, dim=1), class_ids, counts
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass
 class _Timed:
     seconds: float
@@ -123,11 +118,11 @@ def _time_reference(
             mmd_fn=mmd_fn,
         )
         items = [(v.to(device), int(y)) for v, y in zip(vectors, class_ids, strict=True)]
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         centroids = server.align(items)
         gen.synthesize(centroids)
-        _sync(device)
+        synchronize(device)
         seconds = time.perf_counter() - t0
         loss = evaluate(server.transform(vectors.to(device)))
     return _Timed(seconds, loss, epochs * -(-len(items) // 100))
@@ -152,7 +147,7 @@ def _time_ours(
         seed=0,
     )
     rng = torch.Generator(device=device).manual_seed(0)
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     result = aligner.fit(
         vectors,
@@ -163,7 +158,7 @@ def _time_ours(
         standard_normal_prior=getattr(gen, "latent_prior", "sampled") == "standard-normal",
     )
     gen.synthesize(result.centroids[result.present])
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - t0
     return _Timed(seconds, evaluate(result.aligned), steps)
 
@@ -235,10 +230,10 @@ def _case(
 def _time_bare(gen: Generator, z: torch.Tensor, b: int, device: torch.device, out: list[float]) -> None:
     """A device-worker task: time ``gen.synthesize(z)`` after a one-batch warm-up; appends images/s."""
     gen.synthesize(z[:b])
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     gen.synthesize(z)
-    _sync(device)
+    synchronize(device)
     out.append(z.shape[0] / (time.perf_counter() - t0))
 
 

@@ -6,7 +6,7 @@ import torch
 
 from ktl.errors import ConfigError
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "synchronize"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -19,3 +19,9 @@ def resolve_device(name: str) -> torch.device:
             f"device {name!r} asked for, but no CUDA device is available; use --device cpu or auto"
         )
     return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA kernels run asynchronously; a timer must wait for them)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

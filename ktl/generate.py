@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from ktl.api.store import atomic_write, sha256_file
+from ktl.device import resolve_device
 from ktl.errors import KtlError
-from ktl.seeding import torch_generator
 
 if TYPE_CHECKING:
     from ktl.clients.sdk import KtlHttpClient
@@ -299,14 +300,10 @@ class GenerateOptions:
 
 
 def device_type(device: str) -> str:
-    """``cpu`` or ``cuda`` for ``--device auto|cpu|cuda``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
+    """``cpu`` or ``cuda`` for ``--device auto|cpu|cuda`` (`ktl.device.resolve_device`'s choice)."""
+    if device not in ("auto", "cpu", "cuda"):
         raise KtlError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise KtlError("--device cuda: no CUDA device is available")
-    return device
+    return resolve_device(device).type
 
 
 def check_processes(processes: int, device: str) -> None:
@@ -489,16 +486,6 @@ def probe_batch_size(generator: Generator, precision: str, limit: int = 4096) ->
 # -- shards --------------------------------------------------------------------------------------------------
 
 
-def shard_noise(generator: Generator, n: int, seed: int, k: int) -> torch.Tensor:
-    """``(n, W)`` prior draws ε of shard ``k``, on the CPU, from a stream seeded by ``(seed, k)`` alone. A
-    standard-normal prior is drawn on the CPU (the same on every device); another prior is sampled by the
-    generator itself, from the same stream on its device (not bit-equal between CPU and CUDA)."""
-    if getattr(generator, "latent_prior", None) == "standard-normal":
-        return torch.randn(n, generator.latent_dim, generator=torch_generator(seed, "generate", k))
-    rng = torch_generator(seed, "generate", k, device=generator.device)
-    return generator.sample_latents(n, rng).float().cpu()
-
-
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
 
@@ -506,30 +493,6 @@ def shard_name(k: int) -> str:
 def shard_range(spec: dict, k: int) -> tuple[int, int]:
     start = k * spec["shard_size"]
     return start, min(spec["total"], start + spec["shard_size"])
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """The whole file or nothing: a temporary file beside it, renamed into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -548,7 +511,7 @@ def shard_is_done(out: Path, spec: dict, spec_hash: str, k: int) -> bool:
     start, end = shard_range(spec, k)
     if record.get("spec_sha256") != spec_hash or [record.get("start"), record.get("end")] != [start, end]:
         return False
-    return bool(record.get("sha256") == _sha256_file(path))
+    return bool(record.get("sha256") == sha256_file(path)[0])
 
 
 def read_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -636,7 +599,7 @@ def generate_dataset(source: Source, gen_spec: GeneratorSpec, options: GenerateO
     from safetensors.torch import save as st_save
     from tqdm.auto import tqdm
 
-    from ktl.api.jobs import JobPlan
+    from ktl.api.jobs import JobPlan, prior_noise
 
     o = options
     out = Path(o.out)
@@ -666,7 +629,7 @@ def generate_dataset(source: Source, gen_spec: GeneratorSpec, options: GenerateO
         out.mkdir(parents=True, exist_ok=True)
         _remove_temporaries(out)
         if previous is None:
-            _write_atomic(out / RECORDS / "spec.json", _json_bytes(spec))
+            atomic_write(out / RECORDS / "spec.json", _json_bytes(spec))
     state.wait_for_everyone()
 
     # sources, noise and latents on the CPU (the latents' bytes do not depend on the device); the
@@ -697,7 +660,7 @@ def generate_dataset(source: Source, gen_spec: GeneratorSpec, options: GenerateO
                         _write_pngs(out, names, start, stored, only_missing=True)
             for k in todo:
                 start, end = shard_range(spec, k)
-                noise = shard_noise(generator, end - start, o.seed, k) if o.spread > 0 else None
+                noise = prior_noise(generator, end - start, o.seed, "generate", k) if o.spread > 0 else None
                 images, latents, classes = [], [], []
                 for b in range(start, end, o.batch_size):
                     e = min(end, b + o.batch_size)
@@ -713,16 +676,16 @@ def generate_dataset(source: Source, gen_spec: GeneratorSpec, options: GenerateO
                     "class_ids": torch.cat(classes).contiguous(),
                 }
                 data = st_save(tensors)  # no metadata: safetensors writes it in a random order
-                _write_atomic(out / shard_name(k), data)
+                digest = atomic_write(out / shard_name(k), data)
                 record = {
                     "shard": k,
                     "start": start,
                     "end": end,
                     "count": end - start,
-                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "sha256": digest,
                     "spec_sha256": spec_hash,
                 }
-                _write_atomic(out / RECORDS / f"shard-{k:05d}.json", _json_bytes(record))
+                atomic_write(out / RECORDS / f"shard-{k:05d}.json", _json_bytes(record))
                 if names is not None:
                     _write_pngs(out, names, start, tensors["images"], only_missing=False)
     shard_seconds = time.perf_counter() - t_shards
@@ -767,7 +730,7 @@ def _finish(
     for k in range(spec["num_shards"]):
         start, end = shard_range(spec, k)
         record = json.loads((out / RECORDS / f"shard-{k:05d}.json").read_text())
-        digest = _sha256_file(out / shard_name(k))
+        digest = sha256_file(out / shard_name(k))[0]
         if record["sha256"] != digest or record["spec_sha256"] != spec_hash:
             raise KtlError(f"{out / shard_name(k)} changed while the data set was written; run again")
         shards.append(
@@ -795,7 +758,7 @@ def _finish(
             manifest["eval"]["kid"],
             manifest["eval"]["kid_std"],
         )
-    _write_atomic(out / MANIFEST, _json_bytes(manifest))
+    atomic_write(out / MANIFEST, _json_bytes(manifest))
     return manifest
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as st_load
 
-from ktl.api.jobs import JobPlan, StreamingSafetensors, WriterClosedError, job_noise
+from ktl.api.jobs import JobPlan, StreamingSafetensors, WriterClosedError, prior_noise
 from ktl.api.schemas import JobSpec
 from ktl.api.services.base import ServerParts, Service
 from ktl.api.services.federations import FederationService
@@ -181,11 +181,16 @@ class JobService(Service):
         first image)."""
         for job in self.store.jobs_in_states("queued", "running"):
             if job.state == "running":
-                self.store.update_job(
-                    job.id, state="queued", done=0, started_at=None, restarts=job.restarts + 1
-                )
+                self._restart(job)
                 logger.info("recovery: job %s was running; restarting it", job.id)
             self.enqueue(job.id)
+
+    def _restart(self, job: JobRecord) -> bool:
+        """Put a running job back in the queue, to start again from its first image (one restart more);
+        False if it is no longer running."""
+        return self.store.update_job(
+            job.id, only_if=("running",), state="queued", done=0, started_at=None, restarts=job.restarts + 1
+        )
 
     # -- in-flight jobs and liveness ------------------------------------------------------------------------
 
@@ -224,14 +229,7 @@ class JobService(Service):
             if now - first < grace_s:
                 continue
             if job.state == "running":
-                if not self.store.update_job(
-                    job.id,
-                    only_if=("running",),
-                    state="queued",
-                    done=0,
-                    started_at=None,
-                    restarts=job.restarts + 1,
-                ):
+                if not self._restart(job):
                     continue
                 logger.warning("job %s was running with nothing working on it; restarting it", job.id)
             else:
@@ -339,7 +337,7 @@ class JobService(Service):
     def _batch(self, run: _JobRun, worker: DeviceWorker, start: int, end: int) -> None:
         plan = run.plan
         generator = self.generator_on(plan.generator_name, worker)
-        noise = job_noise(generator, end - start, plan.seed, start) if plan.spread > 0 else None
+        noise = prior_noise(generator, end - start, plan.seed, "job", start) if plan.spread > 0 else None
         latents, class_ids = plan.latents(start, end, noise)
         images = generator.synthesize(latents.to(generator.device))
         run.writer.write("images", start, (images.clamp(0, 1) * 255).round().to(torch.uint8))
