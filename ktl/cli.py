@@ -831,12 +831,23 @@ def _command_in(argv: Sequence[str] | None) -> str | None:
     return None
 
 
+def _bench_in(argv: Sequence[str] | None) -> str | None:
+    """The benchmark ``ktl bench NAME`` names (the first word after the ``bench`` command); None when none."""
+    words = list(argv or ())
+    for i, arg in enumerate(words):
+        if arg == "bench" and _command_in(words[: i + 1]) == "bench":
+            return _command_in(words[i + 1 :])
+    return None
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The ``ktl`` parser; ``argv``, when given, is pre-scanned for ``--preset`` (see `_add_config_flags`)
-    and for its sub-command: only that one gets its settings flags and benchmark modules (they import
-    torch), so ``ktl --help`` and a mistyped command answer at once. Without ``argv``, everything."""
+    and for its sub-command: only that one gets its settings flags, and ``ktl bench NAME`` imports only
+    benchmark NAME's module (they import torch, some the server's packages), so ``ktl --help`` and a
+    mistyped command answer at once. Without ``argv``, everything."""
     preset = _preset_in(argv)
     command = _command_in(argv)
+    bench_name = _bench_in(argv)
 
     def wants(name: str) -> bool:
         return argv is None or command == name
@@ -1124,13 +1135,14 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate, argv=list(argv or ()))
 
     bench = sub.add_parser("bench", help="benchmarks (code in benchmarks/)")
-    if wants("bench"):  # the benchmark modules import torch
+    if wants("bench"):
         bench_sub = bench.add_subparsers(dest="bench_command", required=True)
         for name, help_text, description in _BENCHES:
-            module = importlib.import_module(f"ktl.benchmarks.{name}")
             p = bench_sub.add_parser(name, help=help_text, description=description)
-            module.add_arguments(p)
-            p.set_defaults(func=_cmd_bench, bench_main=module.main)
+            if argv is None or bench_name == name:  # the one that runs: its module, flags and main
+                module = importlib.import_module(f"ktl.benchmarks.{name}")
+                module.add_arguments(p)
+                p.set_defaults(func=_cmd_bench, bench_main=module.main)
         for name, help_text, description, scale in _FLOWER_BENCHES:
             p = bench_sub.add_parser(name, help=help_text, description=description)
             p.add_argument("--preset", default="cpu-small")
