@@ -31,6 +31,7 @@ import torch
 
 from ktl.benchmarks.common import machine, report
 from ktl.device import resolve_device, synchronize
+from ktl.errors import KtlError
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -40,7 +41,9 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", type=int, default=10, help="classes (latents) of the data set")
     parser.add_argument("--per-class", type=int, default=1000, help="images per class (process scaling)")
-    parser.add_argument("--processes", type=int, default=2, help="P of the 1 vs P processes comparison")
+    parser.add_argument(
+        "--processes", type=int, default=2, help="P of the 1 vs P processes comparison (0: not measured)"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument(
         "--batch-sizes", default=None, help="comma-separated (default: 16,64 on the CPU; 64,256,1024 on CUDA)"
@@ -61,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="also time the embedded generator's bare forward under torch.compile (its compile time too)",
+    )
+    parser.add_argument(
+        "--compile-cells",
+        default=None,
+        help="with --compile, only these cells, PRECISIONxBATCH comma-separated, e.g. bf16x1024 (default: "
+        "every embedded cell; each costs a cold compile)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument(
@@ -92,6 +101,8 @@ def _processes(args: argparse.Namespace, device: torch.device, work: Path) -> di
 
     from ktl.generator import GeneratorSpec, load_generator
 
+    if args.processes < 1:
+        return {"skipped": "--processes 0"}
     if device.type == "cuda" and torch.cuda.device_count() < args.processes:
         return {
             "skipped": f"{args.processes} processes need {args.processes} GPUs; {torch.cuda.device_count()} here"
@@ -205,13 +216,33 @@ def _job(spec: Any, n: int, batch: int, precision: str, repeats: int, device: st
     return best
 
 
+def _grid_axes(args: argparse.Namespace, device: torch.device) -> tuple[list[int], list[str], int]:
+    """Batch sizes, precisions and images per cell of the grid (the defaults depend on the device)."""
+    cuda = device.type == "cuda"
+    sizes = [int(b) for b in (args.batch_sizes or ("64,256,1024" if cuda else "16,64")).split(",")]
+    precisions = (args.precisions or ("fp32,fp16,bf16" if cuda else "fp32,bf16")).split(",")
+    return sizes, precisions, args.images or (8192 if cuda else 512)
+
+
+def _compile_cells(args: argparse.Namespace, device: torch.device) -> set[str] | None:
+    """``--compile-cells`` checked against the embedded generator's grid before anything runs."""
+    if args.compile_cells is None:
+        return None
+    sizes, precisions, n = _grid_axes(args, device)
+    grid = {f"{p}x{min(b, n)}" for p in precisions for b in sizes}
+    cells = {c.strip() for c in args.compile_cells.split(",") if c.strip()}
+    if not cells or not cells <= grid:
+        raise KtlError(
+            f"--compile-cells {args.compile_cells}: cells of the grid are {', '.join(sorted(grid))}"
+        )
+    return cells
+
+
 def _grid(args: argparse.Namespace, device: torch.device, work: Path) -> list[dict[str, Any]]:
     from ktl.generator import GeneratorSpec, load_generator
 
     cuda = device.type == "cuda"
-    sizes = [int(b) for b in (args.batch_sizes or ("64,256,1024" if cuda else "16,64")).split(",")]
-    precisions = (args.precisions or ("fp32,fp16,bf16" if cuda else "fp32,bf16")).split(",")
-    n = args.images or (8192 if cuda else 512)
+    sizes, precisions, n = _grid_axes(args, device)
     generators = [("embedded AutoencoderKL decoder (32×32)", GeneratorSpec(), n)]
     if not args.no_unet:
         folder = _unet_folder(work / "unet64")
@@ -235,15 +266,18 @@ def _grid(args: argparse.Namespace, device: torch.device, work: Path) -> list[di
 
 
 def _compiled(
-    args: argparse.Namespace, device: torch.device, grid: list[dict[str, Any]]
+    args: argparse.Namespace, device: torch.device, grid: list[dict[str, Any]], wanted: set[str] | None
 ) -> list[dict[str, Any]]:
     """The embedded generator's bare forward compiled (``ktl generate --compile``) vs eager, per cell of the
-    grid; the first call's time (compilation) apart."""
+    grid (or the ``wanted`` ones); the first call's time (compilation) apart."""
     from ktl.generate import GenerateOptions, load_for_generation
     from ktl.generator import GeneratorSpec
 
+    cells = [c for c in grid if c["generator"].startswith("embedded")]
+    if wanted is not None:
+        cells = [c for c in cells if f"{c['precision']}x{c['batch_size']}" in wanted]
     rows = []
-    for cell in (c for c in grid if c["generator"].startswith("embedded")):
+    for cell in cells:
         options = GenerateOptions(out=Path("unused"), compile=True)
         generator = load_for_generation(GeneratorSpec(), device, options)
         t0 = time.perf_counter()
@@ -260,11 +294,12 @@ def _compiled(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
+    wanted = _compile_cells(args, device)
     with tempfile.TemporaryDirectory(prefix="ktl-bench-generate-") as tmp:
         work = Path(tmp)
         processes = _processes(args, device, work)
         grid = _grid(args, device, work)
-        compiled = _compiled(args, device, grid) if args.compile else []
+        compiled = _compiled(args, device, grid, wanted) if args.compile else []
     return {
         "device": str(device),
         "processes": processes,
@@ -277,7 +312,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def to_markdown(res: dict[str, Any]) -> str:
     p = res["processes"]
     lines = [
-        "## Batch generation (`ktl bench generate`)",
+        f"## Batch generation (`ktl bench generate`) — {res['device'].split(':')[0]}",
         "",
         f"{res['machine']}; device {res['device']}.",
         "",
@@ -336,4 +371,6 @@ def to_markdown(res: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     res = run(args)
-    return report(res, to_markdown(res), as_json=args.json, write=args.write, section="generate")
+    # one section per device type, as `ktl bench server` writes: a GPU run never replaces the CPU figures
+    section = f"generate-{res['device'].split(':')[0]}"
+    return report(res, to_markdown(res), as_json=args.json, write=args.write, section=section)

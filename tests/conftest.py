@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -19,7 +20,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords and not config.getoption("--runslow"):
             item.add_marker(skip_slow)
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        # KTL_GPU_TEST_DEVICE=cpu: the GPU tests on the CPU (benchmarks/run_gpu.sh --device cpu, a rehearsal)
+        rehearsal = os.environ.get("KTL_GPU_TEST_DEVICE") == "cpu"
+        if "gpu" in item.keywords and not torch.cuda.is_available() and not rehearsal:
             item.add_marker(skip_gpu)
 
 
