@@ -15,6 +15,7 @@ from ktl.flower.config import FlowerOptions, from_run_config, to_run_config
 from ktl.flower.simulation import run_flower_simulation
 from ktl.study import miss_reason
 from tests.conftest import simulate_like_ray
+from tests.run_folders import assert_same_run_folders
 
 
 def test_the_run_config_round_trips_to_the_same_configuration() -> None:
@@ -44,6 +45,8 @@ def test_flower_simulation_gives_the_per_round_accuracies_of_ktl_simulate(
     assert flower["final_accuracy"] == simulated["final_accuracy"] and flower["failures"] == 0
     rows = [json.loads(x) for x in (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()]
     assert [r["bytes_up"] for r in rows] == [x["bytes_up"] for x in lines]  # the same payload bytes
+    # one run folder whichever transport (client weights stay on the nodes)
+    assert_same_run_folders(tmp_path / "sim", tmp_path / "flower", clients=False)
 
 
 def test_partial_participation_samples_the_same_nodes_for_the_same_seed(tmp_path: Path) -> None:
@@ -55,12 +58,17 @@ def test_partial_participation_samples_the_same_nodes_for_the_same_seed(tmp_path
     config = build_config(preset="smoke", overrides=overrides)
     summary = run_flower_simulation(config, FlowerOptions(out=str(tmp_path / "part")))
     rows = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["sampled"] for r in rows] == [3, 3] and [r["replies"] + r["missed"] for r in rows] == [3, 3]
-    # with seed 0, partitions {0, 3} miss round 1 and {1, 3} round 2: any 3 of the 4 hold one or two
+    assert [len(r["participants"]) for r in rows] == [3, 3]
+    assert [r["trained"] + len(r["missed"]) for r in rows] == [3, 3]
+    # with seed 0, partitions {0, 3} miss round 1 and {1, 3} round 2: exactly those of them chosen miss
     dropping = [
         {i for i in range(4) if miss_reason(config.study, 0, r, i, num_train=1, epochs=1)} for r in (1, 2)
     ]
-    assert dropping == [{0, 3}, {1, 3}] and all(1 <= r["missed"] <= 2 for r in rows)
+    assert dropping == [{0, 3}, {1, 3}]
+    for row, drop in zip(rows, dropping, strict=True):
+        assert {int(cid.split("-")[1]) for cid in row["missed"]} == set(row["participants"]) & drop
+        assert set(row["missed"].values()) == {"dropout"}
+        assert None not in row["client_accuracy"]  # every client scored, as in ktl simulate
     assert summary["failures"] == 0 and all(0 <= a <= 1 for a in summary["accuracy"])
     alias = from_run_config(to_run_config(config, FlowerOptions(fraction=0.5)))
     assert alias[1].fraction == 0.5 and alias[0].study.join_ratio == 0.75

@@ -156,7 +156,7 @@ def test_four_supernodes_on_loopback_run_the_app_and_give_simulates_accuracies(
                 os.killpg(p.pid, signal.SIGKILL)
     assert summary["failures"] == 0 and len(summary["accuracy"]) == 2
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["sampled"] for r in rows] == [4, 4]  # with auth: the unregistered fifth never joined
+    assert [r["participants"] for r in rows] == [[0, 1, 2, 3]] * 2  # with auth: the fifth never joined
     torch.manual_seed(1234)
     config = build_config(
         preset="smoke",

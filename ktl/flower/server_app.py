@@ -1,40 +1,37 @@
-"""ktl's ServerApp: each round, the previous broadcast goes to the sampled nodes (``study.join_ratio``,
-``study.min_clients``: the same seeded draw as ``ktl simulate``, over the sorted node ids) with the round
-number;
-their replies (the method's payloads, as Flower records) go through the method's server step — the same
-`Method` ``ktl simulate`` and ``ktl serve`` drive. Nodes that fail mid-round are counted and the round goes
-on with the replies it got (Flower's way). A method whose uploads are summands (``fedproto-secagg``,
-``fedktl-secagg``) runs each round under Flower's SecAgg+ (`ktl.flower.secagg`): the server step gets
-only the sum. Bytes are counted as Flower's wire encoding of every message's content, both ways."""
+"""ktl's ServerApp: the federation is `ktl.runner.Runner`'s — the round every transport runs — over a
+`GridTransport`: each round the previous broadcast goes to the chosen nodes (``study.join_ratio``,
+``study.min_clients``: the same seeded draw as ``ktl simulate``, over the nodes in partition order) with
+the round number; their replies (the method's payloads, as Flower records) are validated by the method at
+the runner's edge and go through its server step. Nodes that fail mid-round, or send an invalid payload,
+are counted and the round goes on with the replies it got (Flower's way). A method whose uploads are
+summands (``fedproto-secagg``, ``fedktl-secagg``) runs each round under Flower's SecAgg+
+(`ktl.flower.secagg`): the server step gets only the sum. Bytes are counted as Flower's wire encoding of
+every message's content, both ways (``wire_bytes``)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import LOGGER_NAME
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 
+from ktl.clients import TrainStats
 from ktl.config import SimulateConfig
-from ktl.data import build_federated_data
-from ktl.device import resolve_device
+from ktl.errors import ConfigError
 from ktl.flower.config import FlowerOptions, from_run_config, participation
 from ktl.flower.records import from_record, to_record
 from ktl.flower.secagg import secure_sum_round
-from ktl.methods import SUM_UPLOAD
-from ktl.seeding import derive_seed
-from ktl.simulate import build_method
-from ktl.study import Plateau, is_evaluated, participants
+from ktl.methods import Method, get_method
+from ktl.runner import Federation, Reply, RoundPlan, RoundReplies, Runner, Score, Transport, prepare_run_dir
 
-__all__ = ["CountingGrid", "app", "make_server_app", "run_rounds"]
+__all__ = ["CountingGrid", "GridTransport", "app", "make_server_app", "run_rounds"]
 
 # Through Flower's logger ("flwr"): the app's lines appear where Flower prints, in a SuperLink's or
 # SuperNode's log as in a simulation.
@@ -105,148 +102,168 @@ def _wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[in
     return nodes
 
 
-def _plain_round(
-    grid: Grid, sampled: list[int], r: int, broadcast: bytes | None, timeout: float, evaluate: bool = True
-) -> tuple[dict[str, bytes], list[dict[str, Any]]]:
-    """Send the broadcast, collect each reply's payload and metrics (in the clients' order)."""
-    content = RecordDict({"config": ConfigRecord({"round": r, "evaluate": evaluate})})
+def _train_content(plan: RoundPlan, broadcast: bytes | None) -> RecordDict:
+    content = RecordDict(
+        {"config": ConfigRecord({"round": plan.round, "rounds": plan.rounds, "evaluate": plan.evaluate})}
+    )
     if broadcast is not None:
         content["broadcast"] = to_record(broadcast)
-    messages = [
-        Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(r))
-        for node in sampled
-    ]
-    good = [m for m in grid.send_and_receive(messages, timeout=timeout) if not m.has_error()]
-    # Uploads in the clients' order (their partition ids), as ktl simulate and the server order them.
-    good.sort(key=lambda m: cast(int, m.content.config_records["meta"]["partition-id"]))
-    uploads = {
-        str(m.content.config_records["meta"]["client-id"]): from_record(m.content.array_records["payload"])
-        for m in good
-        if "payload" in m.content.array_records
-    }
-    return uploads, [dict(m.content.metric_records["metrics"]) for m in good]
+    return content
+
+
+def _score(metrics: Mapping[str, Any]) -> Score | None:
+    return (int(metrics["correct"]), int(metrics["total"])) if "total" in metrics else None
+
+
+class GridTransport(Transport):
+    """The runner's transport over Flower's ``Grid`` (Simulation and Deployment Engines): one SuperNode per
+    client. Opening asks every node (a ``query`` message) for its partition, client id and classes, so the
+    ServerApp builds no data set; a round's broadcast goes to the chosen nodes with the round (``train``),
+    nodes not trained that round are scored by an ``evaluate`` message; a ``"sum"`` method's round runs
+    under SecAgg+ (`secure_sum_round`). A node that errs or does not answer is that client's failure and
+    the round goes on with the others (Flower's way)."""
+
+    name = "flower"
+
+    def __init__(self, grid: Grid, options: FlowerOptions, context: Context | None = None) -> None:
+        self.grid = CountingGrid(grid)
+        self.options = options
+        self.context = context
+        self.nodes: list[int] = []  # node ids in client order (their partition ids)
+        self.client_ids: list[str] = []
+        self.method: Method | None = None
+
+    def open(self, config: SimulateConfig) -> Federation:
+        secure = get_method(config.method).aggregation == "sum"
+        if secure and self.context is None:
+            raise ValueError(
+                f"method {config.method!r} runs under SecAgg+, which needs the ServerApp's context"
+            )
+        nodes = _wait_for_nodes(self.grid, max(self.options.min_nodes, 2 if secure else 1))
+        messages = [
+            Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
+            for n in nodes
+        ]
+        answers = [m for m in self.grid.send_and_receive(messages, timeout=self.options.round_timeout)]
+        good = [m for m in answers if not m.has_error()]
+        if not good:
+            raise RuntimeError(
+                f"none of the {len(nodes)} nodes answered ktl's query (see the SuperNodes' logs)"
+            )
+        good.sort(key=lambda m: cast(int, m.content.config_records["meta"]["partition-id"]))
+        metas = [m.content.config_records["meta"] for m in good]
+        names = [list(cast(list[str], meta["class-names"])) for meta in metas]
+        if any(n != names[0] for n in names):
+            raise ConfigError("the SuperNodes disagree on the federation's classes (their data differ)")
+        self.nodes = [m.metadata.src_node_id for m in good]
+        self.client_ids = [str(meta["client-id"]) for meta in metas]
+        logger.info(
+            "%s on Flower: %d of %d nodes answered, %d rounds%s",
+            config.method, len(good), len(nodes), config.rounds, " (SecAgg+)" if secure else "",
+        )  # fmt: skip
+        return Federation(self.client_ids, names[0], str(metas[0]["source"]))
+
+    def bind(self, method: Method) -> None:
+        self.method = method
+
+    def _reply(
+        self, index: int, metrics: Mapping[str, Any], missed: str | None, payload: bytes | None
+    ) -> Reply:
+        stats = None
+        if missed is None:
+            stats = TrainStats(
+                steps=int(metrics.get("steps", 0)),
+                skipped=int(metrics["skipped-steps"]),
+                supervised_loss=float(metrics["train-loss"]),
+                distill_loss=float(metrics["distill-loss"]),
+            )
+        return Reply(index, self.client_ids[index], payload, stats, missed, _score(metrics))
+
+    def train(self, plan: RoundPlan, broadcast: bytes | None) -> RoundReplies:
+        index_of = {node: i for i, node in enumerate(self.nodes)}
+        sampled = [self.nodes[i] for i in plan.chosen]
+        got: dict[int, Reply] = {}
+        total = None
+        if self.method is not None and self.method.aggregation == "sum":
+            secured = secure_sum_round(
+                self.grid,
+                cast(Context, self.context),
+                sampled,
+                plan.round,
+                broadcast,
+                self.method.summand_layout(),
+                shares=self.options.secagg_shares,
+                threshold=self.options.secagg_threshold,
+                timeout=self.options.round_timeout,
+            )
+            for metrics in secured.metrics:  # the summands never reach the server: only their sum
+                i = int(metrics["partition-index"])
+                got[i] = self._reply(i, metrics, None, None)
+            total = secured.total
+        else:
+            messages = [
+                Message(_train_content(plan, broadcast), dst_node_id=node, message_type=MessageType.TRAIN,
+                        group_id=str(plan.round))
+                for node in sampled
+            ]  # fmt: skip
+            for m in self.grid.send_and_receive(messages, timeout=self.options.round_timeout):
+                i = index_of.get(m.metadata.src_node_id)
+                if i is None or m.has_error():
+                    continue
+                meta = m.content.config_records["meta"]
+                missed = str(meta["missed"]) if "missed" in meta else None
+                payload = (
+                    from_record(m.content.array_records["payload"])
+                    if "payload" in m.content.array_records
+                    else None
+                )
+                got[i] = self._reply(i, m.content.metric_records["metrics"], missed, payload)
+        replies = [got.get(i) or Reply(i, self.client_ids[i], missed="failure") for i in plan.chosen]
+        return RoundReplies(replies, total)
+
+    def evaluate(self, plan: RoundPlan, replies: RoundReplies, broadcast: bytes | None) -> list[Score | None]:
+        scores: list[Score | None] = [None] * len(self.nodes)
+        for reply in replies.replies:
+            scores[reply.index] = reply.score
+        rest = [i for i, s in enumerate(scores) if s is None]
+        if rest:  # clients not trained this round (or that missed it) are scored too, as in ktl simulate
+            content = _train_content(plan, broadcast)
+            messages = [
+                Message(content, dst_node_id=self.nodes[i], message_type=MessageType.EVALUATE,
+                        group_id=str(plan.round))
+                for i in rest
+            ]  # fmt: skip
+            index_of = {node: i for i, node in enumerate(self.nodes)}
+            for m in self.grid.send_and_receive(messages, timeout=self.options.round_timeout):
+                i = index_of.get(m.metadata.src_node_id)
+                if i is not None and not m.has_error():
+                    scores[i] = _score(m.content.metric_records["metrics"])
+        return scores
+
+    def wire_bytes(self) -> int:
+        return self.grid.bytes_sent + self.grid.bytes_received
+
+    def facts(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "nodes": len(self.nodes),
+            "bytes_sent": self.grid.bytes_sent,
+            "bytes_received": self.grid.bytes_received,
+        }
 
 
 def run_rounds(
     grid: Grid, config: SimulateConfig, options: FlowerOptions, context: Context | None = None
 ) -> dict[str, Any]:
-    """The federation on Flower, top to bottom; returns the summary (also in ``flower.out`` if set).
-    ``context`` is the ServerApp's (needed by a secure-aggregation method)."""
-    t_start = time.perf_counter()
-    torch.manual_seed(derive_seed(config.seed, "global"))
-    data = build_federated_data(config.data, num_clients=config.num_clients, seed=config.seed)
-    device = resolve_device(config.device)
-    method = build_method(config, data.num_classes, data.class_names, device)
-    secure = method.aggregation == "sum"
-    if secure and context is None:
-        raise ValueError(f"method {config.method!r} runs under SecAgg+, which needs the ServerApp's context")
-    grid = CountingGrid(grid)
-    nodes = _wait_for_nodes(grid, max(options.min_nodes, 2 if secure else 1))
-    logger.info(
-        "%s on Flower: %d nodes, %d rounds%s",
-        config.method,
-        len(nodes),
-        config.rounds,
-        " (SecAgg+)" if secure else "",
-    )
-    out = Path(options.out) if options.out else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
-    broadcast: bytes | None = None
-    history: list[dict[str, Any]] = []
-    study = participation(config, options)
-    plateau = Plateau(study.patience, study.min_delta)
-    stopped: dict[str, Any] | None = None
-    for r in range(1, config.rounds + 1):
-        t_round = time.perf_counter()
-        sent_before, received_before = grid.bytes_sent, grid.bytes_received
-        nodes = sorted(grid.get_node_ids())
-        sampled = [nodes[i] for i in participants(study, config.seed, r, len(nodes))]
-        evaluated = is_evaluated(study, r, config.rounds)
-        sent = broadcast
-        server_input: Mapping[str, bytes]
-        payload_bytes: int | None
-        if secure:
-            secured = secure_sum_round(
-                grid,
-                cast(Context, context),
-                sampled,
-                r,
-                broadcast,
-                method.summand_layout(),
-                shares=options.secagg_shares,
-                threshold=options.secagg_threshold,
-                timeout=options.round_timeout,
-            )
-            # The server step's one input: the unmasked sum (no client's summand is ever seen).
-            server_input = {SUM_UPLOAD: secured.total} if secured.total is not None else {}
-            metrics, payload_bytes = secured.metrics, None  # the summands never reach the server
-        else:
-            uploads, metrics = _plain_round(grid, sampled, r, broadcast, options.round_timeout, evaluated)
-            payload_bytes = sum(len(p) for p in uploads.values())
-            server_input = method.server_input(uploads) if uploads else {}
-        # A client that missed the round (study.dropout, study.round_budget) answers without training.
-        missed = sum(1 for x in metrics if float(x.get("missed", 0.0)) > 0)
-        reported = [x for x in metrics if not float(x.get("missed", 0.0)) > 0]
-        correct = sum(float(x["correct"]) for x in reported)
-        total = sum(float(x["total"]) for x in reported)
-        server = method.server_update(server_input, r) if server_input else None
-        if server is not None and server.payload is not None:
-            broadcast = server.payload
-        # over the clients that reported (Flower evaluates where it trains); none when not evaluated
-        accuracy = correct / max(total, 1.0) if evaluated else None
-        record = {
-            "round": r,
-            "accuracy": accuracy,
-            "evaluated": evaluated,
-            "sampled": len(sampled),
-            "replies": len(reported),
-            "missed": missed,
-            "failures": len(sampled) - len(metrics),
-            "bytes_up": payload_bytes,  # the method's payloads, as ktl simulate counts them
-            "bytes_sent": grid.bytes_sent - sent_before,  # Flower's encoding, every message of the round
-            "bytes_received": grid.bytes_received - received_before,
-            "broadcast_bytes": len(sent) if sent is not None else 0,
-            "round_seconds": time.perf_counter() - t_round,
-            **(server.metrics if server is not None else {}),
-        }
-        history.append(record)
-        logger.info(
-            "round %d/%d  accuracy %s  (%d/%d replies)  %.1fs",
-            r,
-            config.rounds,
-            f"{accuracy:.4f}" if accuracy is not None else "not evaluated",
-            len(reported),
-            len(sampled),
-            record["round_seconds"],
-        )
-        if out is not None:
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        if accuracy is not None and plateau.update(accuracy):
-            stopped = {"round": r, "reason": plateau.reason()}
-            logger.info("early stop after round %d: %s", r, stopped["reason"])
-            break
-    accuracies = [h["accuracy"] for h in history]
-    scored = [a for a in accuracies if a is not None]
-    summary = {
-        "method": config.method,
-        "transport": "flower",
-        "rounds": config.rounds,
-        "rounds_run": len(history),
-        "stopped_early": stopped,
-        "final_accuracy": scored[-1],
-        "best_accuracy": max(scored),
-        "accuracy": accuracies,
-        "failures": sum(h["failures"] for h in history),
-        "bytes_sent": grid.bytes_sent,
-        "bytes_received": grid.bytes_received,
-        "wall_time_s": time.perf_counter() - t_start,
-    }
-    if out is not None:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    """The federation on Flower: `Runner` over a `GridTransport`; returns the summary (also in the run
+    folder: ``flower.out``, else ``out``, else runs/flower-…). ``context`` is the ServerApp's (needed by a
+    secure-aggregation method)."""
+    config = config.model_copy(update={"study": participation(config, options)})
+    if options.out:
+        config = config.model_copy(update={"out": Path(options.out)})
+    run_dir = prepare_run_dir(config, prefix="flower-")
+    transport = GridTransport(grid, options, context)
+    return Runner(config, transport, run_dir=run_dir, progress=False, log=logger).run()
 
 
 def make_server_app(

@@ -14,10 +14,11 @@ from ktl.api.process import ServerThread, free_port
 from ktl.cli import main
 from ktl.clients.sdk import KtlHttpClient
 from ktl.config import build_config
-from ktl.demo import DemoOptions, run_demo
+from ktl.demo import SERVER_FOLDER, DemoOptions, run_demo
 from ktl.records import Pairs
 from ktl.simulate import run_simulation
 from tests.api.conftest import ADMIN, FAST_ALIGNER, make_settings, protos
+from tests.run_folders import assert_same_run_folders
 
 
 @pytest.fixture
@@ -129,6 +130,8 @@ def test_demo_over_http_gives_the_per_round_accuracies_of_simulate(
         json.loads(x)["accuracy"] for x in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()
     ]
     assert result["accuracy"] == simulated and len(simulated) == 2
+    assert_same_run_folders(tmp_path / "demo", tmp_path / "sim")  # one run folder, whichever transport
+    assert (tmp_path / "demo" / SERVER_FOLDER / "federations").is_dir()  # the server's own state beside it
     assert str(result["url"]).startswith("http://127.0.0.1:")
     if method == "fedktl":
         assert Path(str(result["grid"])).read_bytes()[:4] == b"\x89PNG"
@@ -182,6 +185,6 @@ def test_demo_in_a_relative_run_folder_publishes_every_round(
     corrupt_file while the demo still reported local accuracies); now a failed round fails the demo."""
     monkeypatch.chdir(tmp_path)
     result = run_demo(DemoOptions(rounds=2, clients=2, preset="smoke", out=Path("runs") / "demo"))
-    assert len(result["accuracy"]) == 2  # type: ignore[arg-type]
-    states = [json.loads(x)["state"] for x in (tmp_path / "runs/demo/metrics.jsonl").read_text().splitlines()]
-    assert states == ["published", "published"]
+    assert len(result["accuracy"]) == 2 and result["failures"] == 0  # type: ignore[arg-type]
+    lines = [json.loads(x) for x in (tmp_path / "runs/demo/metrics.jsonl").read_text().splitlines()]
+    assert [line["missed"] for line in lines] == [{}, {}] and (tmp_path / "runs/demo/pairs.png").is_file()
