@@ -4,11 +4,19 @@ from ktl.clients.backbones import available_backbones, build_backbone, register_
 from ktl.clients.etf import simplex_etf
 from ktl.clients.losses import distillation_loss, margin_logits, margin_loss
 from ktl.clients.model import ClientModel
-from ktl.clients.trainer import ClientSettings, LocalClient, LocalData, Regularizer, TrainStats
+from ktl.clients.trainer import (
+    ClientSettings,
+    Companion,
+    LocalClient,
+    LocalData,
+    Regularizer,
+    TrainStats,
+)
 
 __all__ = [
     "ClientModel",
     "ClientSettings",
+    "Companion",
     "LocalClient",
     "LocalData",
     "Regularizer",

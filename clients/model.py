@@ -1,4 +1,5 @@
-"""A client's model: backbone → head to K dims (against the fixed ETF), plus the distillation projector."""
+"""A client's model: backbone → head to K dims (against the fixed ETF), plus the distillation projector and,
+for the methods that train their own classifier instead of the fixed ETF, a linear classifier on the head."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from ktl.clients.backbones import Backbone, build_backbone
 
-__all__ = ["ClientModel"]
+__all__ = ["ClientModel", "seeded_linear"]
 
 
 class ClientModel(nn.Module):
@@ -34,6 +35,9 @@ class ClientModel(nn.Module):
         self.backbone = backbone
         self.head = nn.Linear(backbone.feature_dim, proto_dim)
         self.projector: nn.Linear | None = None
+        # K → C logits for the methods with a trainable classifier (LG-FedAvg, FedGH, FedGen, FML, FedKD):
+        # None while the fixed ETF classifies (FedKTL and the prototype baselines)
+        self.classifier: nn.Linear | None = None
         if latent_dim is not None:
             self.ensure_projector(latent_dim)
 
@@ -48,14 +52,18 @@ class ClientModel(nn.Module):
         ``generator``: the global RNG is neither used nor advanced, so the result does not depend on what
         else the process did before (another client, a server thread)."""
         if self.projector is None or self.projector.out_features != latent_dim:
-            d = self.backbone.feature_dim
-            layer = nn.utils.skip_init(nn.Linear, d, latent_dim)
-            with torch.no_grad():
-                nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
-                bound = 1 / math.sqrt(d)
-                nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+            layer = seeded_linear(self.backbone.feature_dim, latent_dim, generator)
             self.projector = layer.to(self.head.weight.device)
         return self.projector
+
+    def ensure_classifier(self, num_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
+        """Create the trainable classifier ``K → num_classes`` on first use, initialised like ``nn.Linear``
+        but from ``generator`` (the global RNG is neither used nor advanced)."""
+        if self.classifier is None or self.classifier.out_features != num_classes:
+            self.classifier = seeded_linear(self.head.out_features, num_classes, generator).to(
+                self.head.weight.device
+            )
+        return self.classifier
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -63,3 +71,13 @@ class ClientModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Head outputs ``(B, K)``."""
         return self.head(self.backbone(x))
+
+
+def seeded_linear(fan_in: int, fan_out: int, generator: torch.Generator | None) -> nn.Linear:
+    """``nn.Linear(fan_in, fan_out)`` with ``nn.Linear``'s initialisation drawn from ``generator``."""
+    layer = nn.utils.skip_init(nn.Linear, fan_in, fan_out)
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+        bound = 1 / math.sqrt(fan_in)
+        nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return layer

@@ -26,6 +26,7 @@ __all__ = [
     "TrainStats",
     "LocalClient",
     "Regularizer",
+    "Companion",
     "batchnorm_stats_frozen",
     "scheduled_lr",
 ]
@@ -33,6 +34,19 @@ __all__ = [
 Regularizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """An extra loss on a batch's head outputs ``(B, K)`` and labels ``(B,)``, already weighted (baselines
 such as FedProto pull features towards global prototypes with one)."""
+
+
+@dataclass(frozen=True)
+class Companion:
+    """A second model trained beside the client's, on the same batches (FML's and FedKD's shared model).
+
+    ``loss(images, head_out, labels)`` is added to each step's loss (already weighted; ``images`` are the
+    normalised pixels of the batch, ``head_out`` the client model's head outputs) and ``parameters`` are
+    stepped by the same optimiser as the client's model, at the round's learning rate."""
+
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    parameters: list[nn.Parameter]
+
 
 logger = logging.getLogger(__name__)
 
@@ -310,9 +324,18 @@ class LocalClient:
         self.lr = scheduled_lr(self.settings, round_index, total_rounds)
         return self.lr
 
-    def train(self, *, mu: float = 0.0, regularizer: Regularizer | None = None) -> TrainStats:
-        """One round of local training: margin loss on private data + μ·distillation on held pairs
-        (+ ``regularizer(head_outputs, labels)`` when a method gives one).
+    def train(
+        self,
+        *,
+        mu: float = 0.0,
+        regularizer: Regularizer | None = None,
+        companion: Companion | None = None,
+        supervised_weight: float = 1.0,
+    ) -> TrainStats:
+        """One round of local training: ``supervised_weight`` × the supervised loss on private data +
+        μ·distillation on held pairs (+ ``regularizer(head_outputs, labels)`` and the `Companion`'s loss
+        when a method gives them). The supervised loss is the margin loss against the fixed ETF, or, once
+        the model has a trainable classifier (`ClientModel.ensure_classifier`), cross-entropy on its logits.
 
         A step whose loss is not finite is skipped (counted in ``TrainStats.skipped``), so one bad batch
         cannot poison the model; with the clamped margin loss, the RMS-scaled targets and gradient
@@ -323,6 +346,8 @@ class LocalClient:
         model.train()
         distillation = self._distillation() if mu > 0 else None
         params = [p for p in model.parameters() if p.requires_grad]
+        if companion is not None:
+            params += [p for p in companion.parameters if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=self.lr, momentum=s.momentum, weight_decay=s.weight_decay)
         sup_total = torch.zeros((), device=self.device)
         dist_total = torch.zeros((), device=self.device)
@@ -335,14 +360,17 @@ class LocalClient:
                 x = normalize_pixels(self.data.train_x[batch])
                 y = self.data.train_y[batch]
                 out = model(x)
-                sup = margin_loss(out, self.etf, y, margin=s.margin, scale=s.scale)
-                loss = sup
+                sup = self._supervised_loss(out, y)
+                loss = supervised_weight * sup
                 dist = torch.zeros((), device=self.device)
                 if distillation is not None:
                     dist = distillation()
                     loss = sup + mu * dist
                 if regularizer is not None:
                     dist = regularizer(out, y)
+                    loss = loss + dist
+                if companion is not None:
+                    dist = companion.loss(x, out, y)
                     loss = loss + dist
                 if not bool(torch.isfinite(loss)):
                     skipped += 1
@@ -358,6 +386,13 @@ class LocalClient:
             logger.warning("client %s: skipped %d step(s) with a non-finite loss", self.client_id, skipped)
         denom = max(steps, 1)
         return TrainStats(steps, skipped, float(sup_total) / denom, float(dist_total) / denom)
+
+    def _supervised_loss(self, head_out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        classifier = self.model.classifier
+        if classifier is not None:
+            return F.cross_entropy(classifier(head_out), labels)
+        s = self.settings
+        return margin_loss(head_out, self.etf, labels, margin=s.margin, scale=s.scale)
 
     def _distillation(self) -> Callable[[], torch.Tensor] | None:
         """The distillation term as a closure over the held pairs: each call takes the next pair batch."""
@@ -421,9 +456,21 @@ class LocalClient:
     def mean_cosines(self) -> Prototypes:
         """Per-class mean of the ETF cosines (the client's "logits", FedDistill's upload), in the same
         per-class table as `prototypes` (rows are not unit vectors)."""
-        cos = etf_cosines(self._head_outputs(self.data.train_x), self.etf)
+        return self._class_means(etf_cosines(self._head_outputs(self.data.train_x), self.etf))
+
+    def mean_features(self) -> Prototypes:
+        """Per-class mean of the raw head outputs over the local training data (FedGH's prototypes: not
+        normalised, the classifier's inputs as they are)."""
+        return self._class_means(self._head_outputs(self.data.train_x))
+
+    def class_counts(self) -> torch.Tensor:
+        """``(C,)`` int64: the local training samples of each class."""
+        return torch.bincount(self.data.train_y, minlength=self.num_classes).cpu()
+
+    def _class_means(self, values: torch.Tensor) -> Prototypes:
+        """Per-class means of per-sample ``values`` ``(n, D)`` over the training data, classes present only."""
         y = self.data.train_y
-        sums = cos.new_zeros(self.num_classes, cos.shape[1]).index_add_(0, y, cos)
+        sums = values.new_zeros(self.num_classes, values.shape[1]).index_add_(0, y, values)
         counts = torch.bincount(y, minlength=self.num_classes)
         present = counts > 0
         return Prototypes(
@@ -433,10 +480,17 @@ class LocalClient:
         )
 
     def evaluate(self) -> tuple[int, int]:
-        """``(correct, total)`` on the local test split: the class of the nearest ETF column."""
+        """``(correct, total)`` on the local test split: the class of the nearest ETF column, or the
+        trainable classifier's argmax when the model has one."""
         if self.num_test == 0:
             return 0, 0
-        pred = etf_cosines(self._head_outputs(self.data.test_x), self.etf).argmax(dim=1)
+        out = self._head_outputs(self.data.test_x)
+        classifier = self.model.classifier
+        if classifier is not None:
+            with torch.no_grad():
+                pred = classifier(out).argmax(dim=1)
+        else:
+            pred = etf_cosines(out, self.etf).argmax(dim=1)
         return int((pred == self.data.test_y).sum()), self.num_test
 
     # -- state between rounds -------------------------------------------------------------------------
@@ -449,7 +503,8 @@ class LocalClient:
         computes what ``ktl simulate`` does.
 
         - ``model.<name>``: every parameter and buffer of the model (BatchNorm running statistics and
-          ``num_batches_tracked`` included), the projector's once it exists;
+          ``num_batches_tracked`` included), the projector's and the trainable classifier's once they
+          exist;
         - ``rng.batches``, ``rng.projector``: the states of the batch-order and projector-init generators;
         - the pairs held for distillation: ``received.<i>.x``, ``received.<i>.z`` for each round kept,
           oldest first, or, after `receive_latent_targets`, only ``targets.latents`` ``(C, W)`` (NaN
@@ -511,6 +566,11 @@ class LocalClient:
             self.model.ensure_projector(int(projector.shape[0]), generator=torch.Generator())
         elif self.model.projector is not None:
             self.model.projector = None
+        classifier = model.get("classifier.weight")
+        if classifier is not None:
+            self.model.ensure_classifier(int(classifier.shape[0]), generator=torch.Generator())
+        else:
+            self.model.classifier = None
         self.model.load_state_dict(model)
 
         if targets is not None:

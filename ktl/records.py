@@ -9,6 +9,7 @@ n uploaded rows, m pairs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,12 +19,17 @@ from safetensors.torch import save as st_save
 
 from ktl.errors import PayloadError
 
-__all__ = ["Prototypes", "Pairs", "PROTOTYPE_NORM_TOLERANCE"]
+__all__ = ["Prototypes", "Pairs", "Weights", "PROTOTYPE_NORM_TOLERANCE", "WEIGHT_LIMIT"]
 
 # Uploaded prototypes are unit vectors; fp16 rounding moves a norm by < 1e-3, so 1e-2 only rejects
 # vectors that were never normalised.
 PROTOTYPE_NORM_TOLERANCE = 1e-2
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Model weights travel as plain values; trained weights of the models here stay within ±10, so ±1e4 only
+# rejects a broken or hostile upload (it would swamp any average it enters).
+WEIGHT_LIMIT = 1e4
+_WEIGHT_PREFIX = "weights."
+_COUNTS = "counts"
 
 
 def _load_tensors(data: bytes, required: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -72,6 +78,11 @@ class Prototypes:
             raise PayloadError("dtype", f"prototypes must be floating point, got {v.dtype}")
         if c.dtype != torch.int64 or n.dtype != torch.int64:
             raise PayloadError("dtype", f"class_ids and counts must be int64, got {c.dtype} and {n.dtype}")
+
+    @property
+    def rows(self) -> int:
+        """n, the rows uploaded (a store's row count)."""
+        return int(self.vectors.shape[0])
 
     def validate(
         self, *, num_classes: int, dim: int, norm_tolerance: float | None = PROTOTYPE_NORM_TOLERANCE
@@ -168,3 +179,88 @@ class Pairs:
         if images.dtype != torch.uint8:
             raise PayloadError("dtype", f"pair images must be uint8 on the wire, got {images.dtype}")
         return cls(images=images.float() / 255.0, latents=t["latents"].float(), class_ids=t["class_ids"])
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Named float tensors — a classifier, a small shared model, a generator — and the training samples
+    behind them (the weights of a sample-weighted average).
+
+    Attributes
+    ----------
+    tensors
+        name → float tensor (a ``state_dict``'s floating entries).
+    counts
+        ``(n,)`` int64 sample counts: one total (n = 1), or one per class (n = C) where a method needs the
+        label distribution (FedGen).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    counts: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.counts.dim() != 1 or self.counts.dtype != torch.int64:
+            raise PayloadError(
+                "counts", f"counts must be 1-D int64, got {self.counts.dtype} {tuple(self.counts.shape)}"
+            )
+        for name, t in self.tensors.items():
+            if t.dtype not in _FLOAT_DTYPES:
+                raise PayloadError("dtype", f"weight tensor {name} must be floating point, got {t.dtype}")
+
+    @property
+    def rows(self) -> int:
+        """How many tensors the upload holds (a store's row count)."""
+        return len(self.tensors)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.counts.sum())
+
+    def validate(self, layout: Mapping[str, tuple[int, ...]] | None, *, counts: int) -> None:
+        """Check against the expected ``layout`` (name → shape; None: any names, not empty) and ``counts``
+        entries; every value finite and within ±`WEIGHT_LIMIT`; at least one sample. Raise `PayloadError`."""
+        if not self.tensors:
+            raise PayloadError("empty", "an upload must hold at least one weight tensor")
+        if layout is not None:
+            if set(self.tensors) != set(layout):
+                missing = sorted(set(layout) - set(self.tensors))
+                extra = sorted(set(self.tensors) - set(layout))
+                raise PayloadError(
+                    "layout", f"weights do not match the layout: they lack {missing}, have unexpected {extra}"
+                )
+            for name, shape in layout.items():
+                if tuple(self.tensors[name].shape) != tuple(shape):
+                    raise PayloadError(
+                        "layout",
+                        f"weight {name} has shape {tuple(self.tensors[name].shape)}, the layout's is {tuple(shape)}",
+                    )
+        for name, t in self.tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                raise PayloadError("non_finite", f"weight {name} holds NaN or Inf")
+            worst = float(t.abs().max()) if t.numel() else 0.0
+            if worst > WEIGHT_LIMIT:
+                raise PayloadError("range", f"weight {name} reaches {worst:.3g}, beyond ±{WEIGHT_LIMIT:g}")
+        if self.counts.shape[0] != counts:
+            raise PayloadError("counts", f"counts must hold {counts} entries, got {self.counts.shape[0]}")
+        if bool((self.counts < 0).any()) or self.num_samples < 1:
+            raise PayloadError("counts", "counts must be non-negative with at least one sample")
+
+    def to_bytes(self, dtype: torch.dtype = torch.float32) -> bytes:
+        """Serialise as safetensors (``weights.<name>`` in ``dtype``, ``counts``)."""
+        out = {_WEIGHT_PREFIX + k: v.detach().to("cpu", dtype).contiguous() for k, v in self.tensors.items()}
+        out[_COUNTS] = self.counts.detach().cpu().contiguous()
+        return st_save(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Weights:
+        try:
+            tensors = st_load(data)
+        except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+            raise PayloadError("not_safetensors", f"body is not a safetensors file: {exc}") from exc
+        if _COUNTS not in tensors:
+            raise PayloadError("missing_tensor", f"safetensors body lacks tensor {_COUNTS!r}")
+        odd = sorted(k for k in tensors if k != _COUNTS and not k.startswith(_WEIGHT_PREFIX))
+        if odd:
+            raise PayloadError("unexpected_tensor", f"safetensors body has unexpected tensor(s) {odd}")
+        weights = {k.removeprefix(_WEIGHT_PREFIX): v for k, v in tensors.items() if k != _COUNTS}
+        return cls(tensors=weights, counts=tensors[_COUNTS])

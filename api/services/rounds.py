@@ -129,7 +129,7 @@ class RoundService(Service):
         canonical = upload.to_bytes(torch.float32)
         digest = hashlib.sha256(canonical).hexdigest()
         result = self.store.record_upload(
-            fed, r, client.id, canonical, digest, upload.vectors.shape[0], len(body), self.clock()
+            fed, r, client.id, canonical, digest, upload.rows, len(body), self.clock()
         )
         if not result.duplicate:
             self.metrics.uploads.inc()

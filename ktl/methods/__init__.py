@@ -1,8 +1,9 @@
 """Federated methods, one module each, behind the one `Method` protocol (see `ktl.methods.base`).
 
 Importing this package registers the built-in methods: ``local``, ``fedktl``, ``fedktl-latents``,
-``fedproto``, ``fedtgp``, ``fd`` and the secure-aggregation variants ``fedproto-secagg`` and
-``fedktl-secagg``.
+``fedproto``, ``fedtgp``, ``fd``, the secure-aggregation variants ``fedproto-secagg`` and
+``fedktl-secagg``, and the HtFLlib baselines with a trainable classifier ``lg-fedavg``, ``fedgh``,
+``fedgen``, ``fml`` and ``fedkd``.
 """
 
 from ktl.methods.base import (
@@ -22,6 +23,9 @@ from ktl.methods.base import (
     load_method,
     register_method,
 )
+from ktl.methods.fedgen import FedGen
+from ktl.methods.fedgh import FedGH
+from ktl.methods.fedkd import FedKD
 from ktl.methods.fedktl import (
     FedKTL,
     FedKTLLatents,
@@ -31,6 +35,8 @@ from ktl.methods.fedktl import (
     RoundResult,
     stack_uploads,
 )
+from ktl.methods.fml import FML
+from ktl.methods.lgfedavg import LGFedAvg
 from ktl.methods.local import LocalOnly
 from ktl.methods.privacy import PrivacySettings, privacy_facts, private_prototypes
 from ktl.methods.secure import FedKTLSecAgg, FedProtoSecAgg, SecureSumSettings
@@ -53,6 +59,11 @@ __all__ = [
     "ClientUpdate",
     "CostShape",
     "FedDistill",
+    "FedGH",
+    "FedGen",
+    "FedKD",
+    "FML",
+    "LGFedAvg",
     "FedKTL",
     "FedKTLLatents",
     "FedKTLMethodSettings",

@@ -1,0 +1,252 @@
+"""What the methods with a trainable classifier share: the classifier itself, weights payloads and their
+sample-weighted average.
+
+LG-FedAvg, FedGH, FedGen, FML and FedKD train a linear classifier ``K → C`` on the head's outputs with
+cross-entropy (HtFLlib's ``model.head``), instead of FedKTL's fixed ETF and margin loss. The classifier is
+created on a client the first time one of these methods touches it, from the method's seed alone, so every
+client starts from the same one (HtFLlib's server sends its initial head to all) on every transport.
+
+Weights travel as `ktl.records.Weights` (safetensors: ``weights.<name>`` and the sample ``counts``). A
+server learns a payload's layout — the names and shapes — from the round's uploads or from what it last
+broadcast (`WeightsAverage`), and refuses anything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ktl.clients import ClientModel, Companion, LocalClient
+from ktl.errors import PayloadError
+from ktl.methods.base import ClientUpdate, Method, MethodContext, MethodSettings, ServerUpdate
+from ktl.records import Weights
+from ktl.seeding import derive_seed
+from ktl.work import Work
+
+__all__ = [
+    "Layout",
+    "SharedModelMethod",
+    "WeightsAverage",
+    "classifier_layout",
+    "classifier_tensors",
+    "ensure_classifier",
+    "floating_state",
+    "kl_to",
+    "layout_of",
+    "load_classifier",
+    "weighted_mean",
+]
+
+Layout = dict[str, tuple[int, ...]]  # tensor name → shape
+
+
+def ensure_classifier(client: LocalClient, seed: int) -> nn.Linear:
+    """The client's trainable classifier, created on first use from ``seed`` alone (the same on every
+    client and transport)."""
+    model = client.model
+    if model.classifier is None:
+        generator = torch.Generator().manual_seed(derive_seed(seed, "classifier"))
+        model.ensure_classifier(client.num_classes, generator=generator)
+    assert model.classifier is not None  # narrowing for mypy: ensure_classifier set it
+    return model.classifier
+
+
+def classifier_layout(num_classes: int, dim: int) -> Layout:
+    return {"weight": (num_classes, dim), "bias": (num_classes,)}
+
+
+def classifier_tensors(classifier: nn.Linear) -> dict[str, torch.Tensor]:
+    """``weight`` ``(C, K)`` and ``bias`` ``(C,)``, detached CPU float32 copies."""
+    return {k: v.detach().float().cpu().clone() for k, v in classifier.state_dict().items()}
+
+
+def load_classifier(classifier: nn.Linear, tensors: Mapping[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        classifier.weight.copy_(tensors["weight"])
+        classifier.bias.copy_(tensors["bias"])
+
+
+def floating_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's floating-point state (parameters and float buffers such as BatchNorm's running
+    statistics; integer counters stay local), as detached CPU float32 copies."""
+    return {
+        k: v.detach().float().cpu().clone() for k, v in module.state_dict().items() if v.is_floating_point()
+    }
+
+
+def layout_of(tensors: Mapping[str, torch.Tensor]) -> Layout:
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def weighted_mean(uploads: Mapping[str, Weights]) -> dict[str, torch.Tensor]:
+    """The sample-weighted mean of every tensor over the uploads (FedAvg's rule; float64 sums). All uploads
+    must share one layout (`PayloadError` otherwise)."""
+    items = list(uploads.values())
+    if not items:
+        raise PayloadError("no_uploads", "a round needs at least one upload to close")
+    layout = layout_of(items[0].tensors)
+    total = sum(w.num_samples for w in items)
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in layout.items():
+        acc = torch.zeros(shape, dtype=torch.float64)
+        for w in items:
+            t = w.tensors.get(name)
+            if t is None or tuple(t.shape) != shape or set(w.tensors) != set(layout):
+                raise PayloadError("layout", "the round's uploads do not share one layout of weights")
+            acc += t.double() * (w.num_samples / total)
+        out[name] = acc.float()
+    return out
+
+
+class WeightsAverage(Method):
+    """A method whose clients upload weights that the server averages, weighted by samples, and sends
+    back: LG-FedAvg (the classifier), FML and FedKD (the shared model). Subclasses say what a client's
+    weights are (`local_weights`), how it takes the average (`take_weights`) and how it trains (the
+    `client_update` step); the layout is `expected_layout`, or else learned from the uploads."""
+
+    broadcast_file = "weights.safetensors"
+
+    def __init__(self, settings: MethodSettings, ctx: MethodContext) -> None:
+        super().__init__(settings, ctx)
+        self.layout: Layout | None = self.expected_layout()  # learned from the first round when None
+
+    # -- what a subclass says ------------------------------------------------------------------------
+
+    def expected_layout(self) -> Layout | None:
+        """The payload's names and shapes when the federation alone fixes them (None: learn them)."""
+        return None
+
+    def local_weights(self, client: LocalClient) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def take_weights(self, client: LocalClient, tensors: Mapping[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    # -- client side ---------------------------------------------------------------------------------
+
+    def weights_payload(self, client: LocalClient) -> bytes:
+        """The client's upload: its weights and its training-sample count (FedAvg's weight)."""
+        counts = torch.tensor([client.num_train], dtype=torch.int64)
+        return Weights(self.local_weights(client), counts).to_bytes(torch.float32)
+
+    def client_receive(self, client: LocalClient, payload: bytes) -> None:
+        self.take_weights(client, Weights.from_bytes(payload).tensors)
+
+    # -- server side ---------------------------------------------------------------------------------
+
+    def validate_upload(self, payload: bytes) -> Weights:  # type: ignore[override]
+        """Named float tensors of the federation's layout (once known), finite and bounded, with one
+        positive sample count."""
+        weights = Weights.from_bytes(payload)
+        weights.validate(self.layout, counts=1)
+        return weights
+
+    def server_steps(self, uploads: Mapping[str, bytes], round_index: int) -> Work[ServerUpdate]:
+        if not uploads:
+            raise PayloadError("no_uploads", "a round needs at least one upload to close")
+        decoded = {cid: self.validate_upload(data) for cid, data in uploads.items()}
+        mean = weighted_mean(decoded)
+        self.layout = layout_of(mean)
+        total = sum(w.num_samples for w in decoded.values())
+        payload = Weights(mean, torch.tensor([total], dtype=torch.int64)).to_bytes(torch.float32)
+        return ServerUpdate(payload=payload, metrics={"averaged_tensors": float(len(mean))})
+        yield  # a generator: the slice ends here
+
+    # -- state: the layout the federation settled on --------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self.layout is None or self.expected_layout() is not None:
+            return {}
+        # one int64 tensor per name holding its shape (an empty shape: a 0-d scalar's)
+        return {f"layout.{k}": torch.tensor(shape, dtype=torch.int64) for k, shape in self.layout.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        found = {k.removeprefix("layout."): tuple(int(x) for x in v.tolist()) for k, v in tensors.items()}
+        if found:
+            self.layout = found
+
+
+class SharedModelMethod(WeightsAverage):
+    """FML and FedKD: beside its own model, each client trains a small *shared* model of one architecture
+    for the whole federation (backbone `shared_backbone`, head to K, trainable classifier), by mutual
+    distillation with its own; the server averages the shared models (FedAvg) and sends the mean back.
+    Every client starts from the same shared model (the method's seed). The client's own model, with its
+    trainable classifier, is the one evaluated."""
+
+    def __init__(self, settings: MethodSettings, ctx: MethodContext) -> None:
+        super().__init__(settings, ctx)
+        self.shared: dict[str, ClientModel] = {}  # client id → its copy of the shared model
+
+    def shared_backbone(self) -> str:
+        raise NotImplementedError
+
+    def companion(self, client: LocalClient, shared: ClientModel) -> Companion:
+        """The mutual-distillation loss of one batch and the parameters it trains beside the client's."""
+        raise NotImplementedError
+
+    def supervised_weight(self) -> float:
+        """The weight of the client model's own cross-entropy."""
+        return 1.0
+
+    def shared_model(self, client: LocalClient) -> ClientModel:
+        held = self.shared.get(client.client_id)
+        if held is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(self.ctx.seed, "shared-model"))
+                held = ClientModel.build(
+                    self.shared_backbone(),
+                    num_channels=client.data.num_channels,
+                    image_size=client.data.image_size,
+                    proto_dim=self.ctx.proto_dim,
+                )
+            generator = torch.Generator().manual_seed(derive_seed(self.ctx.seed, "shared-classifier"))
+            held.ensure_classifier(self.ctx.num_classes, generator=generator)
+            held = held.to(client.device)
+            self.shared[client.client_id] = held
+        return held
+
+    def local_weights(self, client: LocalClient) -> dict[str, torch.Tensor]:
+        return floating_state(self.shared_model(client))
+
+    def take_weights(self, client: LocalClient, tensors: Mapping[str, torch.Tensor]) -> None:
+        model = self.shared_model(client)
+        expected = floating_state(model)
+        if layout_of(tensors) != layout_of(expected):
+            raise PayloadError("layout", f"the broadcast is not a {self.shared_backbone()} shared model")
+        model.load_state_dict(dict(tensors), strict=False)  # integer counters stay the client's
+
+    def client_update(self, client: LocalClient, round_index: int) -> ClientUpdate:
+        ensure_classifier(client, self.ctx.seed)
+        shared = self.shared_model(client)
+        shared.train()
+        stats = client.train(
+            companion=self.companion(client, shared), supervised_weight=self.supervised_weight()
+        )
+        return ClientUpdate(stats=stats, payload=self.weights_payload(client))
+
+    def client_state(self, client: LocalClient) -> dict[str, torch.Tensor]:
+        """The client's shared model (every tensor of its state dict, under ``shared.``)."""
+        held = self.shared.get(client.client_id)
+        if held is None:
+            return {}
+        return {f"shared.{k}": v.detach().cpu().clone() for k, v in held.state_dict().items()}
+
+    def load_client_state(self, client: LocalClient, tensors: Mapping[str, torch.Tensor]) -> None:
+        own = {k.removeprefix("shared."): v for k, v in tensors.items() if k.startswith("shared.")}
+        if len(own) != len(tensors):
+            raise ValueError(f"unknown {self.name} client state tensor(s) {sorted(set(tensors) - set(own))}")
+        if not own:
+            self.shared.pop(client.client_id, None)
+            return
+        self.shared_model(client).load_state_dict(own)
+
+
+def kl_to(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(target) ‖ softmax(logits)), mean over the batch, the target held fixed: ``logits``
+    learn from the other model's predictions (deep mutual learning)."""
+    return F.kl_div(
+        F.log_softmax(logits, dim=1), F.softmax(target_logits.detach(), dim=1), reduction="batchmean"
+    )

@@ -1,0 +1,250 @@
+"""The HtFLlib baselines with a trainable classifier: lg-fedavg, fedgh, fedgen, fml, fedkd.
+
+Each server step is checked against a hand computation on a tiny case; the client side (classifier mode,
+companions, state that must survive a Flower round) on the crafted and CNN clients of test_client.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ktl.clients import Companion
+from ktl.errors import PayloadError
+from ktl.methods import METHODS, Method, MethodContext
+from ktl.methods.fedgen import FedGen, draw_labels
+from ktl.methods.heads import kl_to, weighted_mean
+from ktl.records import WEIGHT_LIMIT, Prototypes, Weights
+from ktl.seeding import derive_seed
+from tests.test_client import C, cnn_client, crafted_client
+
+K = C  # proto_dim = C, as every transport builds it
+NEW = ("lg-fedavg", "fedgh", "fedgen", "fml", "fedkd")
+
+
+def method(name: str, **sections: object) -> Method:
+    cls = METHODS[name]
+    ctx = MethodContext(num_classes=C, proto_dim=K, class_names=None, seed=3)
+    return cls(cls.settings_from(sections), ctx)
+
+
+def head_upload(weight: torch.Tensor, bias: torch.Tensor, counts: list[int]) -> bytes:
+    return Weights({"weight": weight, "bias": bias}, torch.tensor(counts)).to_bytes()
+
+
+def test_every_new_method_is_registered() -> None:
+    assert set(NEW) <= set(METHODS)
+
+
+def test_weights_round_trip_and_refusals() -> None:
+    w = Weights({"a": torch.arange(6.0).view(2, 3)}, torch.tensor([5]))
+    back = Weights.from_bytes(w.to_bytes())
+    torch.testing.assert_close(back.tensors["a"], w.tensors["a"])
+    assert back.num_samples == 5 and back.rows == 1
+    with pytest.raises(PayloadError, match="not a safetensors"):
+        Weights.from_bytes(b"\x80\x04K\x01.")  # a pickle is never read
+    with pytest.raises(PayloadError, match="layout"):
+        back.validate({"a": (3, 2)}, counts=1)
+    with pytest.raises(PayloadError, match="counts"):
+        back.validate({"a": (2, 3)}, counts=C)
+    with pytest.raises(PayloadError, match="beyond"):
+        Weights({"a": torch.tensor([2 * WEIGHT_LIMIT])}, torch.tensor([1])).validate(None, counts=1)
+    with pytest.raises(PayloadError, match="NaN"):
+        Weights({"a": torch.tensor([float("nan")])}, torch.tensor([1])).validate(None, counts=1)
+    with pytest.raises(PayloadError, match="at least one sample"):
+        Weights({"a": torch.tensor([1.0])}, torch.tensor([0])).validate(None, counts=1)
+
+
+# -- LG-FedAvg ------------------------------------------------------------------------------------------
+
+
+def test_lg_fedavg_server_step_is_the_sample_weighted_mean_classifier() -> None:
+    m = method("lg-fedavg")
+    w1, w2 = torch.ones(C, K), torch.full((C, K), 5.0)
+    b1, b2 = torch.zeros(C), torch.full((C,), 4.0)
+    out = m.server_update({"a": head_upload(w1, b1, [1]), "b": head_upload(w2, b2, [3])}, 1)
+    mean = Weights.from_bytes(out.payload or b"")
+    # (1·1 + 3·5) / 4 = 4 and (1·0 + 3·4) / 4 = 3
+    torch.testing.assert_close(mean.tensors["weight"], torch.full((C, K), 4.0))
+    torch.testing.assert_close(mean.tensors["bias"], torch.full((C,), 3.0))
+    assert mean.counts.tolist() == [4]
+    with pytest.raises(PayloadError, match="layout"):
+        m.validate_upload(head_upload(torch.ones(C, K + 1), b1, [1]))
+
+
+def test_lg_fedavg_client_trains_with_cross_entropy_and_takes_the_mean() -> None:
+    m, client = method("lg-fedavg"), cnn_client()
+    assert client.model.classifier is None  # the fixed ETF until a classifier method touches it
+    update = m.client_update(client, 1)
+    assert client.model.classifier is not None and update.stats.steps > 0
+    sent = m.validate_upload(update.payload or b"")
+    assert sent.counts.tolist() == [client.num_train]
+    target = torch.full((C, K), 0.25)
+    m.client_receive(client, head_upload(target, torch.zeros(C), [1]))
+    torch.testing.assert_close(client.model.classifier.weight.detach(), target)
+    correct, total = client.evaluate()  # the classifier's argmax
+    with torch.no_grad():
+        logits = client.model.classifier(client._head_outputs(client.data.test_x))
+    assert correct == int((logits.argmax(1) == client.data.test_y).sum()) and total == client.num_test
+
+
+def test_the_classifier_survives_a_client_state_round_trip() -> None:
+    m, client = method("lg-fedavg"), cnn_client()
+    m.client_update(client, 1)
+    fresh = cnn_client()
+    fresh.load_state_tensors(client.state_tensors())
+    assert fresh.model.classifier is not None
+    torch.testing.assert_close(fresh.model.classifier.weight, client.model.classifier.weight)
+    assert fresh.evaluate() == client.evaluate()
+
+
+# -- FedGH ----------------------------------------------------------------------------------------------
+
+
+def test_fedgh_server_step_is_sgd_on_the_uploaded_prototypes() -> None:
+    m = method("fedgh", fedgh={"server_epochs": 1, "server_batch_size": 100, "server_lr": 0.5})
+    head0 = copy.deepcopy(m.head)  # type: ignore[attr-defined]
+    a = Prototypes(torch.tensor([[1.0, 0.0, 0.0, 2.0]]), torch.tensor([0]), torch.tensor([3]))
+    b = Prototypes(
+        torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0]]), torch.tensor([1, 3]), torch.tensor([1, 2])
+    )
+    out = m.server_update({"a": a.to_bytes(), "b": b.to_bytes()}, 1)
+    # one full-batch step: ∇W = (softmax(Wx + b) − onehot(y))ᵀ x / n, ∇b = mean of the residuals
+    x = torch.cat([a.vectors, b.vectors])
+    y = torch.tensor([0, 1, 3])
+    with torch.no_grad():
+        residual = F.softmax(x @ head0.weight.T + head0.bias, dim=1) - F.one_hot(y, C).float()
+        weight = head0.weight - 0.5 * residual.T @ x / 3
+        bias = head0.bias - 0.5 * residual.mean(dim=0)
+    sent = Weights.from_bytes(out.payload or b"")
+    torch.testing.assert_close(sent.tensors["weight"], weight)
+    torch.testing.assert_close(sent.tensors["bias"], bias)
+    assert out.metrics["prototypes"] == 3
+
+
+def test_fedgh_uploads_raw_mean_features_and_refuses_huge_ones() -> None:
+    m, client = method("fedgh"), crafted_client()
+    update = m.client_update(client, 1)
+    table = m.validate_upload(update.payload or b"")
+    h = client._head_outputs(client.data.train_x)
+    torch.testing.assert_close(table.vectors[0], h[client.data.train_y == 0].mean(dim=0))
+    huge = Prototypes(torch.full((1, K), 2 * WEIGHT_LIMIT), torch.tensor([0]), torch.tensor([1]))
+    with pytest.raises(PayloadError, match="beyond"):
+        m.validate_upload(huge.to_bytes())
+
+
+# -- FedGen ---------------------------------------------------------------------------------------------
+
+
+def test_fedgen_server_step_is_one_adam_step_on_the_ensemble_and_the_mean_head() -> None:
+    m = method("fedgen", fedgen={"server_steps": 1, "batch_size": 6, "server_lr": 0.01, "hidden_dim": 8})
+    assert isinstance(m, FedGen)
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(C, K, generator=g), torch.randn(C, K, generator=g)
+    b1, b2 = torch.randn(C, generator=g), torch.randn(C, generator=g)
+    uploads = {"a": head_upload(w1, b1, [1, 0, 0, 0]), "b": head_upload(w2, b2, [0, 2, 0, 1])}
+    expected_gen = copy.deepcopy(m.generator)
+    out = m.server_update(uploads, 7)
+    # by hand: the same draws, the ensemble 1/4·head_a + 3/4·head_b, CE, then Adam's first step
+    # θ − lr·g/(|g| + ε) (bias-corrected moments m̂ = g, v̂ = g²)
+    draws = torch.Generator().manual_seed(derive_seed(3, "fedgen-server", 7))
+    counts = torch.tensor([1, 2, 0, 1])
+    y = draw_labels(counts, 6, draws)
+    z = expected_gen(y, draws)
+    logits = 0.25 * F.linear(z, w1, b1) + 0.75 * F.linear(z, w2, b2)
+    F.cross_entropy(logits, y).backward()
+    sent = Weights.from_bytes(out.payload or b"")
+    for name, p in expected_gen.named_parameters():
+        assert p.grad is not None
+        step = p.detach() - 0.01 * p.grad / (p.grad.abs() + 1e-8)
+        torch.testing.assert_close(sent.tensors[f"generator.{name}"], step, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sent.tensors["head.weight"], 0.25 * w1 + 0.75 * w2)
+    assert sent.counts.tolist() == counts.tolist()  # the federation's label counts
+    with pytest.raises(PayloadError, match="counts"):
+        m.validate_upload(head_upload(w1, b1, [1]))  # FedGen needs the per-class counts
+
+
+def test_fedgen_client_learns_from_the_generator_and_keeps_it_as_state() -> None:
+    m = method("fedgen", fedgen={"server_steps": 2, "hidden_dim": 8})
+    client = cnn_client()
+    first = m.client_update(client, 1)
+    assert first.stats.distill_loss == 0  # no generator yet
+    broadcast = m.server_update({client.client_id: first.payload or b""}, 1).payload or b""
+    m.client_receive(client, broadcast)
+    second = m.client_update(client, 2)
+    assert second.stats.distill_loss > 0
+    state = m.client_state(client)
+    other = method("fedgen", fedgen={"server_steps": 2, "hidden_dim": 8})
+    other.load_client_state(client, state)
+    assert {k: v.shape for k, v in other.client_state(client).items()} == {
+        k: v.shape for k, v in state.items()
+    }
+
+
+# -- FML and FedKD ----------------------------------------------------------------------------------------
+
+
+def test_weighted_mean_refuses_uploads_of_two_layouts() -> None:
+    a = Weights({"x": torch.ones(2)}, torch.tensor([1]))
+    b = Weights({"x": torch.ones(3)}, torch.tensor([1]))
+    with pytest.raises(PayloadError, match="layout"):
+        weighted_mean({"a": a, "b": b})
+
+
+@pytest.mark.parametrize("name", ["fml", "fedkd"])
+def test_shared_model_server_step_averages_and_then_holds_the_layout(name: str) -> None:
+    m = method(name)
+    one = Weights({"w": torch.tensor([1.0, 2.0]), "b": torch.tensor(0.0)}, torch.tensor([2])).to_bytes()
+    two = Weights({"w": torch.tensor([4.0, 8.0]), "b": torch.tensor(3.0)}, torch.tensor([1])).to_bytes()
+    mean = Weights.from_bytes(m.server_update({"a": one, "b": two}, 1).payload or b"")
+    torch.testing.assert_close(mean.tensors["w"], torch.tensor([2.0, 4.0]))  # (2·1 + 4)/3, (2·2 + 8)/3
+    torch.testing.assert_close(mean.tensors["b"], torch.tensor(1.0))
+    with pytest.raises(PayloadError, match="layout"):  # the federation's layout is now fixed
+        m.validate_upload(Weights({"w": torch.ones(2)}, torch.tensor([1])).to_bytes())
+    again = METHODS[name](m.settings, m.ctx)  # a restarted server keeps it
+    again.load_state_tensors(m.state_tensors())
+    with pytest.raises(PayloadError, match="layout"):
+        again.validate_upload(
+            Weights({"w": torch.ones(3), "b": torch.tensor(0.0)}, torch.tensor([1])).to_bytes()
+        )
+
+
+def test_kl_to_is_the_kl_of_the_fixed_target() -> None:
+    logits, target = torch.tensor([[0.0, 1.0], [2.0, 0.0]]), torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    p, q = F.softmax(target, 1), F.softmax(logits, 1)
+    expected = (p * (p.log() - q.log())).sum(1).mean()
+    torch.testing.assert_close(kl_to(logits, target), expected)
+    learner, moving = logits.clone().requires_grad_(), target.clone().requires_grad_()
+    kl_to(learner, moving).backward()
+    assert learner.grad is not None and moving.grad is None  # the target gets no gradient
+
+
+@pytest.mark.parametrize("name", ["fml", "fedkd"])
+def test_shared_model_clients_train_both_models_and_restore_them(name: str) -> None:
+    m, client = method(name), cnn_client()
+    update = m.client_update(client, 1)
+    assert update.stats.steps > 0 and update.stats.distill_loss > 0
+    sent = m.validate_upload(update.payload or b"")
+    assert sent.counts.tolist() == [client.num_train]
+    shared = m.shared_model(client)  # type: ignore[attr-defined]
+    fresh_shared = method(name).shared_model(cnn_client())  # type: ignore[attr-defined]
+    assert any(
+        not torch.equal(a, b) for a, b in zip(shared.parameters(), fresh_shared.parameters(), strict=True)
+    )
+    m.client_receive(client, m.server_update({"c": update.payload or b""}, 1).payload or b"")
+    state = m.client_state(client)
+    other = method(name)
+    other.load_client_state(client, state)
+    for k, v in other.client_state(client).items():
+        torch.testing.assert_close(v, state[k])
+
+
+def test_a_companion_steps_with_the_clients_optimiser() -> None:
+    client = cnn_client()
+    extra = torch.nn.Parameter(torch.tensor(1.0))
+    companion = Companion(loss=lambda x, h, y: extra * 0 + extra.pow(2), parameters=[extra])
+    stats = client.train(companion=companion)
+    assert stats.steps > 0 and float(extra.detach()) < 1.0  # d(e²)/de = 2e pulls it towards 0
