@@ -390,7 +390,8 @@ def _rebuild_federation(store: Store, fid: str, report: CheckReport) -> bool:
                 for u in counted:
                     digest, size = sha256_file(u)
                     db.execute(
-                        "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO uploads (federation_id, round, client_id, digest, num_rows, bytes, "
+                        "received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",  # the clients' metrics are not on disk
                         (fid, r, u.stem, digest, _rows_of(u), size, u.stat().st_mtime),
                     )
             current = last if last and state_of_last == "open" else last + 1

@@ -22,12 +22,15 @@ __all__ = [
     "ClientCreated",
     "ClientOut",
     "ErrorBody",
+    "FederationMetricsOut",
     "FederationOut",
     "FederationSpec",
     "JobOut",
     "JobSpec",
+    "MetricSummary",
     "PrivacyOut",
     "PrototypesJSON",
+    "RoundMetricsOut",
     "RoundOut",
     "UploadOut",
 ]
@@ -163,6 +166,9 @@ class CostOut(BaseModel):
 class FederationOut(BaseModel):
     id: str
     method: str
+    state: Literal["active", "paused"] = "active"  # paused: uploads refused, rounds wait (…/pause, …/resume)
+    # The round whose server step is due or running, if any: deleting the federation waits for it.
+    aligning_round: int | None = None
     spec: FederationSpec
     proto_dim: int
     etf_seed: int
@@ -190,6 +196,17 @@ class ClientOut(BaseModel):
     created_at: float
 
 
+class MetricSummary(BaseModel):
+    """One metric of one round over the clients that sent it with their upload."""
+
+    mean: float = Field(description="Sample-weighted mean: Σ n·v / Σ n (accuracy: Σ correct / Σ tested).")
+    std: float = Field(description="Sample-weighted standard deviation across those clients.")
+    min: float
+    max: float
+    clients: int = Field(description="How many clients reported it.")
+    n_samples: int = Field(description="The samples behind it, summed over those clients.")
+
+
 class RoundOut(BaseModel):
     federation_id: str
     round: int
@@ -208,6 +225,23 @@ class RoundOut(BaseModel):
     # The round's alignment quality report (``ktl.quality``: MMD to the prior, centroid distances, class
     # spread, KID, verdict) once published; None for methods without one (all but fedktl) and before.
     quality: dict[str, Any] | None = None
+    # The clients' own evaluation sent with their uploads (``Ktl-Metrics``), per metric name: the
+    # sample-weighted mean and spread across the clients that reported it; {} when none did.
+    metrics: dict[str, MetricSummary] = Field(default_factory=dict)
+
+
+class RoundMetricsOut(BaseModel):
+    round: int
+    state: RoundState
+    metrics: dict[str, MetricSummary]
+
+
+class FederationMetricsOut(BaseModel):
+    """The clients' metrics round by round (``GET /v1/federations/{fid}/metrics``), for a learning curve."""
+
+    federation_id: str
+    current_round: int
+    rounds: list[RoundMetricsOut]
 
 
 class UploadOut(BaseModel):

@@ -52,6 +52,7 @@ __all__ = [
     "FederationRecord",
     "FileRecord",
     "JobRecord",
+    "MetricSums",
     "RoundRecord",
     "Store",
     "UploadRecord",
@@ -84,7 +85,7 @@ CREATE INDEX IF NOT EXISTS rounds_by_state ON rounds(state);
 CREATE TABLE IF NOT EXISTS uploads (
     federation_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL REFERENCES clients(id),
     digest TEXT NOT NULL, num_rows INTEGER NOT NULL, bytes INTEGER NOT NULL, received_at REAL NOT NULL,
-    PRIMARY KEY (federation_id, round, client_id));
+    metrics TEXT, PRIMARY KEY (federation_id, round, client_id));
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL, total INTEGER NOT NULL,
     done INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, started_at REAL, finished_at REAL,
@@ -97,6 +98,7 @@ CREATE TABLE IF NOT EXISTS files (
 _ADDED_COLUMNS = (
     ("federations", "state", "TEXT NOT NULL DEFAULT 'active'"),
     ("rounds", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("uploads", "metrics", "TEXT"),  # the client's evaluation sent with the upload (JSON), or NULL
 )
 
 
@@ -275,6 +277,21 @@ class UploadRecord:
     num_rows: int
     bytes: int
     received_at: float
+    metrics: str | None = None  # the client's evaluation sent with it (`ktl.api.services.evaluation`)
+
+
+@dataclass(frozen=True)
+class MetricSums:
+    """One metric of one round, summed over the uploads that reported it (see `Store.metric_sums`)."""
+
+    round: int
+    name: str
+    clients: int
+    n_samples: int
+    weighted_sum: float  # Σ n·v over those uploads (n: the samples each client measured on)
+    weighted_squares: float  # Σ n·v²
+    min: float
+    max: float
 
 
 @dataclass(frozen=True)
@@ -793,9 +810,24 @@ class Store:
         rows = self._query("SELECT * FROM rounds WHERE federation_id = ? AND round = ?", (fid, r))
         return self._round(rows[0]) if rows else None
 
+    def rounds_between(self, fid: str, first: int, last: int) -> list[RoundRecord]:
+        """The federation's rounds ``first``–``last`` that exist, in order."""
+        rows = self._query(
+            "SELECT * FROM rounds WHERE federation_id = ? AND round BETWEEN ? AND ? ORDER BY round",
+            (fid, first, last),
+        )
+        return [self._round(r) for r in rows]
+
     def rounds_in_state(self, state: str) -> list[RoundRecord]:
         rows = self._query("SELECT * FROM rounds WHERE state = ? ORDER BY federation_id, round", (state,))
         return [self._round(r) for r in rows]
+
+    def aligning_round(self, fid: str) -> int | None:
+        """The federation's round whose server step is due or running, if any (it blocks deletion)."""
+        rows = self._query(
+            "SELECT MIN(round) FROM rounds WHERE federation_id = ? AND state = 'aligning'", (fid,)
+        )
+        return rows[0][0]
 
     def latest_published_round(self, fid: str) -> int | None:
         rows = self._query(
@@ -873,8 +905,10 @@ class Store:
         num_rows: int,
         received_bytes: int,
         now: float,
+        metrics: str | None = None,
     ) -> UploadResult:
-        """Store an upload for round ``r`` and close the round if it completes the quorum.
+        """Store an upload for round ``r`` (with the client's evaluation ``metrics``, JSON, if it sent
+        any) and close the round if it completes the quorum.
 
         Raises `ConflictError` for a round that is not the open one, for a different second upload by the
         same client, or for a client removed while its upload arrived; `InsufficientStorageError` when the
@@ -898,8 +932,9 @@ class Store:
                 commit_temp(tmp, final)
                 self._record_file(db, self.rel(final), checksum, len(payload))
                 db.execute(
-                    "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (fed.id, r, client_id, digest, num_rows, received_bytes, now),
+                    "INSERT INTO uploads (federation_id, round, client_id, digest, num_rows, bytes, "
+                    "received_at, metrics) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (fed.id, r, client_id, digest, num_rows, received_bytes, now, metrics),
                 )
                 count = self._count_uploads(db, fed.id, r)
                 closed = count >= fed.spec.quorum
@@ -957,6 +992,20 @@ class Store:
             u.client_id: self.read_verified(self.upload_path(fid, r, u.client_id))
             for u in self.uploads(fid, r)
         }
+
+    def metric_sums(self, fid: str, first: int, last: int) -> list[MetricSums]:
+        """The clients' metrics of rounds ``first``–``last``, summed in SQLite per round and name (memory
+        bounded by rounds × names, whatever the number of clients), ordered by round and name."""
+        rows = self._query(
+            "SELECT u.round, m.key, COUNT(*), SUM(n), SUM(n * m.value), SUM(n * m.value * m.value), "
+            "MIN(m.value), MAX(m.value) "
+            "FROM (SELECT round, metrics, json_extract(metrics, '$.n_samples') AS n FROM uploads "
+            "      WHERE federation_id = ? AND round BETWEEN ? AND ? AND metrics IS NOT NULL) u, "
+            "     json_each(u.metrics) m "
+            "WHERE m.key != 'n_samples' GROUP BY u.round, m.key ORDER BY u.round, m.key",
+            (fid, first, last),
+        )
+        return [MetricSums(int(r[0]), str(r[1]), int(r[2]), int(r[3]), *map(float, r[4:])) for r in rows]
 
     def most_uploads_by_one_client(self, fid: str) -> int:
         """The largest number of rounds any one client of ``fid`` uploaded to (its privacy releases)."""
@@ -1188,6 +1237,20 @@ class Store:
             self._job(r)
             for r in self._query(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created_at", states)
         ]
+
+    def list_jobs(self, limit: int, before: str | None = None) -> list[JobRecord]:
+        """Jobs newest first; ``limit`` of them older than the job ``before`` (a page's last id;
+        `NotFoundError` if it does not exist)."""
+        sql = "SELECT * FROM jobs"
+        args: tuple[Any, ...] = ()
+        if before is not None:
+            cursor = self._query("SELECT created_at, rowid FROM jobs WHERE id = ?", (before,))
+            if not cursor:
+                raise NotFoundError("unknown_job", f"no job {before!r} to list after")
+            sql += " WHERE (created_at, rowid) < (?, ?)"
+            args = (cursor[0][0], cursor[0][1])
+        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
+        return [self._job(r) for r in self._query(sql, (*args, int(limit)))]
 
     def update_job(self, job_id: str, *, only_if: tuple[str, ...] | None = None, **fields: Any) -> bool:
         """Set columns of a job; with ``only_if``, only while its state is one of those. True if it changed.

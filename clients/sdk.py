@@ -9,6 +9,7 @@ identical upload again with 200 and changes nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -148,20 +149,39 @@ class KtlHttpClient:
         return dict(self._json("GET", f"/v1/federations/{fid}/rounds/{r}"))
 
     def upload(
-        self, fid: str, r: int, prototypes: Prototypes, *, dtype: torch.dtype = torch.float16
+        self,
+        fid: str,
+        r: int,
+        prototypes: Prototypes,
+        *,
+        dtype: torch.dtype = torch.float16,
+        metrics: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         """Upload prototypes for round ``r`` as safetensors (fp16 by default: half the bytes)."""
-        return self.upload_bytes(fid, r, prototypes.to_bytes(dtype))
+        return self.upload_bytes(fid, r, prototypes.to_bytes(dtype), metrics=metrics)
 
-    def upload_bytes(self, fid: str, r: int, payload: bytes) -> dict[str, Any]:
-        """Upload a method's payload (safetensors bytes, as `Method.client_update` made them)."""
+    def upload_bytes(
+        self, fid: str, r: int, payload: bytes, *, metrics: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """Upload a method's payload (safetensors bytes, as `Method.client_update` made them).
+
+        ``metrics``: the client's own evaluation this round, sent with it (the ``Ktl-Metrics`` header) —
+        ``n_samples`` (the samples measured on) and a few named finite numbers, e.g.
+        ``{"n_samples": 120, "accuracy": 0.81}``; the server summarises them per round.
+        """
+        headers = {"Content-Type": "application/octet-stream"}
+        if metrics is not None:
+            headers["Ktl-Metrics"] = json.dumps(metrics, allow_nan=False, separators=(",", ":"))
         return dict(
             self._json(
-                "POST",
-                f"/v1/federations/{fid}/rounds/{r}/prototypes",
-                content=payload,
-                headers={"Content-Type": "application/octet-stream"},
+                "POST", f"/v1/federations/{fid}/rounds/{r}/prototypes", content=payload, headers=headers
             )
+        )
+
+    def metrics(self, fid: str, *, after: int = 0, limit: int = 100) -> dict[str, Any]:
+        """The clients' metrics round by round from round ``after`` + 1 (a page of ``limit`` rounds)."""
+        return dict(
+            self._json("GET", f"/v1/federations/{fid}/metrics", params={"after": after, "limit": limit})
         )
 
     def wait_for_round(
@@ -223,6 +243,11 @@ class KtlHttpClient:
 
     def submit_job(self, spec: dict[str, Any]) -> dict[str, Any]:
         return dict(self._json("POST", "/v1/jobs", json=spec))
+
+    def jobs(self, *, limit: int = 100, after: str | None = None) -> list[dict[str, Any]]:
+        """One page of jobs, newest first (``after``: the last id of the page before)."""
+        params: dict[str, Any] = {"limit": limit} | ({"after": after} if after else {})
+        return list(self._json("GET", "/v1/jobs", params=params))
 
     def job(self, job_id: str) -> dict[str, Any]:
         return dict(self._json("GET", f"/v1/jobs/{job_id}"))

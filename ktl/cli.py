@@ -464,26 +464,16 @@ def _participant(args: argparse.Namespace, sdk: Any) -> tuple[Any, Any, dict[str
 
 
 def _client_run(args: argparse.Namespace) -> int:
-    """One participant: the runner's client side (`ktl.runner.participate`) over the SDK."""
-    from ktl.participant import round_broadcast
-    from ktl.runner import participate
+    from ktl.participant import take_broadcast, train_and_upload
 
     with _client_sdk(args) as sdk:
         client, method, fed = _participant(args, sdk)
         start = int(fed["current_round"])
-
-        def report(r: int, score: tuple[int, int]) -> None:
-            correct, total = score
+        for r in range(start, start + args.rounds):
+            train_and_upload(method, client, sdk, args.federation, r)
+            correct, total = client.evaluate()
+            take_broadcast(method, client, sdk, args.federation, r, timeout=args.wait)
             logger.info("round %d: local accuracy %.4f (%d test samples)", r, correct / max(total, 1), total)
-
-        participate(
-            method,
-            client,
-            range(start, start + args.rounds),
-            upload=lambda r, reply, score: sdk.upload_bytes(args.federation, r, reply.payload),
-            broadcast=lambda r: round_broadcast(sdk, args.federation, r, timeout=args.wait),
-            report=report,
-        )
     return 0
 
 
@@ -989,7 +979,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     client_sub = client.add_subparsers(dest="client_command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", required=True, help="server URL, e.g. http://127.0.0.1:8000")
+        p.add_argument("--url", default=os.environ.get("KTL_URL"), required="KTL_URL" not in os.environ,
+                       help="server URL, e.g. http://127.0.0.1:8000 (default: $KTL_URL)")  # fmt: skip
         p.add_argument("--token", default=None, help="bearer token (default: $KTL_TOKEN)")
         p.add_argument("--federation", required=True, help="federation id")
         p.add_argument("--timeout", type=float, default=30.0, help="seconds per request attempt")

@@ -8,15 +8,19 @@ from fastapi import APIRouter, Body, Path, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from ktl.api.deps import Admin, FederationAccess, FederationId, ServiceDep
+from ktl.api.routers.paging import After, ListLimit, next_page
 from ktl.api.schemas import (
     ClientCreated,
     ClientOut,
     CostOut,
     ErrorBody,
+    FederationMetricsOut,
     FederationOut,
     FederationSpec,
     GeneratorInfo,
+    MetricSummary,
     PrivacyOut,
+    RoundMetricsOut,
 )
 from ktl.api.service import KtlService
 from ktl.api.store import ClientRecord, FederationRecord
@@ -58,6 +62,8 @@ def federation_out(service: KtlService, fed: FederationRecord, include_etf: bool
     return FederationOut(
         id=fed.id,
         method=fed.spec.method,
+        state=fed.state,
+        aligning_round=service.federations.aligning_round(fed.id),
         spec=fed.spec,
         proto_dim=fed.spec.dim,
         etf_seed=fed.etf_seed,
@@ -89,19 +95,6 @@ def create_federation(spec: FederationSpec, service: ServiceDep, _: Admin) -> Fe
     return federation_out(service, service.federations.create(spec))
 
 
-ListLimit = Annotated[int, Query(ge=1, le=1000, description="at most this many (a page)")]
-After = Annotated[
-    str | None, Query(min_length=1, max_length=64, description="the last id of the page before")
-]
-
-
-def _next_page(response: Response, request: Request, more: bool, last: str | None, limit: int) -> None:
-    """``Link: <…?after=LAST&limit=N>; rel="next"`` when another page follows (RFC 8288)."""
-    if more and last is not None:
-        url = request.url.include_query_params(after=last, limit=limit)
-        response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
-
-
 @router.get("")
 def list_federations(
     service: ServiceDep,
@@ -113,7 +106,7 @@ def list_federations(
 ) -> list[FederationOut]:
     """Federations in creation order (admin), a page at a time: the ``Link`` header names the next page."""
     page, more = service.federations.page(limit, after)
-    _next_page(response, request, more, page[-1].id if page else None, limit)
+    next_page(response, request, more, page[-1].id if page else None, limit)
     return [federation_out(service, f) for f in page]
 
 
@@ -159,6 +152,36 @@ def get_federation(
     return federation_out(service, fed, include_etf)
 
 
+@router.get("/{fid}/metrics", responses={403: {"model": ErrorBody}, 404: {"model": ErrorBody}})
+def get_metrics(
+    fed: FederationAccess,
+    service: ServiceDep,
+    request: Request,
+    response: Response,
+    after: Annotated[int, Query(ge=0, le=2**31, description="the last round of the page before")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="at most this many rounds (a page)")] = 100,
+) -> FederationMetricsOut:
+    """How the federation learns (admin or its clients): round by round from ``after`` + 1, what its
+    clients reported with their uploads (``Ktl-Metrics``), per metric the sample-weighted mean and spread;
+    the ``Link`` header names the next page."""
+    curve = service.rounds.learning_curve(fed.id, after, limit)
+    current = service.federations.get(fed.id).current_round
+    last = curve[-1][0].round if curve else None
+    next_page(response, request, last is not None and last < current, last, limit)
+    return FederationMetricsOut(
+        federation_id=fed.id,
+        current_round=current,
+        rounds=[
+            RoundMetricsOut(
+                round=rnd.round,
+                state=rnd.state,
+                metrics={k: MetricSummary(**v) for k, v in values.items()},
+            )
+            for rnd, values in curve
+        ],
+    )
+
+
 @router.get(
     "/{fid}/etf",
     response_class=Response,
@@ -199,7 +222,7 @@ def list_clients(
 ) -> list[ClientOut]:
     """A federation's clients in registration order (admin), a page at a time (``Link`` header)."""
     page, more = service.federations.clients(fid, limit, after)
-    _next_page(response, request, more, page[-1].id if page else None, limit)
+    next_page(response, request, more, page[-1].id if page else None, limit)
     return [client_out(c) for c in page]
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, Path, Request, Response, status
 from fastapi.responses import FileResponse
 
 from ktl.api.deps import Admin, ServiceDep
+from ktl.api.routers.paging import After, ListLimit, next_page
 from ktl.api.schemas import ErrorBody, JobOut, JobSpec, file_responses
 from ktl.api.store import JobRecord
 
@@ -47,6 +48,21 @@ def create_job(spec: JobSpec, service: ServiceDep, _: Admin) -> JobOut:
     """Queue a batch generation job (admin): ``per_class`` images per class centroid of a published round,
     or per given latent; ``spread`` adds that much prior noise around each source."""
     return job_out(service.jobs.create(spec))
+
+
+@router.get("")
+def list_jobs(
+    service: ServiceDep,
+    _: Admin,
+    request: Request,
+    response: Response,
+    limit: ListLimit = 100,
+    after: After = None,
+) -> list[JobOut]:
+    """Every job, newest first (admin), a page at a time: the ``Link`` header names the next page."""
+    page, more = service.jobs.page(limit, after)
+    next_page(response, request, more, page[-1].id if page else None, limit)
+    return [job_out(job) for job in page]
 
 
 @router.get("/{job_id}")

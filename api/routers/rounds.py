@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response, status
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request, Response, status
 
 from ktl.api.deps import Admin, ClientCaller, FederationAccess, RoundIndex, ServiceDep, UploadBody
-from ktl.api.schemas import ErrorBody, RoundOut, UploadOut, file_responses
+from ktl.api.schemas import ErrorBody, MetricSummary, RoundOut, UploadOut, file_responses
+from ktl.api.services.evaluation import MAX_METRICS_HEADER, METRICS_HEADER
 from ktl.quality import QUALITY_PNG
 
 router = APIRouter(
@@ -50,15 +53,26 @@ def upload_prototypes(
     client: ClientCaller,
     body: UploadBody,
     service: ServiceDep,
+    metrics: Annotated[
+        str | None,
+        Header(
+            alias=METRICS_HEADER,
+            max_length=MAX_METRICS_HEADER,
+            description='The client\'s own evaluation this round, as a JSON object: {"n_samples": 120, '
+            '"accuracy": 0.81, "loss": 0.52} — n_samples (the test samples, an integer ≥ 1) and at most 8 '
+            "named finite numbers; summarised per round in the round's metrics.",
+        ),
+    ] = None,
 ) -> UploadOut:
     """Upload this client's payload for round ``r`` (client token), checked by the federation's method.
 
     Body: safetensors (``application/octet-stream``) with ``prototypes`` (n × K, float16 or float32),
     ``class_ids`` (n, int64, distinct, < C) and ``counts`` (n, int64, > 0); or the same as JSON. fedktl,
     fedproto and fedtgp send unit rows (prototypes), fd its per-class mean ETF cosines (n × C, in [−1, 1]).
-    The identical upload again answers 200 and changes nothing; a different one answers 409.
+    The identical upload again answers 200 and changes nothing; a different one answers 409. The
+    ``Ktl-Metrics`` header may carry the client's evaluation (422 ``bad_metrics`` when it is not valid).
     """
-    result = service.rounds.submit_upload(fed, r, client, body, request.headers.get("content-type"))
+    result = service.rounds.submit_upload(fed, r, client, body, request.headers.get("content-type"), metrics)
     if result.duplicate:
         response.status_code = status.HTTP_200_OK
     return UploadOut(
@@ -83,8 +97,9 @@ def cancel_round(r: RoundIndex, fed: FederationAccess, service: ServiceDep, _: A
 
 @router.get("")
 def get_round(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> RoundOut:
-    """Round state (open / aligning / published / failed), the uploads so far and, once published, the
-    method's round stats and (fedktl) its alignment quality report."""
+    """Round state (open / aligning / published / failed), the uploads so far, the clients' metrics
+    (sample-weighted mean and spread of what they sent) and, once published, the method's round stats and
+    (fedktl) its alignment quality report."""
     rnd = service.rounds.get(fed.id, r)
     uploads = service.rounds.uploads(fed.id, r)
     current = service.federations.get(fed.id).current_round
@@ -104,6 +119,7 @@ def get_round(r: RoundIndex, fed: FederationAccess, service: ServiceDep) -> Roun
         current_round=current,
         stats=rnd.stats,
         quality=service.rounds.quality(fed, rnd),
+        metrics={k: MetricSummary(**v) for k, v in service.rounds.client_metrics(fed.id, r).items()},
     )
 
 

@@ -102,6 +102,10 @@ class FederationService(Service):
         self.store.set_federation_state(fid, "paused" if paused else "active")
         return self.get(fid)
 
+    def aligning_round(self, fid: str) -> int | None:
+        """Its round whose server step is due or running, if any (deletion is refused until it ends)."""
+        return self.store.aligning_round(fid)
+
     def delete(self, fid: str) -> None:
         """Delete a federation, its clients, rounds and files (refused while a round is aligning: pause it
         and cancel that round first)."""

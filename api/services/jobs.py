@@ -159,6 +159,11 @@ class JobService(Service):
             raise NotFoundError("unknown_job", f"no job {job_id!r}")
         return job
 
+    def page(self, limit: int, before: str | None = None) -> tuple[list[JobRecord], bool]:
+        """Up to ``limit`` jobs, newest first, older than the job ``before``; and whether more follow."""
+        rows = self.store.list_jobs(limit + 1, before)
+        return rows[:limit], len(rows) > limit
+
     def cancel(self, job_id: str) -> JobRecord:
         job = self.get(job_id)
         if not self.store.update_job(

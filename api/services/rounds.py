@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from ktl.api.schemas import PrototypesJSON
 from ktl.api.services.base import ServerParts, Service
+from ktl.api.services.evaluation import parse_upload_metrics, summarize
 from ktl.api.services.federations import FederationService
 from ktl.api.services.jsonparse import parse_json_bounded
 from ktl.api.store import ClientRecord, FederationRecord, RoundRecord, UploadRecord, UploadResult
@@ -30,7 +31,6 @@ from ktl.errors import ConflictError, CorruptFileError, NotFoundError, PayloadEr
 from ktl.methods import Method, ServerUpdate, load_method
 from ktl.quality import QUALITY_FILE
 from ktl.records import Prototypes
-from ktl.runner import published_files, server_work
 from ktl.work import Work
 
 __all__ = ["RoundService", "SAFETENSORS_TYPES"]
@@ -112,13 +112,22 @@ class RoundService(Service):
         )
 
     def submit_upload(
-        self, fed: FederationRecord, r: int, client: ClientRecord, body: bytes, content_type: str | None
+        self,
+        fed: FederationRecord,
+        r: int,
+        client: ClientRecord,
+        body: bytes,
+        content_type: str | None,
+        metrics: str | None = None,
     ) -> UploadResult:
-        """Validate (by the federation's method) and durably store one upload; close the round when it
-        completes the quorum. Its identity is the SHA-256 of its canonical float32 form."""
+        """Validate (by the federation's method) and durably store one upload, with the client's own
+        evaluation ``metrics`` if it sent any (the ``Ktl-Metrics`` JSON, `parse_upload_metrics`); close
+        the round when it completes the quorum. Its identity is the SHA-256 of its canonical float32
+        form (the metrics are not part of it: a retry with other metrics is the same upload)."""
         self.metrics.bytes_in.inc(len(body))
         if fed.state != "active":
             raise ConflictError("federation_paused", f"federation {fed.id} is paused by its operator")
+        evaluation = parse_upload_metrics(metrics) if metrics is not None else None
         upload = self.federations.validator(fed).validate_upload(self.decode_body(body, content_type))
         privacy = self.federations.privacy(fed)
         if privacy is not None and privacy.rounds is not None and r > privacy.rounds:
@@ -129,7 +138,15 @@ class RoundService(Service):
         canonical = upload.to_bytes(torch.float32)
         digest = hashlib.sha256(canonical).hexdigest()
         result = self.store.record_upload(
-            fed, r, client.id, canonical, digest, upload.rows, len(body), self.clock()
+            fed,
+            r,
+            client.id,
+            canonical,
+            digest,
+            upload.vectors.shape[0],
+            len(body),
+            self.clock(),
+            metrics=evaluation.to_json() if evaluation is not None else None,
         )
         if not result.duplicate:
             self.metrics.uploads.inc()
@@ -153,6 +170,20 @@ class RoundService(Service):
 
     def uploads(self, fid: str, r: int) -> list[UploadRecord]:
         return self.store.uploads(fid, r)
+
+    def client_metrics(self, fid: str, r: int) -> dict[str, dict[str, float | int]]:
+        """Round ``r``'s metrics from its clients' uploads so far, per name (`summarize`)."""
+        return summarize(self.store.metric_sums(fid, r, r)).get(r, {})
+
+    def learning_curve(
+        self, fid: str, after: int, limit: int
+    ) -> list[tuple[RoundRecord, dict[str, dict[str, float | int]]]]:
+        """Up to ``limit`` rounds after round ``after``, each with its clients' metrics (`summarize`)."""
+        rounds = self.store.rounds_between(fid, after + 1, after + limit)
+        if not rounds:
+            return []
+        summary = summarize(self.store.metric_sums(fid, rounds[0].round, rounds[-1].round))
+        return [(rnd, summary.get(rnd.round, {})) for rnd in rounds]
 
     def published_file(self, fed: FederationRecord, r: int, name: str) -> bytes:
         """A file of a published round; ``not_published_by_method`` when the method publishes no such file."""
@@ -369,11 +400,6 @@ class RoundService(Service):
             )
         return method
 
-    def warm_method(self, fid: str) -> Method | None:
-        """The federation's method as its last published round left it (None before the first)."""
-        cached = self._methods.get(fid)
-        return cached[1] if cached is not None else None
-
     def run_server_step(self, fid: str, r: int) -> None:
         """Round ``r``'s whole server step at once (tests and tools; the server runs it in slices)."""
         task: Task | None = partial(self._start_step, fid, r)
@@ -407,7 +433,7 @@ class RoundService(Service):
             return None
         try:
             step.method = self._method_for(fed, r)
-            step.work = server_work(step.method, self.store.load_uploads(fid, r), r)
+            step.work = step.method.server_steps(self.store.load_uploads(fid, r), r)
         except Exception as exc:
             self._fail(step, exc)
             return None
@@ -457,8 +483,11 @@ class RoundService(Service):
         staged = self.store.staging_dir(step.fid)
         method.save_pretrained(staged)
         self.store.commit_state(step.fid, step.r, staged, self.settings.keep_aligner_rounds)
+        files = dict(update.files)
+        if update.payload is not None:
+            files[method.broadcast_file] = update.payload
         stats = {**update.metrics, "server_seconds": step.busy}
-        self.store.publish_round(step.fid, step.r, published_files(method, update), stats, self.clock())
+        self.store.publish_round(step.fid, step.r, files, stats, self.clock())
         self._methods[step.fid] = (step.r, method)
         self._end(step)
         self.metrics.rounds.labels(outcome="published").inc()
