@@ -464,16 +464,39 @@ def _participant(args: argparse.Namespace, sdk: Any) -> tuple[Any, Any, dict[str
 
 
 def _client_run(args: argparse.Namespace) -> int:
-    from ktl.participant import take_broadcast, train_and_upload
+    """One participant: the runner's client side (`ktl.runner.participate`) over the SDK."""
+    from ktl.participant import round_broadcast, upload_metrics
+    from ktl.runner import participate
 
     with _client_sdk(args) as sdk:
         client, method, fed = _participant(args, sdk)
         start = int(fed["current_round"])
-        for r in range(start, start + args.rounds):
-            train_and_upload(method, client, sdk, args.federation, r)
-            correct, total = client.evaluate()
-            take_broadcast(method, client, sdk, args.federation, r, timeout=args.wait)
-            logger.info("round %d: local accuracy %.4f (%d test samples)", r, correct / max(total, 1), total)
+
+        def report(r: int, score: tuple[int, int]) -> None:
+            (correct, total), federation = (
+                score,
+                sdk.round(args.federation, r).get("metrics", {}).get("accuracy"),
+            )
+            logger.info(
+                "round %d: local accuracy %.4f (%d test samples)%s",
+                r,
+                correct / max(total, 1),
+                total,
+                f"; the federation's {federation['mean']:.4f} over {federation['clients']} clients"
+                if federation
+                else "",
+            )
+
+        participate(
+            method,
+            client,
+            range(start, start + args.rounds),
+            upload=lambda r, reply, score: sdk.upload_bytes(
+                args.federation, r, reply.payload, metrics=upload_metrics(score, reply.stats)
+            ),
+            broadcast=lambda r: round_broadcast(sdk, args.federation, r, timeout=args.wait),
+            report=report,
+        )
     return 0
 
 

@@ -31,6 +31,7 @@ from ktl.errors import ConflictError, CorruptFileError, NotFoundError, PayloadEr
 from ktl.methods import Method, ServerUpdate, load_method
 from ktl.quality import QUALITY_FILE
 from ktl.records import Prototypes
+from ktl.runner import published_files, server_work
 from ktl.work import Work
 
 __all__ = ["RoundService", "SAFETENSORS_TYPES"]
@@ -400,6 +401,11 @@ class RoundService(Service):
             )
         return method
 
+    def warm_method(self, fid: str) -> Method | None:
+        """The federation's method as its last published round left it (None before the first)."""
+        cached = self._methods.get(fid)
+        return cached[1] if cached is not None else None
+
     def run_server_step(self, fid: str, r: int) -> None:
         """Round ``r``'s whole server step at once (tests and tools; the server runs it in slices)."""
         task: Task | None = partial(self._start_step, fid, r)
@@ -433,7 +439,7 @@ class RoundService(Service):
             return None
         try:
             step.method = self._method_for(fed, r)
-            step.work = step.method.server_steps(self.store.load_uploads(fid, r), r)
+            step.work = server_work(step.method, self.store.load_uploads(fid, r), r)
         except Exception as exc:
             self._fail(step, exc)
             return None
@@ -483,11 +489,8 @@ class RoundService(Service):
         staged = self.store.staging_dir(step.fid)
         method.save_pretrained(staged)
         self.store.commit_state(step.fid, step.r, staged, self.settings.keep_aligner_rounds)
-        files = dict(update.files)
-        if update.payload is not None:
-            files[method.broadcast_file] = update.payload
         stats = {**update.metrics, "server_seconds": step.busy}
-        self.store.publish_round(step.fid, step.r, files, stats, self.clock())
+        self.store.publish_round(step.fid, step.r, published_files(method, update), stats, self.clock())
         self._methods[step.fid] = (step.r, method)
         self._end(step)
         self.metrics.rounds.labels(outcome="published").inc()
