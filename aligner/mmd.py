@@ -177,19 +177,33 @@ class PriorKernel:
         """The kernel mixture of squared distances ``d``."""
         return kernel_sum(d, self.bandwidths, doubling=self.doubling)
 
-    def mmd2(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def mmd2(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, *, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """MMD² between ``x`` (n, W) and the prior: the cross term is exact for `standard_normal` kernels
-        (``y`` is ignored), else estimated with prior draws ``y`` (m, W)."""
+        (``y`` is ignored), else estimated with prior draws ``y`` (m, W).
+
+        ``weights`` (n,), non-negative and summing to 1, weigh the rows of ``x`` (default: uniform): the
+        within term is then the weighted U-statistic ``(aᵀKa − Σ a_i² k_ii) / (1 − Σ a_i²)``, which is the
+        plain one for uniform weights; rows of weight 0 take no part."""
         kxx = self.kernel(squared_distances(x))
         if self._cross_scale is not None:
             sq = (x * x).sum(dim=1, keepdim=True)  # (n, 1)
             h = self.bandwidths.to(x.dtype)
-            cross = (self._cross_scale.to(x.dtype) * torch.exp(-sq / (h + 2.0))).sum(dim=1).mean()
+            per_row = (self._cross_scale.to(x.dtype) * torch.exp(-sq / (h + 2.0))).sum(dim=1)
         else:
             if y is None:
                 raise ValueError("a sampled-prior kernel needs prior draws y")
-            cross = self.kernel(squared_distances(x, y.to(x.dtype))).mean()
-        return _within(kxx, True) + self.prior_within.to(x.dtype) - 2.0 * cross
+            kxy = self.kernel(squared_distances(x, y.to(x.dtype)))
+            if weights is None:  # the mean over all entries, as before (the same float rounding)
+                return _within(kxx, True) + self.prior_within.to(x.dtype) - 2.0 * kxy.mean()
+            per_row = kxy.mean(dim=1)
+        if weights is None:
+            return _within(kxx, True) + self.prior_within.to(x.dtype) - 2.0 * per_row.mean()
+        a = weights.to(x.dtype)
+        self_weight = (a * a).sum()
+        within = (a @ kxx @ a - (a * a * kxx.diagonal()).sum()) / (1.0 - self_weight).clamp_min(1e-12)
+        return within + self.prior_within.to(x.dtype) - 2.0 * (a * per_row).sum()
 
 
 def _within(k: torch.Tensor, unbiased: bool) -> torch.Tensor:

@@ -27,8 +27,16 @@ The numbers (docs/architecture.md, "Alignment quality report"):
 - ``kid`` / ``kid_std``: KID of the round's images against images of prior draws, in the feature space of
   `ktl.pretrain.RandomConvFeatures` (no Inception weights offline; not comparable to published KIDs);
   null with fewer than `QualityThresholds.min_kid_images` round images.
+- ``norm_band``: the prior's typical set as the central ``QualityThresholds.norm_coverage`` (99 %) interval
+  of the norms of `QualityThresholds.norm_band_draws` prior draws (`ktl.aligner.typical.NormBand`): ``lo``,
+  ``hi``, ``median``, ``coverage``.
+- ``classes``: per present class (id as a string): its centroid's ``norm``, its ``distance`` outside the
+  norm band in prior scales (0 inside), its ``rows`` (uploaded prototypes) and ``holders`` (clients that
+  uploaded it), and ``inside`` (whether the norm lies in the band).
+- ``off_manifold_classes``: the ids of the present classes whose centroid lies outside the norm band.
 - ``verdict``: ``few-classes`` (fewer than two classes present), else ``collapsed`` (closest centroids
-  under `QualityThresholds.collapse_fraction` of the prior scale), else ``off-manifold`` (MMD ratio above
+  under `QualityThresholds.collapse_fraction` of the prior scale), else ``off-manifold`` (a class centroid
+  outside the norm band — the line names the classes — or the MMD ratio above
   `QualityThresholds.off_manifold_ratio`), else ``ok``.
 """
 
@@ -47,6 +55,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ktl.aligner.mmd import DEFAULT_BANDWIDTH_MULTIPLIERS, mmd2_rbf, prior_bandwidths
+from ktl.aligner.typical import NORM_BAND_DRAWS, TYPICAL_COVERAGE, NormBand
 from ktl.pretrain import kid_report
 
 __all__ = [
@@ -73,6 +82,9 @@ REPORT_KEYS = (
     "centroid_min_distance",
     "centroid_mean_distance",
     "class_spread",
+    "norm_band",
+    "classes",
+    "off_manifold_classes",
     "kid",
     "kid_std",
     "verdict",
@@ -111,6 +123,13 @@ class QualityThresholds:
         Images of prior draws the KID compares the round's images with.
     kid_subsets
         KID subsets (their mean and standard deviation are ``kid`` and ``kid_std``).
+    norm_coverage
+        The norm band is the central ``norm_coverage`` of the prior draws' norms: 0.99, so a centroid drawn
+        from the prior itself falls outside 1 % of the time (W = 256, N(0, I): [14.2, 17.8]), while the
+        paper's objective put the class held by one client at norm 40–90 (docs/architecture.md).
+    norm_band_draws
+        Prior draws the band is read from: 4096 leave ≈ 20 draws in each 0.5 % tail, so the band's ends move
+        by < 0.1 of a norm between seeds (W = 256).
     """
 
     collapse_fraction: float = 0.1
@@ -121,8 +140,12 @@ class QualityThresholds:
     prior_repeats: int = 8
     kid_prior_images: int = 32
     kid_subsets: int = 50
+    norm_coverage: float = TYPICAL_COVERAGE
+    norm_band_draws: int = NORM_BAND_DRAWS
 
     def __post_init__(self) -> None:
+        if not 0 < self.norm_coverage < 1 or self.norm_band_draws < 2:
+            raise ValueError("norm_coverage must lie in (0, 1) and norm_band_draws be ≥ 2")
         if self.collapse_fraction <= 0 or self.off_manifold_ratio <= 1:
             raise ValueError("collapse_fraction must be > 0 and off_manifold_ratio > 1")
         if min(self.min_classes, self.min_kid_images, self.max_rows, self.prior_repeats) < 1:
@@ -156,6 +179,7 @@ def quality_report(
     thresholds: QualityThresholds | None = None,
     seed: int = 0,
     title: str = "F(prototypes) vs the generator's prior",
+    owners: torch.Tensor | None = None,
 ) -> QualityResult:
     """The quality report of one round.
 
@@ -174,6 +198,9 @@ def quality_report(
         The aligner's bandwidth multipliers.
     seed
         Seeds the row subset (above ``max_rows``); the caller's global random state is left as it was.
+    owners
+        ``(n,)`` which upload (client) each row came from, for the per-class ``holders``; without it every
+        row counts as its own holder (a client uploads at most one row per class).
     """
     t = thresholds or QualityThresholds()
     rows = aligned.detach().double().cpu()
@@ -226,6 +253,22 @@ def quality_report(
             w = weights[mine]
             spread[str(c)] = float((dist * w).sum() / w.sum().clamp_min(_TINY)) / prior_scale
 
+    band = NormBand.from_draws(sample_prior(t.norm_band_draws), t.norm_coverage)
+    owner_of = None if owners is None else owners.detach().cpu().long().tolist()
+    norms = cents.norm(dim=1)
+    distance = band.distance(norms) / prior_scale
+    classes: dict[str, dict[str, Any]] = {}
+    for c in kept.tolist():
+        mine = (ids == c).nonzero().flatten().tolist()
+        classes[str(c)] = {
+            "norm": float(norms[c]),
+            "distance": float(distance[c]),
+            "rows": len(mine),
+            "holders": len(mine) if owner_of is None else len({owner_of[i] for i in mine}),
+            "inside": bool(distance[c] == 0),
+        }
+    off_classes = [int(c) for c, facts in classes.items() if not facts["inside"]]
+
     kid: float | None = None
     kid_std: float | None = None
     if (
@@ -235,7 +278,9 @@ def quality_report(
     ):
         kid, kid_std = _kid(prior_images, images, subsets=t.kid_subsets)
 
-    verdict, line = _verdict(t, int(kept.numel()), ratio, min_d)
+    verdict, line = _verdict(
+        t, int(kept.numel()), ratio, min_d, [(c, classes[str(c)]) for c in off_classes], band
+    )
     report: dict[str, Any] = {
         "mmd_to_prior": to_prior,
         "mmd_prior_to_prior": floor,
@@ -244,6 +289,9 @@ def quality_report(
         "centroid_min_distance": min_d,
         "centroid_mean_distance": mean_d,
         "class_spread": spread,
+        "norm_band": {"lo": band.lo, "hi": band.hi, "median": band.median, "coverage": band.coverage},
+        "classes": classes,
+        "off_manifold_classes": off_classes,
         "kid": kid,
         "kid_std": kid_std,
         "verdict": verdict,
@@ -262,9 +310,13 @@ def quality_report(
 
 
 def quality_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """The report's headline numbers as round metrics: ``quality_mmd_ratio``, and
-    ``quality_centroid_min_distance`` and ``quality_kid`` where they are defined."""
-    out = {"quality_mmd_ratio": float(report["mmd_ratio"])}
+    """The report's headline numbers as round metrics: ``quality_mmd_ratio``,
+    ``quality_off_manifold_classes`` (how many), and ``quality_centroid_min_distance`` and ``quality_kid``
+    where they are defined."""
+    out = {
+        "quality_mmd_ratio": float(report["mmd_ratio"]),
+        "quality_off_manifold_classes": float(len(report.get("off_manifold_classes", []))),
+    }
     for key, name in (("centroid_min_distance", "quality_centroid_min_distance"), ("kid", "quality_kid")):
         if report.get(key) is not None:
             out[name] = float(report[key])
@@ -290,7 +342,14 @@ def _mean(values: Any) -> float:
     return max(sum(items) / len(items), 0.0)
 
 
-def _verdict(t: QualityThresholds, classes: int, ratio: float, min_d: float | None) -> tuple[str, str]:
+def _verdict(
+    t: QualityThresholds,
+    classes: int,
+    ratio: float,
+    min_d: float | None,
+    off: list[tuple[int, dict[str, Any]]],
+    band: NormBand,
+) -> tuple[str, str]:
     if classes < t.min_classes or min_d is None:
         return (
             "few-classes",
@@ -303,6 +362,17 @@ def _verdict(t: QualityThresholds, classes: int, ratio: float, min_d: float | No
             f"collapsed: class centroids nearly coincide (min centroid distance {min_d:.3f} of the prior "
             f"scale < {t.collapse_fraction:g}); their images will look alike; MMD ratio {ratio:.2f}",
         )
+    if off:
+        named = ", ".join(
+            f"{c} (norm {f['norm']:.1f}, {f['holders']} holder{'s' if f['holders'] != 1 else ''})"
+            for c, f in off
+        )
+        return (
+            "off-manifold",
+            f"off-manifold: class{'es' if len(off) > 1 else ''} {named} outside the prior's "
+            f"{band.coverage:.0%} norm band [{band.lo:.1f}, {band.hi:.1f}]; MMD ratio {ratio:.2f}, min centroid "
+            f"distance {min_d:.2f} of the prior scale",
+        )
     if ratio > t.off_manifold_ratio:
         return (
             "off-manifold",
@@ -311,7 +381,8 @@ def _verdict(t: QualityThresholds, classes: int, ratio: float, min_d: float | No
         )
     return (
         "ok",
-        f"ok: F(prototypes) in distribution (MMD ratio {ratio:.2f}), classes kept apart (min centroid "
+        f"ok: F(prototypes) in distribution (MMD ratio {ratio:.2f}), every class centroid in the prior's "
+        f"{band.coverage:.0%} norm band [{band.lo:.1f}, {band.hi:.1f}], classes kept apart (min centroid "
         f"distance {min_d:.2f} of the prior scale)",
     )
 

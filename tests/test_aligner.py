@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -126,3 +127,65 @@ def test_row_subsets_still_align_many_uploads() -> None:
     assert sub_mmd < 1.5 * full_mmd + 0.01
     c = result.centroids
     assert float(torch.cdist(c, c)[~torch.eye(10, dtype=torch.bool)].min()) > 0.3 * (2 * W) ** 0.5
+
+
+def test_uniform_weights_give_the_plain_prior_mmd_and_zero_weights_drop_rows() -> None:
+    from ktl.aligner.mmd import PriorKernel
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, W, generator=g, dtype=torch.float64)
+    for kernel, y in (
+        (PriorKernel.standard_normal(W), None),
+        (PriorKernel(torch.randn(256, W, generator=g)), torch.randn(64, W, generator=g)),
+    ):
+        plain = kernel.mmd2(x, y)
+        torch.testing.assert_close(kernel.mmd2(x, y, weights=torch.full((7,), 1 / 7)), plain)
+        half = torch.tensor([0.25] * 4 + [0.0] * 3, dtype=torch.float64)  # rows 4–6 take no part
+        torch.testing.assert_close(kernel.mmd2(x, y, weights=half), kernel.mmd2(x[:4], y))
+
+
+def test_norm_band_holds_the_prior_quantiles_and_projects_radially() -> None:
+    from ktl.aligner.typical import NormBand, standard_normal_draws
+
+    band = NormBand.from_draws(standard_normal_draws(4096, 256))
+    # chi with 256 degrees of freedom: 15.98 ± 0.71; its central 99 % ≈ 15.98 ∓ 2.58·0.71 = [14.2, 17.8]
+    assert abs(band.lo - 14.2) < 0.2 and abs(band.hi - 17.8) < 0.2 and abs(band.median - 15.98) < 0.1
+    rows = torch.randn(3, 256, dtype=torch.float64)
+    rows = rows / rows.norm(dim=1, keepdim=True) * torch.tensor([[5.0], [16.0], [60.0]])
+    out = band.project(rows)
+    torch.testing.assert_close(out.norm(dim=1), torch.tensor([band.lo, 16.0, band.hi], dtype=torch.float64))
+    torch.testing.assert_close(out[1], rows[1])  # inside: unchanged
+    torch.testing.assert_close(
+        torch.nn.functional.cosine_similarity(out, rows), torch.ones(3, dtype=torch.float64)
+    )
+    assert band.distance(torch.tensor([5.0, 16.0, 60.0])).tolist() == pytest.approx(
+        [band.lo - 5, 0, 60 - band.hi]
+    )
+    assert torch.equal(band.project(torch.zeros(1, 256)), torch.zeros(1, 256))
+
+
+def test_truncation_keeps_every_centroid_inside_the_band_and_paper_leaves_them() -> None:
+    from ktl.aligner.typical import NormBand, standard_normal_draws
+
+    v, y, n = uploads(num_clients=3)
+    band = NormBand.from_draws(standard_normal_draws(4096, W), 0.95)
+    far = v * 50  # rows mapped far from the prior's shell by a fresh F with 1 step
+    for truncate in (False, True):
+        aligner = Aligner.create(
+            num_classes=10,
+            proto_dim=10,
+            latent_dim=W,
+            settings=AlignerSettings(steps=1, lr=1e-6, objective="paper", truncate=truncate),
+            seed=0,
+        )
+        res = aligner.fit(
+            far,
+            y,
+            n,
+            sample_prior=prior,
+            generator=torch.Generator().manual_seed(0),
+            standard_normal_prior=True,
+        )
+        norms = res.centroids.norm(dim=1)
+        inside = bool(((norms >= band.lo - 1e-4) & (norms <= band.hi + 1e-4)).all())
+        assert inside == truncate, norms

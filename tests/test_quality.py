@@ -165,7 +165,7 @@ def test_many_rows_are_capped_and_the_global_random_state_is_untouched() -> None
         return sample(n)
 
     state = torch.get_rng_state()
-    t = QualityThresholds(max_rows=64)
+    t = QualityThresholds(max_rows=64, norm_band_draws=64)
     report = quality_report(
         **round_from(rows, ids),
         sample_prior=counting,
@@ -185,10 +185,84 @@ def test_quality_metrics_hold_the_headline_numbers() -> None:
     metrics = quality_metrics(report)
     assert metrics == {
         "quality_mmd_ratio": report["mmd_ratio"],
+        "quality_off_manifold_classes": 0.0,
         "quality_centroid_min_distance": report["centroid_min_distance"],
     }
     one = ids == 0
-    assert set(quality_metrics(report_of(rows[one], ids[one]))) == {"quality_mmd_ratio"}
+    assert set(quality_metrics(report_of(rows[one], ids[one]))) == {
+        "quality_mmd_ratio",
+        "quality_off_manifold_classes",
+    }
+
+
+def test_each_class_has_its_norm_distance_rows_and_holders() -> None:
+    rows, ids = ideal_rows()
+    owners = torch.arange(len(ids)) // C  # ROWS_PER_CLASS clients, each with one row of every class
+    report = report_of(rows, ids, owners=owners)
+    band = report["norm_band"]
+    # N(0, I_64): norms ≈ 8 ± 0.71, so the central 99 % lies near 8 ∓ 2.58·0.71 (loose: 4096 draws).
+    assert band["coverage"] == 0.99 and 5.6 < band["lo"] < 6.6 < band["median"] < 8.5 < band["hi"] < 10.2
+    assert set(report["classes"]) == {str(c) for c in range(C)} and report["off_manifold_classes"] == []
+    for c, facts in report["classes"].items():
+        centroid = rows[ids == int(c)].mean(0)
+        assert facts["norm"] == pytest.approx(float(centroid.norm()), rel=1e-5)
+        assert facts["rows"] == ROWS_PER_CLASS and facts["holders"] == ROWS_PER_CLASS
+        assert facts["inside"] == (band["lo"] <= facts["norm"] <= band["hi"]) and facts["distance"] == 0
+    one_client = report_of(rows, ids, owners=torch.zeros(len(ids), dtype=torch.int64))
+    assert all(f["holders"] == 1 and f["rows"] == ROWS_PER_CLASS for f in one_client["classes"].values())
+
+
+def test_a_single_class_off_the_norm_band_makes_the_round_off_manifold_and_is_named() -> None:
+    rows, ids = ideal_rows()
+    far, near = ids == 4, ids == 1
+    rows[far] *= 3.0  # class 4's centroid at ≈ 3× the typical norm
+    rows[near] *= 0.3  # class 1's at ≈ 0.3×: inside the shell is off the typical set too
+    report = report_of(rows, ids)
+    assert_finite(report)
+    assert report["mmd_ratio"] < QualityThresholds().off_manifold_ratio  # the MMD alone would say "ok"
+    assert report["verdict"] == "off-manifold" and report["off_manifold_classes"] == [1, 4]
+    assert "classes 1 (norm" in report["verdict_line"] and ", 4 (norm" in report["verdict_line"]
+    band, four = report["norm_band"], report["classes"]["4"]
+    assert not four["inside"]
+    assert four["distance"] == pytest.approx((four["norm"] - band["hi"]) / report["prior_scale"])
+    assert report["classes"]["0"]["inside"]
+
+
+def imbalanced_uploads(clients: int = 6) -> dict[str, Prototypes]:
+    """Classes 0–8 held by every client, class 9 by the first one only (the issue's pathological case)."""
+    etf = simplex_etf(10, seed=0)
+    out = {}
+    for i in range(clients):
+        classes = list(range(9)) + ([9] if i == 0 else [])
+        g = torch.Generator().manual_seed(i)
+        vectors = F.normalize(etf.T[classes] + 0.3 * torch.randn(len(classes), 10, generator=g), dim=1)
+        counts = torch.randint(5, 50, (len(classes),), generator=g)
+        out[f"c{i}"] = Prototypes(vectors, torch.tensor(classes), counts)
+    return out
+
+
+@pytest.mark.parametrize("objective", ["paper", "balanced"])
+def test_a_class_one_client_holds_is_flagged_with_the_paper_objective_and_kept_on_the_manifold_by_balanced(
+    objective: str,
+) -> None:
+    server = KnowledgeTransferServer.create(
+        num_classes=10,
+        proto_dim=10,
+        generator=load_generator(GeneratorSpec()),  # the embedded generator: N(0, I_256) prior
+        aligner_settings=AlignerSettings(steps=100, objective=objective),
+        seed=0,
+    )
+    result = server.run_round(imbalanced_uploads(), round_index=1)
+    report = server.quality(result, 1).report
+    nine = report["classes"]["9"]
+    assert (nine["rows"], nine["holders"], report["classes"]["0"]["holders"]) == (1, 1, 6)
+    # paper: class 9 drifts out of the shell (measured: norm 55 against a band ending at 17.9)
+    if objective == "paper":
+        assert 9 in report["off_manifold_classes"] and report["verdict"] == "off-manifold"
+        assert "9 (norm" in report["verdict_line"] and "1 holder)" in report["verdict_line"]
+    else:  # every class inside the prior's 99 % norm band, and the classes still apart (distinct images)
+        assert report["off_manifold_classes"] == [] and report["verdict"] == "ok", report["verdict_line"]
+        assert report["centroid_min_distance"] > 0.5
 
 
 def uploads() -> dict[str, Prototypes]:

@@ -64,7 +64,7 @@ logger = logging.getLogger(__name__)
 class FedKTLSettings(BaseModel):
     """Federation-level FedKTL knobs (the aligner has its own section)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # The targets are divided by their RMS, so μ = 1 weighs a fresh projector's error (≈ 1) like one unit
     # of the margin loss, whatever the generator's latent scale.
@@ -98,6 +98,7 @@ class RoundResult:
     num_rows: int
     align_seconds: float
     synthesize_seconds: float
+    owners: torch.Tensor | None = None  # (n,) index of the upload (client) each row came from
 
     def stats(self) -> dict[str, float]:
         """The round's figures for logs and metrics: sizes, first/last alignment losses, timings."""
@@ -218,6 +219,8 @@ class KnowledgeTransferServer:
         for prototypes in uploads.values():
             self.validate(prototypes)
         vectors, class_ids, counts = stack_uploads(uploads)
+        sizes = torch.tensor([p.class_ids.numel() for p in uploads.values()])
+        owners = torch.repeat_interleave(torch.arange(len(uploads)), sizes)
         device = self.aligner.device
         prior_rng = torch_generator(self.seed, "prior", round_index, device=self.generator.device)
 
@@ -262,6 +265,7 @@ class KnowledgeTransferServer:
             num_rows=int(vectors.shape[0]),
             align_seconds=align_seconds,
             synthesize_seconds=t2 - t1,
+            owners=owners,
         )
 
     def pair_latents(
@@ -316,6 +320,7 @@ class KnowledgeTransferServer:
             thresholds=t,
             seed=derive_seed(self.seed, "quality", round_index),
             title=title,
+            owners=result.owners,
         )
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -476,6 +481,8 @@ class FedKTL(Method):
             return None
         self.last_quality = quality
         logger.info("round %d: %s", round_index, quality.report["verdict_line"])
+        norms = " ".join(f"{c}:{f['norm']:.1f}" for c, f in quality.report["classes"].items())
+        logger.info("round %d: class centroid norms %s", round_index, norms)
         return quality
 
     # -- state -------------------------------------------------------------------------------------------
