@@ -295,3 +295,82 @@ def test_health_page_reads_readyz_and_metrics(page: tuple[Any, Watch], server: S
 def metric_value(server: ServerThread, name: str) -> float:
     text = httpx.get(server.url + "/metrics").text
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_the_federation_page_draws_accuracy_per_round_and_its_buttons_follow_its_state(
+    page: tuple[Any, Watch], server: ServerThread
+) -> None:
+    """Clients send their evaluation with each upload; the federation's page draws the sample-weighted
+    mean per round with the clients' spread, and offers only the buttons its state allows."""
+    admin = KtlHttpClient(server.url, ADMIN)
+    fed = admin.create_federation({"name": "curve", "method": "fedproto", "num_classes": 10, "quorum": 2})
+    fid = fed["id"]
+    sites = [KtlHttpClient(server.url, admin.register_client(fid, f"site-{i}")["token"]) for i in range(2)]
+    reports = {  # round → [(n_samples, accuracy)] of the two sites: a federation that learns
+        1: [(100, 0.31), (300, 0.42)],
+        2: [(100, 0.48), (300, 0.61)],
+        3: [(100, 0.66), (300, 0.70)],
+        4: [(100, 0.71), (300, 0.83)],
+    }
+    for r, pairs in reports.items():
+        for i, (sdk, (n, acc)) in enumerate(zip(sites, pairs, strict=True)):
+            sdk.upload(fid, r, protos([i, i + 2, i + 4], seed=r), metrics={"n_samples": n, "accuracy": acc})
+        assert admin.wait_for_round(fid, r, timeout=60)["state"] == "published"
+    means = {r: sum(n * a for n, a in pairs) / sum(n for n, _ in pairs) for r, pairs in reports.items()}
+
+    pg, watch = page
+    sign_in(pg, server)
+    pg.goto(f"{server.url}/console#/federations/{fid}")
+    chart = pg.get_by_test_id("accuracy-chart")
+    expect(chart).to_have_attribute("data-rounds", "4")
+    expect(chart).to_have_attribute("data-metric", "accuracy")
+    assert float(chart.get_attribute("data-last")) == pytest.approx(means[4], abs=1e-9)
+    dots = chart.locator("circle.dot")
+    expect(dots).to_have_count(4)
+    drawn = [float(d.get_attribute("data-mean")) for d in dots.all()]
+    assert drawn == pytest.approx([means[r] for r in (1, 2, 3, 4)], abs=1e-9)
+    # Higher accuracy is drawn higher (SVG y grows downwards), and the spread band is there.
+    heights = [float(d.get_attribute("cy")) for d in dots.all()]
+    assert heights == sorted(heights, reverse=True)
+    expect(chart.get_by_test_id("spread-band")).to_have_count(1)
+    expect(pg.get_by_test_id("curve-row").first.get_by_test_id("curve-mean")).to_have_text(f"{means[4]:.4f}")
+
+    # The buttons follow the state: Pause while active; once paused, Resume (and uploads are refused).
+    actions = pg.get_by_test_id("federation-actions")
+    expect(actions.get_by_test_id("federation-pause")).to_be_visible()
+    expect(actions.get_by_test_id("federation-resume")).to_have_count(0)
+    shoot(pg, "accuracy")
+    actions.get_by_test_id("federation-pause").click()
+    expect(actions.get_by_test_id("federation-resume")).to_be_visible()
+    expect(actions.get_by_test_id("federation-pause")).to_have_count(0)
+    assert admin.federation(fid)["state"] == "paused"
+    actions.get_by_test_id("federation-resume").click()
+    expect(actions.get_by_test_id("federation-pause")).to_be_visible()
+    expect(actions.get_by_test_id("federation-delete")).to_be_enabled()
+    assert admin.federation(fid)["state"] == "active"
+
+    # The list of federations shows the state and the same buttons.
+    admin.pause_federation(fid)
+    pg.goto(f"{server.url}/console#/federations")
+    row = pg.locator(f"[data-testid=federation-row][data-fid='{fid}']")
+    expect(row).to_have_attribute("data-state", "paused")
+    expect(row.get_by_test_id("federation-resume")).to_be_visible()
+    expect(row.get_by_test_id("federation-pause")).to_have_count(0)
+    row.get_by_test_id("federation-resume").click()
+    expect(row.get_by_test_id("federation-pause")).to_be_visible()
+    assert watch.dialogs == [] and watch.csp == []
+
+
+def test_the_jobs_page_lists_every_job_from_the_server(page: tuple[Any, Watch], server: ServerThread) -> None:
+    admin = KtlHttpClient(server.url, ADMIN)
+    ids = [admin.submit_job({"latents": [[0.0] * 256], "per_class": 1, "seed": s})["id"] for s in (1, 2)]
+    for job_id in ids:
+        admin.wait_for_job(job_id, timeout=60, poll=0.05)
+    pg, watch = page
+    sign_in(pg, server)  # a fresh tab: the jobs come from GET /v1/jobs, not from what this tab submitted
+    pg.get_by_role("link", name="Jobs").click()
+    for job_id in ids:
+        expect(pg.locator(f"[data-testid=job][data-job='{job_id}']")).to_have_attribute("data-state", "done")
+    shown = [j.get_attribute("data-job") for j in pg.get_by_test_id("job").all()]
+    assert shown.index(ids[1]) < shown.index(ids[0])  # newest first
+    assert watch.dialogs == [] and watch.csp == []

@@ -2,7 +2,7 @@
 // shown, ctx.objectURL(blob) makes a blob: URL revoked when the page goes, ctx.alive() says it is shown.
 
 import { ApiError, deleteJSON, getBlob, getJSON, postJSON, probe, seg } from './api.js';
-import { barChart, lineChart } from './chart.js';
+import { barChart, lineChart, roundChart } from './chart.js';
 import { fmtBytes, fmtNum, fmtSeconds, fmtTime, h, kvTable, note } from './dom.js';
 
 const METHODS = ['fedktl', 'fedktl-latents', 'fedproto', 'fedtgp', 'fd'];
@@ -136,7 +136,7 @@ export async function federationsView(main) {
   const status = h('div', { 'data-testid': 'federations-status' });
   const tbody = h('tbody', {});
   const table = h('table', { class: 'list', 'data-testid': 'federations' },
-    h('thead', {}, h('tr', {}, ['Name', 'Id', 'Method', 'Classes', 'Quorum', 'Round', 'Clients', ''].map((t) => h('th', {}, t)))),
+    h('thead', {}, h('tr', {}, ['Name', 'Id', 'Method', 'State', 'Classes', 'Quorum', 'Round', 'Clients', ''].map((t) => h('th', {}, t)))),
     tbody);
   const createStatus = h('div', {});
   main.replaceChildren(
@@ -154,7 +154,7 @@ export async function federationsView(main) {
       after = page[page.length - 1].id;
     }
     tbody.replaceChildren(...feds.map((f) => federationRow(f, status, load)));
-    if (!feds.length) tbody.append(h('tr', {}, h('td', { colspan: 8 }, 'No federation yet: create one below.')));
+    if (!feds.length) tbody.append(h('tr', {}, h('td', { colspan: 9 }, 'No federation yet: create one below.')));
   };
   try {
     await load();
@@ -163,23 +163,39 @@ export async function federationsView(main) {
   }
 }
 
-function federationRow(f, status, reload) {
+/**
+ * The operator's buttons for a federation, as its state allows: Pause while active, Resume while paused,
+ * Delete unless a round is being computed (the server would refuse it: cancel that round first).
+ */
+function federationButtons(f, status, { onChange, onDeleted }) {
   const path = fedPath(f.id);
-  const act = (verb) => async () => {
-    await postJSON(`${path}/${verb}`);
-    status.replaceChildren(note('ok', `${f.spec.name || f.id}: ${verb === 'pause' ? 'paused' : 'resumed'}`));
-  };
-  return h('tr', { 'data-testid': 'federation-row', 'data-fid': f.id },
+  const label = f.spec.name || f.id;
+  const act = (verb, text) => actionButton(verb === 'pause' ? 'Pause' : 'Resume', async () => {
+    const now = await postJSON(`${path}/${verb}`);
+    status.replaceChildren(note('ok', `${label}: ${text}`));
+    await onChange(now);
+  }, status, { 'data-testid': `federation-${verb}` });
+  const remove = f.aligning_round !== null && f.aligning_round !== undefined
+    ? h('button', { type: 'button', disabled: true, 'data-testid': 'federation-delete',
+      title: `round ${f.aligning_round} is being computed: cancel it or wait for it before deleting` }, 'Delete')
+    : confirmButton('Delete', 'Really delete?', async () => {
+      await deleteJSON(path);
+      status.replaceChildren(note('ok', `${label}: deleted`));
+      await onDeleted();
+    }, status, { 'data-testid': 'federation-delete' });
+  return [
+    f.state === 'paused' ? act('resume', 'resumed') : act('pause', 'paused: uploads are refused, rounds wait'),
+    remove,
+  ];
+}
+
+function federationRow(f, status, reload) {
+  return h('tr', { 'data-testid': 'federation-row', 'data-fid': f.id, 'data-state': f.state },
     h('td', {}, h('a', { href: `#/federations/${seg(f.id)}` }, f.spec.name || '(unnamed)')),
-    h('td', { class: 'mono' }, f.id), h('td', {}, f.method), h('td', {}, String(f.spec.num_classes)),
+    h('td', { class: 'mono' }, f.id), h('td', {}, f.method), h('td', {}, badge(f.state ?? 'active')),
+    h('td', {}, String(f.spec.num_classes)),
     h('td', {}, String(f.spec.quorum)), h('td', {}, String(f.current_round)), h('td', {}, String(f.clients)),
-    h('td', { class: 'actions' },
-      actionButton('Pause', act('pause'), status), actionButton('Resume', act('resume'), status),
-      confirmButton('Delete', 'Really delete?', async () => {
-        await deleteJSON(path);
-        status.replaceChildren(note('ok', `${f.spec.name || f.id}: deleted`));
-        await reload();
-      }, status)));
+    h('td', { class: 'actions' }, federationButtons(f, status, { onChange: reload, onDeleted: reload })));
 }
 
 // -- one federation --------------------------------------------------------------------------------------
@@ -284,6 +300,70 @@ function roundRow(fid, rnd) {
     h('td', {}, fmtBytes(rnd.bytes_received)), h('td', {}, duration(rnd)), h('td', {}, rnd.error ?? ''));
 }
 
+const CURVE_PAGE = 500; // rounds per request of the learning curve
+
+/**
+ * How the federation learns: what its clients reported with their uploads, round by round (GET …/metrics),
+ * drawn as the mean per round with the spread across clients. Rounds that are over never change, so
+ * only the rounds from the first one still open are asked for again.
+ */
+function learningCurve(fid) {
+  const rounds = new Map(); // round → {state, metrics}
+  let settled = 0; // rounds 1..settled are final
+  const select = h('select', { 'data-testid': 'curve-metric', 'aria-label': 'metric' });
+  const holder = h('div', { 'data-testid': 'accuracy-chart' });
+  const table = h('div', {});
+  let names = [];
+  const draw = () => {
+    const all = [...rounds.keys()].sort((a, b) => a - b);
+    const seen = new Set();
+    for (const r of all) for (const name of Object.keys(rounds.get(r).metrics)) seen.add(name);
+    const next = [...seen].sort((a, b) => (a === 'accuracy' ? -1 : b === 'accuracy' ? 1 : a.localeCompare(b)));
+    if (next.join() !== names.join()) {
+      const keep = select.value;
+      names = next;
+      select.replaceChildren(...names.map((n) => h('option', { value: n }, n)));
+      if (names.includes(keep)) select.value = keep;
+    }
+    const name = select.value || names[0];
+    if (!name) {
+      holder.replaceChildren(note('info', 'No client has reported metrics yet (clients send them with their uploads: the Ktl-Metrics header).', { 'data-testid': 'curve-empty' }));
+      table.replaceChildren();
+      return;
+    }
+    const points = all.filter((r) => rounds.get(r).metrics[name]).map((r) => ({ round: r, ...rounds.get(r).metrics[name] }));
+    holder.dataset.metric = name;
+    holder.dataset.rounds = String(points.length);
+    holder.dataset.last = points.length ? String(points[points.length - 1].mean) : '';
+    holder.replaceChildren(roundChart(points, {
+      label: name,
+      title: `${name} per round: the clients' sample-weighted mean (line) and their spread, min to max (band)`,
+    }));
+    const recent = points.slice(-5).reverse();
+    table.replaceChildren(h('table', { class: 'list', 'data-testid': 'curve-table' },
+      h('thead', {}, h('tr', {}, ['Round', 'Mean', 'Std', 'Min', 'Max', 'Clients', 'Samples'].map((t) => h('th', {}, t)))),
+      h('tbody', {}, recent.map((p) => h('tr', { 'data-testid': 'curve-row', 'data-round': p.round },
+        h('td', {}, String(p.round)), h('td', { 'data-testid': 'curve-mean' }, fmtNum(p.mean)), h('td', {}, fmtNum(p.std)),
+        h('td', {}, fmtNum(p.min)), h('td', {}, fmtNum(p.max)), h('td', {}, String(p.clients)), h('td', {}, String(p.n_samples)))))));
+  };
+  select.addEventListener('change', draw);
+  const update = async () => {
+    let after = settled;
+    for (;;) { // every page from the first round that may still change
+      const page = await getJSON(`${fedPath(fid)}/metrics?after=${after}&limit=${CURVE_PAGE}`);
+      for (const r of page.rounds) {
+        rounds.set(r.round, r);
+        if (FINAL_ROUND.has(r.state) && r.round === settled + 1) settled = r.round;
+      }
+      if (page.rounds.length < CURVE_PAGE) break;
+      after = page.rounds[page.rounds.length - 1].round;
+    }
+    draw();
+  };
+  const node = section('How the federation learns', h('label', { class: 'inline-field' }, 'Metric ', select), holder, table);
+  return { node, update };
+}
+
 export async function federationView(main, ctx, { fid }) {
   const status = h('div', {});
   let fed;
@@ -294,18 +374,22 @@ export async function federationView(main, ctx, { fid }) {
     return;
   }
   const title = h('h1', { 'data-testid': 'federation-title' }, fed.spec.name || fed.id);
-  const act = (verb, text) => async () => {
-    await postJSON(`${fedPath(fid)}/${verb}`);
-    status.replaceChildren(note('ok', text));
+  const actions = h('div', { class: 'actions', 'data-testid': 'federation-actions' });
+  const subtitle = h('p', { class: 'sub' });
+  let shown = null; // the state the buttons were drawn for
+  const drawActions = (f) => {
+    const key = `${f.state}/${f.aligning_round}`;
+    subtitle.replaceChildren(`${f.method} · round ${f.current_round} · `, badge(f.state ?? 'active'));
+    if (key === shown) return;
+    shown = key;
+    actions.dataset.state = f.state;
+    actions.replaceChildren(...federationButtons(f, status, {
+      onChange: async (now) => drawActions(now),
+      onDeleted: async () => { location.hash = '#/federations'; },
+    }), h('a', { class: 'button', href: `#/jobs?federation=${seg(fid)}` }, 'Generate images…'));
   };
-  const actions = h('div', { class: 'actions' },
-    actionButton('Pause', act('pause', 'paused: uploads are refused, rounds wait'), status),
-    actionButton('Resume', act('resume', 'resumed'), status),
-    confirmButton('Delete', 'Really delete?', async () => {
-      await deleteJSON(fedPath(fid));
-      location.hash = '#/federations';
-    }, status),
-    h('a', { class: 'button', href: `#/jobs?federation=${seg(fid)}` }, 'Generate images…'));
+  drawActions(fed);
+  const curve = learningCurve(fid);
   const tbody = h('tbody', {});
   const live = h('span', { class: 'live', 'data-testid': 'live' }, '');
   const timeline = section('Rounds', live,
@@ -315,7 +399,7 @@ export async function federationView(main, ctx, { fid }) {
   const clients = clientsSection(fid);
   main.replaceChildren(
     h('p', { class: 'crumbs' }, h('a', { href: '#/federations' }, 'Federations'), ' / ', fed.id),
-    title, h('p', { class: 'sub' }, `${fed.method} · round ${fed.current_round}`), actions, status,
+    title, subtitle, actions, status, curve.node,
     h('div', { class: 'columns' }, section('Settings', settingsTable(fed)), section('Generator', generatorTable(fed.generator))),
     clients.node, timeline);
   clients.load().catch((e) => status.replaceChildren(note('error', describe(e))));
@@ -323,6 +407,9 @@ export async function federationView(main, ctx, { fid }) {
   const finished = new Map(); // round → its final JSON (never changes again)
   ctx.every(1000, async () => {
     const now = await getJSON(fedPath(fid));
+    if (!ctx.alive()) return;
+    drawActions(now);
+    await curve.update();
     const low = Math.max(1, now.current_round - TIMELINE_ROUNDS + 1);
     const rows = [];
     for (let r = now.current_round; r >= low; r -= 1) {
@@ -424,10 +511,11 @@ export async function roundView(main, ctx, { fid, r }) {
   }
   const head = h('div', {});
   const body = h('div', {});
+  const clientMetrics = h('div', {});
   main.replaceChildren(
     h('p', { class: 'crumbs' }, h('a', { href: '#/federations' }, 'Federations'), ' / ',
       h('a', { href: `#/federations/${seg(fid)}` }, fed.spec.name || fid), ' / ', `round ${r}`),
-    h('h1', {}, `Round ${r}`), head, body);
+    h('h1', {}, `Round ${r}`), head, section("The clients' metrics (sent with their uploads)", clientMetrics), body);
   let lastState = null;
   ctx.every(1000, async () => {
     const rnd = await getJSON(roundPath(fid, r));
@@ -440,6 +528,14 @@ export async function roundView(main, ctx, { fid, r }) {
       ['Uploaded by', rnd.clients.length ? h('span', { class: 'mono' }, rnd.clients.join(', ')) : '—'],
       ['Error', rnd.error ?? '—'],
     ], { 'data-testid': 'round' }));
+    const reported = Object.entries(rnd.metrics || {});
+    clientMetrics.replaceChildren(reported.length
+      ? h('table', { class: 'list', 'data-testid': 'round-metrics' },
+        h('thead', {}, h('tr', {}, ['Metric', 'Mean', 'Std', 'Min', 'Max', 'Clients', 'Samples'].map((t) => h('th', {}, t)))),
+        h('tbody', {}, reported.map(([name, m]) => h('tr', { 'data-metric': name },
+          h('td', {}, name), h('td', {}, fmtNum(m.mean)), h('td', {}, fmtNum(m.std)), h('td', {}, fmtNum(m.min)),
+          h('td', {}, fmtNum(m.max)), h('td', {}, String(m.clients)), h('td', {}, String(m.n_samples))))))
+      : note('info', 'No client sent metrics with its upload this round.'));
     if (rnd.state !== lastState) {
       lastState = rnd.state;
       const parts = [statsSection(fid, rnd, ctx)];
@@ -456,9 +552,7 @@ export async function roundView(main, ctx, { fid, r }) {
 
 // -- jobs ------------------------------------------------------------------------------------------------
 
-const JOBS_KEY = 'ktl.console.jobs';
-const myJobs = () => JSON.parse(sessionStorage.getItem(JOBS_KEY) || '[]');
-const rememberJob = (id) => sessionStorage.setItem(JOBS_KEY, JSON.stringify([id, ...myJobs().filter((j) => j !== id)].slice(0, 50)));
+const JOBS_PAGE = 20; // jobs per page of the list (newest first)
 
 function download(blob, filename, ctx) {
   const a = h('a', { href: ctx.objectURL(blob), download: filename, hidden: true });
@@ -490,13 +584,16 @@ export async function jobsView(main, ctx, params) {
   const fedSelect = h('select', { name: 'federation', 'data-testid': 'job-federation', required: true });
   const round = h('input', { name: 'round', type: 'number', min: 1, placeholder: 'latest', value: params.round ?? '', 'data-testid': 'job-round' });
   const perClass = h('input', { name: 'per_class', type: 'number', min: 1, value: '4', required: true, 'data-testid': 'job-per-class' });
-  const spread = h('input', { name: 'spread', type: 'number', min: 0, step: 'any', value: '0', 'data-testid': 'job-spread' });
+  // 0.25: distinct images per class, latents still in the prior's typical set (ktl.api.jobs.DEFAULT_SPREAD)
+  const spread = h('input', { name: 'spread', type: 'number', min: 0, step: 'any', value: '0.25', 'data-testid': 'job-spread' });
   const seed = h('input', { name: 'seed', type: 'number', min: 0, value: '0', 'data-testid': 'job-seed' });
   const field = (label, input) => h('label', { class: 'field' }, h('span', {}, label), input);
   const form = h('form', { class: 'grid', 'data-testid': 'submit-job' },
     field('Federation', fedSelect), field('Round', round), field('Images per class', perClass),
     field('Spread', spread), field('Seed', seed), h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Submit job')));
-  main.replaceChildren(h('h1', {}, 'Jobs'), section('New generation job', form, status), section('Jobs from this tab', list));
+  const older = h('button', { type: 'button', hidden: true, 'data-testid': 'jobs-older' }, 'Older jobs');
+  main.replaceChildren(h('h1', {}, 'Jobs'), section('New generation job', form, status),
+    section('All jobs (newest first)', list, h('div', { class: 'actions' }, older)));
   try {
     const feds = await getJSON('/v1/federations?limit=1000');
     fedSelect.replaceChildren(...feds.map((f) => h('option', { value: f.id }, `${f.spec.name || '(unnamed)'} — ${f.id}`)));
@@ -506,32 +603,37 @@ export async function jobsView(main, ctx, params) {
   }
   form.addEventListener('submit', async (event) => {
     event.preventDefault();
-    const spec = { federation_id: fedSelect.value, per_class: Number(perClass.value), spread: Number(spread.value || 0), seed: Number(seed.value || 0) };
+    const spec = { federation_id: fedSelect.value, per_class: Number(perClass.value), spread: Number(spread.value || 0.25), seed: Number(seed.value || 0) };
     if (round.value !== '') spec.round = Number(round.value);
     try {
       const job = await postJSON('/v1/jobs', spec);
-      rememberJob(job.id);
       status.replaceChildren(note('ok', `job ${job.id} queued`));
       refresh();
     } catch (e) {
       status.replaceChildren(note('error', `refused — ${describe(e)}`, { 'data-testid': 'job-error' }));
     }
   });
-  const jobs = new Map();
+  // The newest `pages` pages are polled (one more page each time "Older jobs" is pressed).
+  let pages = 1;
   const poll = async () => {
-    for (const id of myJobs()) {
-      const known = jobs.get(id);
-      if (known && FINAL_JOB.has(known.state)) continue;
-      try {
-        jobs.set(id, await getJSON(`/v1/jobs/${seg(id)}`));
-      } catch (e) {
-        if (e instanceof ApiError && e.status === 404) jobs.delete(id); else throw e;
-      }
+    const jobs = [];
+    let after = null;
+    let more = false;
+    for (let i = 0; i < pages; i += 1) {
+      const page = await getJSON(`/v1/jobs?limit=${JOBS_PAGE}${after ? `&after=${seg(after)}` : ''}`);
+      jobs.push(...page);
+      more = page.length === JOBS_PAGE;
+      if (!more) break;
+      after = page[page.length - 1].id;
     }
     if (!ctx.alive()) return;
-    const cards = myJobs().filter((id) => jobs.has(id)).map((id) => jobCard(jobs.get(id), ctx, status));
-    list.replaceChildren(...(cards.length ? cards : [note('info', 'No job submitted from this tab yet.')]));
+    list.replaceChildren(...(jobs.length ? jobs.map((job) => jobCard(job, ctx, status)) : [note('info', 'No job yet.')]));
+    older.hidden = !more;
   };
+  older.addEventListener('click', () => {
+    pages += 1;
+    refresh();
+  });
   const refresh = () => poll().catch((e) => status.replaceChildren(note('error', describe(e))));
   ctx.every(1000, poll);
 }
