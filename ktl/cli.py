@@ -1182,9 +1182,24 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _pin_if_asked(entry: bool) -> None:
+    """``KTL_REPRODUCIBLE=1``: the pinned mode of ``ktl.seeding`` (same bits on any x86-64 CPU). Its
+    environment must be there when the process starts, so the ``ktl`` command re-executes itself with it
+    once; then (or in-process, where it is already in place) the backends are pinned."""
+    if os.environ.get("KTL_REPRODUCIBLE", "") != "1":
+        return
+    from ktl import seeding
+
+    if entry and not seeding.reproducible_env_in_place():
+        os.execve(sys.executable, [sys.executable, "-m", "ktl", *sys.argv[1:]], seeding.reproducible_env())
+    seeding.pin_backends()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    entry = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        _pin_if_asked(entry)
         _load_plugins(argv)
     except KtlError as exc:
         sys.stderr.write(f"ktl: error: {exc}\n")

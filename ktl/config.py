@@ -75,7 +75,8 @@ class SimulateConfig(BaseModel):
     seed: int = Field(
         0,
         description="Seeds data subsampling, partitions, model init, batch order and the server's draws; "
-        "same seed, same numbers on CPU",
+        "same seed, same numbers on the same CPU and thread count, and on any x86-64 CPU in the pinned "
+        "mode KTL_REPRODUCIBLE=1 (docs/architecture.md, Seeds and determinism)",
     )
     rounds: int = Field(20, ge=1, description="Communication rounds")
     num_clients: int = Field(20, ge=1, description="Number of clients; a pfl-npz folder must hold this many")
