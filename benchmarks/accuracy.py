@@ -8,6 +8,13 @@ last-round and best-round accuracy (test-sample-weighted over clients, %), bytes
 per round, wall time per run. ``--write docs/results.md`` replaces the suite's section there and draws
 one PNG per scenario (mean accuracy per round, ± std shaded).
 
+Statistics (`paired_difference`): beside the last round, each run's mean over its last ``--last-k`` rounds
+(less noisy than one round); each variant's paired difference to the suite's reference variant, seed by
+seed (same data, partitions and initialisations: the seed's noise cancels), with a 95 % Student-t
+interval over the seeds both ran; a difference is *significant* when its interval excludes 0, and the table
+says which are, per scenario. The default is 5 seeds: with 3, the t-interval's half-width is 4.3 standard
+errors.
+
 Profiles: ``cpu`` finishes the main suite in about an hour on 2 cores (the cpu-small zoo and local
 budget, 15 rounds, "all data" scaled to 25 %); ``gpu`` is closer to the paper (the gpu preset: all of
 Fashion-MNIST, the paper's local training, ResNet-18 in the zoo, 100 rounds).
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import statistics
 import sys
@@ -32,7 +40,18 @@ from ktl.benchmarks.common import machine, write_section
 from ktl.config import build_config
 from ktl.simulate import run_simulation
 
-__all__ = ["SUITES", "PROFILES", "Scenario", "Variant", "Suite", "add_arguments", "main", "summarize"]
+__all__ = [
+    "PROFILES",
+    "SUITES",
+    "Scenario",
+    "Suite",
+    "Variant",
+    "add_arguments",
+    "main",
+    "paired_difference",
+    "summarize",
+    "t_quantile_975",
+]
 
 logger = logging.getLogger("ktl.bench.accuracy")
 
@@ -173,7 +192,15 @@ SUITES: dict[str, Suite] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default="main", choices=sorted(SUITES), help="which table (default main)")
     parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES), help="cpu (default) or gpu")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument(
+        "--seeds", default="0,1,2,3,4", help="comma-separated seeds (default 0,1,2,3,4: paired 95 %% CIs)"
+    )
+    parser.add_argument(
+        "--last-k",
+        type=int,
+        default=3,
+        help="the table's second accuracy is each run's mean over its last K rounds (default 3)",
+    )
     parser.add_argument("--runs", type=Path, default=Path("runs/bench-accuracy"), help="run folders go here")
     parser.add_argument("--device", default=None, help="override the profile's device (cpu, cuda, auto)")
     parser.add_argument("--rounds", type=int, default=None, help="override the profile's rounds")
@@ -305,14 +332,53 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+# Student's t 0.975 quantiles for 1–30 degrees of freedom (standard tables); above 30 the Cornish–Fisher
+# expansion around the normal quantile is within 1e-4 of them.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)  # fmt: skip
+_Z975 = 1.959964
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` ≥ 1 degrees of freedom (a 95 % two-sided interval)."""
+    if df < 1:
+        raise ValueError("a t quantile needs at least one degree of freedom")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = _Z975
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired_difference(values: dict[int, float], reference: dict[int, float]) -> dict[str, Any] | None:
+    """The per-seed differences ``values[s] − reference[s]`` over the seeds both have: their mean, the 95 %
+    t-interval ``mean ± t(n−1)·sd/√n`` (None with one seed), and ``significant`` (the interval excludes 0).
+    None when no seed is shared."""
+    seeds = sorted(set(values) & set(reference))
+    if not seeds:
+        return None
+    diffs = [values[s] - reference[s] for s in seeds]
+    mean = statistics.mean(diffs)
+    ci: tuple[float, float] | None = None
+    if len(diffs) > 1:
+        half = t_quantile_975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        ci = (mean - half, mean + half)
+    significant = ci is not None and (ci[0] > 0 or ci[1] < 0)
+    return {"seeds": seeds, "mean": mean, "ci95": ci, "significant": significant}
+
+
 def _accuracies(run_dir: Path) -> list[float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["accuracy"] for line in lines if line.strip()]
 
 
-def summarize(root: Path, suite: Suite, seeds: list[int] | None = None) -> dict[str, Any]:
-    """Per scenario and variant: accuracy (last, best, per round) mean ± std over the seeds found, bytes
-    per client per round, wall time."""
+def summarize(root: Path, suite: Suite, seeds: list[int] | None = None, last_k: int = 3) -> dict[str, Any]:
+    """Per scenario and variant: accuracy (last, mean of the last ``last_k`` rounds, best, per round) mean ±
+    std over the seeds found, and per seed; bytes per client per round, wall time. Per scenario, each
+    variant's paired difference to the suite's reference (`paired_difference`) on the last round and on
+    the last-k mean, under ``"paired"``."""
+    if last_k < 1:
+        raise SystemExit("ktl: error: --last-k must be at least 1")
     out: dict[str, Any] = {"suite": suite.name, "scenarios": []}
     for scenario in suite.scenarios:
         rows = []
@@ -330,12 +396,24 @@ def summarize(root: Path, suite: Suite, seeds: list[int] | None = None) -> dict[
             summaries = [s for s, _ in runs]
             curves = [c for _, c in runs]
             length = min(len(c) for c in curves)
+            per_seed = {
+                s["seed"]: {
+                    "last": 100 * s["final_accuracy"],
+                    "last_k": 100 * statistics.mean(a for a in c[-last_k:] if a is not None)
+                    if any(a is not None for a in c[-last_k:])
+                    else 100 * s["final_accuracy"],
+                }
+                for s, c in runs
+            }
             rows.append(
                 {
                     "variant": variant.name,
                     "method": summaries[0]["method"],
                     "seeds": sorted(s["seed"] for s in summaries),
                     "last": _mean_std([100 * s["final_accuracy"] for s in summaries]),
+                    "last_k": _mean_std([v["last_k"] for v in per_seed.values()]),
+                    "k": last_k,
+                    "per_seed": per_seed,
                     "best": _mean_std([100 * s["best_accuracy"] for s in summaries]),
                     "bytes_up": statistics.mean(s["bytes_up_per_client_round"] for s in summaries),
                     "bytes_down": statistics.mean(s["bytes_down_per_client_round"] for s in summaries),
@@ -349,8 +427,55 @@ def summarize(root: Path, suite: Suite, seeds: list[int] | None = None) -> dict[
                 }
             )
         if rows:
-            out["scenarios"].append({"name": scenario.name, "title": scenario.title, "rows": rows})
+            out["scenarios"].append(
+                {"name": scenario.name, "title": scenario.title, "rows": rows, "paired": _paired(rows, suite)}
+            )
     return out
+
+
+def _paired(rows: list[dict[str, Any]], suite: Suite) -> dict[str, dict[str, Any]]:
+    """Variant → its paired differences to the reference on ``last`` and ``last_k`` (empty without one)."""
+    ref = next((r for r in rows if r["variant"] == suite.reference), None)
+    if ref is None or "per_seed" not in ref:
+        return {}
+    out = {}
+    for r in rows:
+        if r is ref or "per_seed" not in r:
+            continue
+        pairs = {
+            key: paired_difference(
+                {s: v[key] for s, v in r["per_seed"].items()}, {s: v[key] for s, v in ref["per_seed"].items()}
+            )
+            for key in ("last", "last_k")
+        }
+        if pairs["last"] is not None:
+            out[r["variant"]] = pairs
+    return out
+
+
+def _diff(pair: dict[str, Any] | None) -> str:
+    """``+1.23 [+0.40, +2.06]*`` (* significant), or the mean alone with one seed."""
+    if pair is None:
+        return "—"
+    if pair["ci95"] is None:
+        return f"{pair['mean']:+.2f} (one seed)"
+    lo, hi = pair["ci95"]
+    return f"{pair['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]{'*' if pair['significant'] else ''}"
+
+
+def _significance(paired: dict[str, dict[str, Any]], reference: str, k: int) -> str | None:
+    """One sentence per scenario: which paired differences (last-k mean) are significant, which are not."""
+    judged = {v: p["last_k"] for v, p in paired.items() if p["last_k"] and p["last_k"]["ci95"] is not None}
+    if not judged:
+        return None
+    yes = [f"{v} ({p['mean']:+.2f})" for v, p in judged.items() if p["significant"]]
+    no = [v for v, p in judged.items() if not p["significant"]]
+    seeds = min(len(p["seeds"]) for p in judged.values())
+    return (
+        f"Paired differences to {reference} (mean of the last {k} rounds, ≥ {seeds} seeds, 95 % t-interval): "
+        f"significant: {', '.join(yes) or 'none'}; not significant (interval contains 0): "
+        f"{', '.join(no) or 'none'}."
+    )
 
 
 def _pm(value: tuple[float, float], seeds: list[int]) -> str:
@@ -366,6 +491,7 @@ def to_markdown(res: dict[str, Any], suite: Suite, command: str, plots: dict[str
     lines = [f"### {suite.title} — {res['profile']} profile", "", f"`{command}` on {res['machine']}."]
     devices = sorted({r["device"] for sc in res["scenarios"] for r in sc["rows"]})
     lines[-1] += f" Device: {', '.join(devices)}."
+    k = res.get("last_k", 3)
     for sc in res["scenarios"]:
         rows = sc["rows"]
         first = rows[0]
@@ -376,17 +502,29 @@ def to_markdown(res: dict[str, Any], suite: Suite, command: str, plots: dict[str
             f"seeds {','.join(map(str, all_seeds))}.",
             "",
             "| variant | seeds | last round (%) | best round (%) | Δ last vs "
-            f"{suite.reference or '—'} | up / client / round | down / client / round | wall time / run |",
-            "|---|---|---|---|---|---|---|---|",
+            f"{suite.reference or '—'} | mean of last {k} rounds (%) | Δ last-{k} vs {suite.reference or '—'}, "
+            "paired, 95 % CI | up / client / round | down / client / round | wall time / run |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         ref = next((r for r in rows if r["variant"] == suite.reference), None)
+        paired = sc.get("paired", {})
         for r in rows:
-            delta = "—" if ref is None or r is ref else f"{r['last'][0] - ref['last'][0]:+.2f}"
+            pair = paired.get(r["variant"])
+            if ref is None or r is ref:
+                delta = delta_k = "—"
+            elif pair is not None:
+                delta, delta_k = _diff(pair["last"]), _diff(pair["last_k"])
+            else:
+                delta, delta_k = f"{r['last'][0] - ref['last'][0]:+.2f}", "—"
+            last_k = _pm(r["last_k"], r["seeds"]) if "last_k" in r else "—"
             lines.append(
                 f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {_pm(r['last'], r['seeds'])} | "
-                f"{_pm(r['best'], r['seeds'])} | {delta} | {_bytes(r['bytes_up'])} | "
+                f"{_pm(r['best'], r['seeds'])} | {delta} | {last_k} | {delta_k} | {_bytes(r['bytes_up'])} | "
                 f"{_bytes(r['bytes_down'])} | {r['wall_s']:.0f} s |"
             )
+        sentence = _significance(paired, suite.reference or "—", k)
+        if sentence:
+            lines += ["", sentence]
         verdict = _fedktl_verdict(rows)
         if verdict:
             lines += ["", verdict]
@@ -461,11 +599,14 @@ def main(args: argparse.Namespace) -> int:
     if not args.summarize_only:
         root = run_suite(args)
     seeds = [int(s) for s in args.seeds.split(",")]
-    res = summarize(root, suite, seeds)
+    res = summarize(root, suite, seeds, last_k=args.last_k)
     if not res["scenarios"]:
         raise SystemExit(f"ktl: error: no finished runs under {root}")
-    res.update(profile=args.profile, machine=machine())
-    command = f"ktl bench accuracy --suite {suite.name} --profile {args.profile} --seeds {args.seeds}"
+    res.update(profile=args.profile, machine=machine(), last_k=args.last_k)
+    command = (
+        f"ktl bench accuracy --suite {suite.name} --profile {args.profile} --seeds {args.seeds} "
+        f"--last-k {args.last_k}"
+    )
     plots: dict[str, str] = {}
     if args.write is not None:
         images = args.write.parent / "images"

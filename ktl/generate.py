@@ -39,12 +39,14 @@ import torch
 from ktl.api.store import atomic_write, sha256_file
 from ktl.device import resolve_device
 from ktl.errors import KtlError
+from ktl.generator.base import DEFAULT_SPREAD
 
 if TYPE_CHECKING:
     from ktl.clients.sdk import KtlHttpClient
     from ktl.generator import Generator, GeneratorSpec
 
 __all__ = [
+    "DEFAULT_SPREAD",
     "FORMAT",
     "GenerateOptions",
     "GenerateResult",
@@ -259,7 +261,7 @@ class GenerateOptions:
 
     out: Path
     per_class: int = 100
-    spread: float = 0.0
+    spread: float = DEFAULT_SPREAD
     seed: int = 0
     shard_size: int = 1024
     batch_size: int | None = 64

@@ -139,3 +139,72 @@ def test_summarize_keeps_a_variant_apart_from_one_whose_name_extends_it(tmp_path
     rows = {r["variant"]: r for r in accuracy.summarize(tmp_path, suite)["scenarios"][0]["rows"]}
     assert rows["fedproto"]["seeds"] == [0] and rows["fedproto"]["last"] == (90.0, 0.0)
     assert rows["fedproto-secagg"]["last"] == (50.0, 0.0)
+
+
+def test_t_quantiles_match_the_tables_and_approach_the_normal() -> None:
+    assert accuracy.t_quantile_975(1) == 12.706 and accuracy.t_quantile_975(4) == 2.776
+    assert (
+        abs(accuracy.t_quantile_975(31) - 2.0395) < 1e-3 and abs(accuracy.t_quantile_975(120) - 1.9799) < 1e-3
+    )
+    assert accuracy.t_quantile_975(10_000) == pytest.approx(1.96, abs=1e-3)
+    with pytest.raises(ValueError):
+        accuracy.t_quantile_975(0)
+
+
+def test_paired_difference_is_a_t_interval_over_the_shared_seeds() -> None:
+    ref = {0: 80.0, 1: 85.0, 2: 90.0, 3: 70.0, 4: 75.0, 9: 99.0}
+    # differences 1, 2, 3, 1, 3 on seeds 0–4 (seed 9 has no pair, seed 7 no reference)
+    better = {0: 81.0, 1: 87.0, 2: 93.0, 3: 71.0, 4: 78.0, 7: 0.0}
+    pair = accuracy.paired_difference(better, ref)
+    assert pair is not None and pair["seeds"] == [0, 1, 2, 3, 4] and pair["mean"] == pytest.approx(2.0)
+    half = 2.776 * 1.0 / 5**0.5  # t(4) · sd(1, 2, 3, 1, 3) / √5, sd = 1
+    assert pair["ci95"] == pytest.approx((2.0 - half, 2.0 + half)) and pair["significant"]
+    # the same mean with a large seed-to-seed scatter is not significant: the interval contains 0
+    noisy = {s: ref[s] + d for s, d in zip(range(5), (8.0, -4.0, 6.0, -3.0, 3.0), strict=True)}
+    loose = accuracy.paired_difference(noisy, ref)
+    assert loose is not None and loose["mean"] == pytest.approx(2.0) and not loose["significant"]
+    assert loose["ci95"][0] < 0 < loose["ci95"][1]
+    one = accuracy.paired_difference({0: 81.0}, ref)
+    assert one is not None and one["ci95"] is None and not one["significant"]
+    assert accuracy.paired_difference({5: 1.0}, ref) is None
+
+
+def _fake_run(root: Path, variant: str, seed: int, curve: list[float]) -> None:
+    run = root / "dir-lowdata" / f"{variant}-s{seed}"
+    run.mkdir(parents=True)
+    summary = {"method": variant, "seed": seed, "final_accuracy": curve[-1], "best_accuracy": max(curve),
+               "bytes_up_per_client_round": 1, "bytes_down_per_client_round": 1, "wall_time_s": 1.0,
+               "num_clients": 4, "rounds": len(curve), "device": "cpu", "data": "synthetic"}  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"accuracy": a}) + "\n" for a in curve))
+
+
+def test_summary_reports_last_k_means_and_paired_differences_with_their_significance(tmp_path: Path) -> None:
+    suite = accuracy.Suite(
+        "t",
+        "T",
+        (accuracy.SUITES["main"].scenarios[0],),
+        (accuracy.Variant("local", {}), accuracy.Variant("fedktl", {}), accuracy.Variant("fd", {})),
+        reference="local",
+    )
+    for seed in range(5):
+        base = 0.5 + 0.05 * seed  # seed-to-seed scatter far larger than fedktl's gain: pairing removes it
+        _fake_run(tmp_path, "local", seed, [base - 0.1, base, base + 0.01, base - 0.01])
+        _fake_run(
+            tmp_path, "fedktl", seed, [base - 0.1, base + 0.02, base + 0.03, base + 0.01 + 0.001 * seed]
+        )
+        _fake_run(tmp_path, "fd", seed, [base, base, base, base + (0.02 if seed % 2 else -0.02)])
+    res = accuracy.summarize(tmp_path, suite, last_k=3)
+    sc = res["scenarios"][0]
+    rows = {r["variant"]: r for r in sc["rows"]}
+    # local's last-3 mean per seed: base + (0 + 0.01 − 0.01)/3 = base
+    assert rows["local"]["per_seed"][2]["last_k"] == pytest.approx(60.0)
+    assert rows["local"]["last_k"][0] == pytest.approx(60.0) and rows["local"]["k"] == 3
+    fedktl = sc["paired"]["fedktl"]
+    assert fedktl["last_k"]["mean"] == pytest.approx(100 * (0.02 + 0.03 + 0.01) / 3 + 0.1 * 2 / 3, rel=1e-6)
+    assert fedktl["last_k"]["significant"] and fedktl["last"]["significant"]
+    assert not sc["paired"]["fd"]["last"]["significant"]  # ±2 points by seed: the interval contains 0
+    table = accuracy.to_markdown({**res, "profile": "cpu", "machine": "m", "last_k": 3}, suite, "cmd", {})
+    assert "mean of last 3 rounds (%)" in table and "Δ last-3 vs local, paired, 95 % CI" in table
+    assert "significant: fedktl (+" in table and "not significant (interval contains 0): fd" in table
+    assert "]*" in table.split("| fedktl |")[1].splitlines()[0]  # the significant CI is starred
