@@ -4,18 +4,30 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
-from ktl.aligner import AlignerSettings
+from ktl.config import with_sections
 from ktl.errors import ConfigError
+from ktl.generator.base import DEFAULT_SPREAD
 from ktl.methods import (
     METHODS,
-    BaselineSettings,
-    FedKTLSettings,
+    SECTIONS,
     Method,
     MethodSettings,
     PrivacySettings,
     available_methods,
+    validate_sections,
 )
 
 __all__ = [
@@ -40,15 +52,17 @@ JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 
 
-# The method sections a federation spec can carry; a method reads the ones its settings model names.
-_SECTIONS = ("fedktl", "aligner", "baseline", "privacy")
-
-
 class FederationSpec(BaseModel):
     """What an operator chooses when creating a federation: the method, its settings sections, the round
-    rules. Sections the method does not read are refused; those it reads are filled with their defaults."""
+    rules. Its settings sections are the registered method sections (`ktl.methods.SECTIONS`: ``fedktl``,
+    ``aligner``, ``baseline``, ``privacy``, a plugin's own, …), each optional: sections the method does not
+    read are refused; those it reads are filled with their defaults.
+    Every number is finite and in its documented range (each section's model refuses ``inf``/``NaN``
+    too), and a request body must hold the JSON type itself: ``"1"`` or ``true`` for a number is refused
+    (`ktl.api.bodies`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Extra keys are allowed only as the registered sections (checked in `_method_sections`).
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     name: str | None = Field(None, max_length=200, description="A label for people.")
     method: str = Field(
@@ -66,15 +80,15 @@ class FederationSpec(BaseModel):
     generator: str = Field(
         "default", description="One of the generators the server loaded at start-up (methods that use one)."
     )
-    fedktl: FedKTLSettings | None = Field(None, description="fedktl, fedktl-latents: μ, pairs, upload dtype.")
-    aligner: AlignerSettings | None = Field(None, description="fedktl, fedktl-latents: the server's aligner.")
-    baseline: BaselineSettings | None = Field(None, description="fedproto, fedtgp, fd: pull weight, FedTGP.")
-    privacy: PrivacySettings | None = Field(
-        None,
-        description="Differential privacy of the clients' uploads: the federation's budget. With epsilon, "
-        "privacy.rounds is required and no upload past that round is accepted.",
-    )
     quorum: int = Field(1, ge=1, le=100_000, description="Uploads that close a round.")
+    max_samples_per_class: int = Field(
+        1_000_000,
+        ge=1,
+        le=2**40,
+        description="The most local samples one client may report behind one class (an upload's counts, "
+        "which weigh its rows in the aggregate); more is refused with 422 counts: one client claiming "
+        "2^62 samples would make a class's global prototype its own vector.",
+    )
     round_deadline_s: float = Field(
         3600.0, gt=0, le=30 * 86400, description="Seconds after which a round also closes with ≥ 1 upload."
     )
@@ -87,6 +101,36 @@ class FederationSpec(BaseModel):
         lt=2**62,
         description="The method's own draws (prior samples, pair choice, server models, privacy noise).",
     )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _method_sections(
+        cls, data: Any, handler: ModelWrapValidatorHandler[FederationSpec], info: ValidationInfo
+    ) -> FederationSpec:
+        """Each registered section given is validated into its model (strictly when the body is JSON, as
+        `ktl.api.bodies` reads it); any other key that is not a field is refused."""
+        if not isinstance(data, dict):
+            return handler(data)
+        data, errors = validate_sections(
+            data, fixed=cls.model_fields, fill=False, strict_json=info.mode == "json"
+        )
+        try:
+            spec = handler({k: v for k, v in data.items() if k in cls.model_fields or k in SECTIONS})
+        except ValidationError as exc:
+            if not errors:
+                raise
+            errors = [
+                {k: e[k] for k in ("type", "loc", "input", "ctx") if k in e} for e in exc.errors()
+            ] + errors
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return spec
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return with_sections(handler(core_schema), handler, optional=True)
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationSpec:
@@ -107,7 +151,8 @@ class FederationSpec(BaseModel):
                 "see every upload); run it on Flower (ktl flower simulate, or flwr run: docs/flower.md)"
             )
         reads = cls.settings_model.sections()
-        foreign = [s for s in _SECTIONS if getattr(self, s) is not None and s not in reads]
+        given = self.__pydantic_extra__ or {}
+        foreign = [s for s in SECTIONS if given.get(s) is not None and s not in reads]
         if foreign:
             raise ValueError(
                 f"section(s) {', '.join(foreign)} do not apply to method {self.method!r} "
@@ -258,7 +303,7 @@ class UploadOut(BaseModel):
 class PrototypesJSON(BaseModel):
     """The JSON form of an upload (the safetensors body is preferred: smaller, exact)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prototypes: list[list[float]]  # (n, K), unit rows
     class_ids: list[Int64]  # (n,)
@@ -266,19 +311,22 @@ class PrototypesJSON(BaseModel):
 
 
 class JobSpec(BaseModel):
-    """A batch generation job: from a federation's aligned centroids, or from given latents."""
+    """A batch generation job: from a federation's aligned centroids, or from given latents. Every number
+    is finite and in range."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     federation_id: str | None = None  # centroids of this federation …
-    round: int | None = Field(None, ge=1)  # … of this published round (default: the latest)
+    round: int | None = Field(None, ge=1, le=2**31)  # … of this published round (default: the latest)
     class_ids: list[Annotated[int, Field(ge=0, lt=1000)]] | None = (
         None  # subset of classes (default: all present)
     )
-    latents: list[list[float]] | None = Field(None, max_length=100_000)  # or explicit (m, W) latents …
+    # … or explicit (m, W) latents, each value in [−1e4, 1e4] (a prior draw is within ±10) …
+    latents: list[list[Annotated[float, Field(ge=-1e4, le=1e4)]]] | None = Field(None, max_length=100_000)
     generator: str | None = None  # … for this generator (default: "default")
     per_class: int = Field(1, ge=1, le=100_000)  # images per class (or per given latent)
-    spread: float = Field(0.0, ge=0, le=100)  # latent = centroid + spread · ε, ε a prior draw
+    # latent = centroid + spread · ε, ε a prior draw; the default gives distinct images (DEFAULT_SPREAD, docs/generate.md)
+    spread: float = Field(DEFAULT_SPREAD, ge=0, le=100)
     seed: int = Field(0, ge=0, lt=2**62)
 
     @model_validator(mode="after")

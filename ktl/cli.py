@@ -242,6 +242,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
         "generators: " + ", ".join(names["generators"]),
         "models:",
         *(f"  {name:12s} {summary}" for name, summary in names["models"].items()),
+        "model groups (--models NAME):",
+        *(
+            f"  {name:12s} {group['summary']}\n  {'':12s} = {', '.join(group['members'])}"
+            for name, group in names.get("model_groups", {}).items()
+        ),
     ]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
@@ -253,7 +258,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ktl.api import create_app, load_settings
-    from ktl.api.process import raise_fd_limit, server_options
+    from ktl.api.process import bind_port, raise_fd_limit, server_options
 
     settings = load_settings(
         args.config,
@@ -263,6 +268,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         devices=args.devices,
     )
+    # Refused in one line before anything loads: a busy port, then a data folder another server holds.
+    sock = bind_port(settings.host, settings.port)
     app = create_app(settings)  # refuses to start without an admin token
     # What the imports made (torch, the app: ~430 k objects) lives as long as the server: out of the
     # collector's sight, a JSON body of many small lists (1 MiB of ``[],``) is parsed in 0.03 s, not the
@@ -273,7 +280,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # accept() fail with "Too many open files" before their head timeout closes them.
     was, now = raise_fd_limit()
     logger.info(
-        "ktl serve on http://%s:%d (docs at /docs), state in %s, devices %s; open files %d (was %d), %d "
+        "ktl serve on http://%s:%d (OpenAPI schema at /openapi.json), state in %s, devices %s; open files %d (was %d), %d "
         "requests at once, request heads and bodies within %gs",
         settings.host,
         settings.port,
@@ -284,9 +291,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         settings.limit_concurrency,
         settings.body_timeout_s,
     )
-    uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=args.log_level, **server_options(settings)
-    )
+    config = uvicorn.Config(app, log_level=args.log_level, **server_options(settings))
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 
@@ -381,14 +387,14 @@ def _client_pairs(args: argparse.Namespace) -> int:
 def _refuse_federation_settings(overrides: dict[str, Any], federation: dict[str, Any]) -> None:
     """The method and its settings sections are the federation's: a flag that would change them is
     refused with one line, never ignored."""
-    from ktl.methods import get_method
+    from ktl.methods import SECTIONS, get_method
 
     method = federation["method"]
     given_method = overrides.pop("method", None)
     if given_method is not None and given_method != method:
         raise KtlError(f"federation {federation['id']} runs method {method!r}, not {given_method!r}")
     cls = get_method(method)
-    for section in ("fedktl", "aligner", "baseline", "privacy"):
+    for section in SECTIONS:
         given = overrides.pop(section, None)
         if not given:
             continue
@@ -432,8 +438,8 @@ def _participant(args: argparse.Namespace, sdk: Any) -> tuple[Any, Any, dict[str
     config = build_config(preset=args.preset, config_file=args.config, overrides=overrides)
     if args.site is not None:
         index = args.client_index if args.client_index is not None else 0
-        local = load_site(args.site, num_classes=num_classes, index=args.client_index)
         names = fed["spec"].get("class_names") or [f"class {c}" for c in range(num_classes)]
+        local = load_site(args.site, num_classes=num_classes, index=args.client_index, class_names=list(names))
         model = config.models[index % len(config.models)]
         config = config.model_copy(update={"models": [model]})
         data = FederatedData(clients=[local], class_names=list(names), source=f"site {args.site}")
@@ -473,10 +479,7 @@ def _client_run(args: argparse.Namespace) -> int:
         start = int(fed["current_round"])
 
         def report(r: int, score: tuple[int, int]) -> None:
-            (correct, total), federation = (
-                score,
-                sdk.round(args.federation, r).get("metrics", {}).get("accuracy"),
-            )
+            (correct, total), federation = score, sdk.round(args.federation, r).get("metrics", {}).get("accuracy")
             logger.info(
                 "round %d: local accuracy %.4f (%d test samples)%s",
                 r,
@@ -554,6 +557,7 @@ def _job_submit(sdk: Any, args: argparse.Namespace) -> Any:
         ("federation_id", args.federation),
         ("round", args.round),
         ("per_class", args.per_class),
+        ("spread", args.spread),
     ):
         if value is not None:
             spec[key] = value
@@ -632,6 +636,12 @@ def _add_admin_api(admin_sub: Any) -> None:
     submit.add_argument("--federation", default=None, help="federation id (federation_id)")
     submit.add_argument("--round", type=int, default=None, help="a published round")
     submit.add_argument("--per-class", type=int, default=None, help="images per class centroid")
+    submit.add_argument(
+        "--spread",
+        type=float,
+        default=None,
+        help="latent = centroid + spread · ε (default: the server's, 0.25: distinct images per class)",
+    )
     submit.add_argument("--wait", type=float, default=0.0, help="wait up to this many seconds for it to end")
     for name in ("status", "cancel"):
         leaf(
@@ -694,7 +704,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         options = gen.GenerateOptions(
             out=args.out,
             per_class=args.per_class,
-            spread=args.spread,
+            spread=gen.DEFAULT_SPREAD if args.spread is None else args.spread,
             seed=args.seed,
             shard_size=args.shard_size,
             batch_size=args.batch_size,
@@ -1055,8 +1065,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         if wants("client"):
             _add_config_flags(p, exclude=frozenset({"preset", "rounds", "method", "out"}), preset=preset)
         p.epilog = (
-            "The method and its settings (fedktl.*, aligner.*, baseline.*, privacy.*) are the federation's; "
-            "a flag that would change them is refused."
+            "The method and its settings sections (fedktl.*, baseline.*, privacy.*, …: the sections its "
+            "settings model declares) are the federation's; a flag that would change them is refused."
         )
     run.add_argument("--rounds", type=int, default=1)
     run.add_argument("--wait", type=float, default=3600.0, help="seconds to wait for each round's broadcast")
@@ -1125,7 +1135,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "--latents", type=Path, default=None, help="a safetensors file: latents (m, W), optional class_ids"
     )
     gen.add_argument("--per-class", type=int, default=100, help="images per class centroid (default 100)")
-    gen.add_argument("--spread", type=float, default=0.0, help="latent = centroid + spread · ε (default 0)")
+    gen.add_argument(
+        "--spread",
+        type=float,
+        default=None,
+        help="latent = centroid + spread · ε (default 0.25, ktl.generator.base.DEFAULT_SPREAD: distinct "
+        "images per class, latents in the prior's typical set; 0: one image per class)",
+    )
     gen.add_argument("--seed", type=int, default=0, help="the noise seed (default 0)")
     gen.add_argument("--shard-size", type=int, default=1024, help="images per shard (default 1024)")
     gen.add_argument(
@@ -1175,6 +1191,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             if scale:
                 p.add_argument("--scale-clients", type=int, default=200, help="0: skip the scale run")
                 p.add_argument("--scale-rounds", type=int, default=2)
+                p.add_argument("--engine", choices=["simulation", "deployment"], default="simulation",
+                               help="deployment: a SuperLink and a SuperNode per client on loopback (flwr run), "
+                               "a round after the first vs ktl simulate, one thread")  # fmt: skip
+                p.add_argument("--method", default="fedproto", help="with --engine deployment")
+                p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                               help="with --engine deployment: also run without the node workers")  # fmt: skip
             p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
             p.add_argument("--write", type=Path, default=None, help="also write the table into this file")
             p.set_defaults(func=_cmd_bench, bench_main=_flower_bench_main)

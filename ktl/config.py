@@ -19,22 +19,35 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    SecretStr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
-from ktl.aligner import AlignerSettings
 from ktl.clients import ClientSettings
-from ktl.clients.backbones import BACKBONES, available_backbones
+from ktl.clients.backbones import expand_models
 from ktl.data import DataConfig
 from ktl.errors import ConfigError
 from ktl.generator import GeneratorSpec
-from ktl.methods import BaselineSettings, FedKTLSettings, PrivacySettings, SecureSumSettings
+from ktl.methods import SECTIONS, Section, validate_sections
 from ktl.study import StudySettings
 
 __all__ = [
     "Setting",
+    "sections_of",
+    "with_sections",
     "SimulateConfig",
     "available_presets",
     "build_config",
@@ -53,13 +66,37 @@ logger = logging.getLogger(__name__)
 
 # HtFLlib-style heterogeneous zoo, assigned to clients round-robin.
 DEFAULT_MODELS = ["cnn4", "resnet-s", "resnet-m", "mobilenetv2", "vit-small", "convnext"]
+_S = TypeVar("_S", bound=BaseModel)
 _DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
 
 
-class SimulateConfig(BaseModel):
-    """Everything ``ktl simulate`` needs; ``config.json`` in a run folder is this model, resolved."""
+def with_sections(
+    schema: JsonSchemaValue, handler: GetJsonSchemaHandler, *, optional: bool
+) -> JsonSchemaValue:
+    """``schema`` (a model's JSON schema) with a property per registered method section (its settings model
+    in ``$defs``), and no other extra property: the sections a model takes from the registry are
+    documented as if declared (``--help``, OpenAPI). ``optional``: the section may be null."""
+    target = handler.resolve_ref_schema(schema)
+    properties = target.setdefault("properties", {})
+    for section in SECTIONS.values():
+        # Through the generator itself (not ``handler``, which inlines): a ``$ref`` into ``$defs``.
+        ref = handler.generate_json_schema.generate_inner(section.model.__pydantic_core_schema__)  # type: ignore[attr-defined]
+        prop: JsonSchemaValue = {"anyOf": [ref, {"type": "null"}], "default": None} if optional else dict(ref)
+        properties[section.name] = {**prop, "description": section.description}
+    target["additionalProperties"] = False
+    return schema
 
-    model_config = ConfigDict(extra="forbid")
+
+class SimulateConfig(BaseModel):
+    """Everything ``ktl simulate`` needs; ``config.json`` in a run folder is this model, resolved.
+
+    Besides the fields below it holds one section per registered method section (``fedktl``, ``aligner``,
+    ``baseline``, ``privacy``, ``secagg``, a plugin's own, …; `ktl.methods.SECTIONS`), each its settings
+    model with its defaults: a method declares the sections it reads on its settings model, and
+    registering the method adds them here. Read one as ``config.section("privacy")`` (or the attribute)."""
+
+    # Extra keys are allowed only as the registered sections (checked in `_method_sections`).
+    model_config = ConfigDict(extra="allow")
 
     preset: str | None = Field(
         None,
@@ -94,21 +131,52 @@ class SimulateConfig(BaseModel):
     )
     data: DataConfig = Field(default_factory=DataConfig)
     client: ClientSettings = Field(default_factory=ClientSettings)
-    fedktl: FedKTLSettings = Field(default_factory=FedKTLSettings)
-    aligner: AlignerSettings = Field(default_factory=AlignerSettings)
     generator: GeneratorSpec = Field(default_factory=GeneratorSpec)
-    baseline: BaselineSettings = Field(default_factory=BaselineSettings)
-    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
-    secagg: SecureSumSettings = Field(default_factory=SecureSumSettings)
     study: StudySettings = Field(default_factory=StudySettings)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _method_sections(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> SimulateConfig:
+        """Every registered section validated into its model (defaults where absent); any other key that is
+        not a field is an unknown setting, as under ``extra="forbid"``."""
+        if not isinstance(data, dict):
+            return handler(data)
+        data, errors = validate_sections(data, fixed=cls.model_fields, fill=True)
+        ordered = {k: v for k, v in data.items() if k in cls.model_fields}
+        ordered.update({name: data.get(name) for name in SECTIONS})  # registry order, whatever the input's
+        try:
+            config = handler(ordered)
+        except ValidationError as exc:
+            if not errors:
+                raise
+            errors = [
+                {k: e[k] for k in ("type", "loc", "input", "ctx") if k in e} for e in exc.errors()
+            ] + errors
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return config
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return with_sections(handler(core_schema), handler, optional=False)
+
+    def section(self, name: str, model: type[_S] = BaseModel) -> _S:  # type: ignore[assignment]
+        """The settings of method section ``name`` (e.g. ``config.section("privacy", PrivacySettings)``,
+        typed as ``model``); `ConfigError` if no such section is registered."""
+        value = (self.__pydantic_extra__ or {}).get(name)
+        if not isinstance(value, model):
+            raise ConfigError(
+                f"no settings section {name!r} of {model.__name__}; registered: {', '.join(SECTIONS)}"
+            )
+        return value
 
     @field_validator("models")
     @classmethod
     def _known_models(cls, models: list[str]) -> list[str]:
-        unknown = [m for m in models if m not in BACKBONES]
-        if unknown:
-            raise ValueError(f"unknown model {unknown[0]!r}; available: {', '.join(available_backbones())}")
-        return models
+        """Registered backbones; a model group's name (``htfe8``) stands for its members."""
+        return expand_models(models)
 
     @field_validator("method")
     @classmethod
@@ -247,8 +315,20 @@ class Setting:
     model: type[BaseModel]  # the model that declares it
 
 
-def iter_settings(model: type[BaseModel] = SimulateConfig, prefix: str = "") -> Iterator[Setting]:
-    """Every leaf setting of ``model``, depth first in declaration order; nested models are walked."""
+def sections_of(model: type[BaseModel], *, builtin_only: bool = False) -> list[Section]:
+    """The method sections ``model`` takes from the registry besides its fields: all of them for
+    `SimulateConfig` (``builtin_only``: only those of ktl's own methods), none for any other model."""
+    if not (isinstance(model, type) and issubclass(model, SimulateConfig)):
+        return []
+    return [s for s in SECTIONS.values() if s.builtin or not builtin_only]
+
+
+def iter_settings(
+    model: type[BaseModel] = SimulateConfig, prefix: str = "", *, builtin_only: bool = False
+) -> Iterator[Setting]:
+    """Every leaf setting of ``model``, depth first in declaration order (then the registered method
+    sections, for `SimulateConfig`); nested models are walked. ``builtin_only``: leave out the sections
+    of plugin methods (the reference page documents ktl's own)."""
     for name, info in model.model_fields.items():
         if _is_model(info.annotation):
             yield from iter_settings(info.annotation, f"{prefix}{name}.")  # type: ignore[arg-type]
@@ -260,6 +340,8 @@ def iter_settings(model: type[BaseModel] = SimulateConfig, prefix: str = "") -> 
                 default=info.get_default(call_default_factory=True),
                 model=model,
             )
+    for section in sections_of(model, builtin_only=builtin_only):
+        yield from iter_settings(section.model, f"{prefix}{section.name}.")
 
 
 def format_value(value: Any) -> str:
@@ -297,7 +379,10 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _lookup(config: BaseModel, dotted: str) -> Any:
     value: Any = config
     for part in dotted.split("."):
-        if not isinstance(value, BaseModel) or part not in type(value).model_fields:
+        if not isinstance(value, BaseModel) or part not in {
+            **type(value).model_fields,
+            **(value.model_extra or {}),
+        }:
             raise ConfigError(f"unknown setting {dotted!r}")
         value = getattr(value, part)
     return value
@@ -381,10 +466,21 @@ def _doc_of(model: type[BaseModel]) -> str:
     return " ".join(inspect.cleandoc(doc).split("\n\n", 1)[0].split())
 
 
+def _readers(section: str) -> list[str]:
+    """ktl's own methods whose settings model declares ``section``."""
+    from ktl.methods import METHODS
+
+    return sorted(
+        name
+        for name, cls in METHODS.items()
+        if section in cls.settings_model.sections() and cls.__module__.startswith("ktl.")
+    )
+
+
 def _settings_markdown(model: type[BaseModel], title: str) -> str:
     """One section per (nested) model: its docstring, then a table of its leaf settings."""
     groups: dict[str, list[Setting]] = {}
-    for setting in iter_settings(model):
+    for setting in iter_settings(model, builtin_only=True):
         groups.setdefault(setting.name.rpartition(".")[0], []).append(setting)
     out: list[str] = []
     for prefix, settings in groups.items():
@@ -392,6 +488,9 @@ def _settings_markdown(model: type[BaseModel], title: str) -> str:
         out += [f"### {heading}", ""]
         if doc := _doc_of(settings[0].model):
             out += [_cell(doc), ""]
+        if prefix in SECTIONS:  # a method section: who reads it, from the registry
+            readers = ", ".join(f"`{name}`" for name in _readers(prefix))
+            out += [f"A method section, read by {readers}.", ""]
         out += ["| setting | default | meaning |", "|---|---|---|"]
         out += [f"| `{s.name}` | {_code(s.default)} | {_cell(s.description)} |" for s in settings]
         out.append("")
@@ -402,7 +501,7 @@ def _presets_markdown() -> str:
     """Rows: every setting some preset sets; columns: the built-in default, then each preset's value."""
     presets = available_presets()
     chosen = {name: preset_settings(name) for name in presets}
-    rows = [s for s in iter_settings() if any(s.name in c for c in chosen.values())]
+    rows = [s for s in iter_settings(builtin_only=True) if any(s.name in c for c in chosen.values())]
     out = [
         "| setting | default | " + " | ".join(f"`{p}`" for p in presets) + " |",
         "|---|---|" + "---|" * len(presets),

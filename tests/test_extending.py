@@ -21,11 +21,12 @@ import ktl.plugins as plugins
 from ktl.cli import main
 from ktl.clients import ClientModel
 from ktl.clients.backbones import BACKBONES, ModuleBackbone, build_backbone, register_backbone
+from ktl.config import SimulateConfig
 from ktl.data import DATASETS, DataConfig, build_federated_data, pool_clients
 from ktl.errors import ConfigError, DataError, KtlError
 from ktl.generator import available_generators
 from ktl.generator import registry as generator_registry
-from ktl.methods import METHODS
+from ktl.methods import METHODS, SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "docs" / "examples"
@@ -36,7 +37,7 @@ def isolated_registries(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Whatever a test registers is gone afterwards, and plugins load afresh (other test files see only
     the built-in names)."""
     monkeypatch.delenv(plugins.ENV_VAR, raising=False)
-    registries: list[dict[str, Any]] = [BACKBONES, METHODS, DATASETS, generator_registry._LOADERS]
+    registries: list[dict[str, Any]] = [BACKBONES, METHODS, SECTIONS, DATASETS, generator_registry._LOADERS]
     saved = [dict(r) for r in registries]
     loaded, discovered = dict(plugins._loaded), plugins._discovered
     plugins._loaded.clear()
@@ -98,6 +99,94 @@ def test_toy_method_example_runs_its_own_server_step(tmp_path: Path) -> None:
     assert summary["final_accuracy"] > 0.3
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds[-1]["classes_in_table"] == 10  # the median table's metric: every class is held by someone
+
+
+def _rounds(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_plugin_methods_own_section_is_a_setting_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    """Registering proto-median registers its section ``median``: a flag with its description, a key of the
+    run configuration and of a federation spec (validated by the section's model), a property of both
+    JSON schemas; an unknown key of it gets a did-you-mean, a bad value one line."""
+    from ktl.api.schemas import FederationSpec
+    from ktl.config import build_config, iter_settings
+
+    plugins.load_plugin(str(EXAMPLES / "toy_method.py"))
+    assert "median" in SECTIONS and not SECTIONS["median"].builtin
+    setting = next(s for s in iter_settings() if s.name == "median.min_clients")
+    assert setting.default == 1 and "median table" in setting.description
+    config = build_config(preset="smoke", overrides={"method": "proto-median", "median": {"min_clients": 3}})
+    assert config.section("median").min_clients == 3  # type: ignore[attr-defined]
+    assert METHODS["proto-median"].settings_from(config).median.min_clients == 3  # type: ignore[attr-defined]
+    with pytest.raises(
+        ConfigError, match=r"median.min_client: unknown setting \(did you mean median.min_clients"
+    ):
+        build_config(overrides={"median": {"min_client": 3}})
+    with pytest.raises(ConfigError, match="median.min_clients: Input should be greater than or equal to 1"):
+        build_config(overrides={"median": {"min_clients": 0}})
+    spec = FederationSpec.model_validate(
+        {"method": "proto-median", "num_classes": 4, "median": {"min_clients": 2}}
+    )
+    assert spec.method_settings().median.min_clients == 2  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="section\\(s\\) median do not apply to method 'fedproto'"):
+        FederationSpec.model_validate({"method": "fedproto", "num_classes": 4, "median": {}})
+    for schema in (SimulateConfig.model_json_schema(), FederationSpec.model_json_schema()):
+        assert "MedianSettings" in schema["$defs"] and "median" in schema["properties"]
+    with pytest.raises(SystemExit):
+        main(["--plugin", str(EXAMPLES / "toy_method.py"), "simulate", "--help"])
+    assert "--median.min-clients" in capsys.readouterr().out
+
+
+def test_a_section_is_one_model_whoever_declares_it() -> None:
+    """A second method may read ``privacy`` (the same model); another model under that name, or a section
+    named like a run setting, is refused when the method registers."""
+    from pydantic import BaseModel, Field
+
+    from ktl.methods import Method, MethodSettings, PrivacySettings, register_method
+
+    class Other(BaseModel):
+        epsilon: float = 1.0
+
+    class Shares(MethodSettings):
+        privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+
+    class Clashes(MethodSettings):
+        privacy: Other = Field(default_factory=Other)
+
+    class Reserved(MethodSettings):
+        client: Other = Field(default_factory=Other)
+
+    def method(settings: type[MethodSettings]) -> type[Method]:
+        return type("M", (Method,), {"settings_model": settings, "client_update": lambda *a: None})
+
+    register_method("shares-privacy")(method(Shares))
+    with pytest.raises(ValueError, match="section 'privacy' is PrivacySettings"):
+        register_method("clashes")(method(Clashes))
+    with pytest.raises(ValueError, match="'client' is a run setting"):
+        register_method("reserved")(method(Reserved))
+    assert (
+        "clashes" not in METHODS
+        and "reserved" not in METHODS
+        and SECTIONS["privacy"].model is PrivacySettings
+    )
+
+
+def test_a_plugin_section_reaches_the_server_step_in_simulate_and_over_http(tmp_path: Path) -> None:
+    """``--median.min-clients 99`` (more than the 4 clients): no class qualifies, the median table is empty
+    in every round — in ``ktl simulate`` and in ``ktl demo`` (a real HTTP server, the setting carried by
+    the federation spec), where the default (1) tables every class (test above)."""
+    plugin = ["--plugin", str(EXAMPLES / "toy_method.py")]
+    sim = tmp_path / "sim"
+    assert main([*plugin, *smoke("--method", "proto-median", "--median.min-clients", "99", out=sim)]) == 0
+    assert [r["classes_in_table"] for r in _rounds(sim)] == [0.0]
+    assert json.loads((sim / "config.json").read_text())["median"] == {"min_clients": 99}
+    demo = tmp_path / "demo"
+    argv = ["demo", "--preset", "smoke", "--method", "proto-median", "--clients", "4", "--rounds", "1"]
+    assert main([*plugin, *argv, "--median.min-clients", "99", "--out", str(demo)]) == 0
+    spec = next(demo.rglob("spec.json"), None)
+    rounds = _rounds(demo) if (demo / "metrics.jsonl").is_file() else []
+    assert rounds and [r.get("classes_in_table") for r in rounds] == [0.0], (spec, sorted(demo.rglob("*")))
 
 
 def test_toy_method_takes_the_median_not_the_mean() -> None:

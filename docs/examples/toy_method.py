@@ -5,6 +5,11 @@ the server's global prototype of each sample's class. The twist is on the server
 of a class is the coordinate-wise *median* of the clients' prototypes of that class (renormalised), not
 their sample-weighted mean, so one client with odd (or poisoned) prototypes cannot drag it far.
 
+It reads two settings sections: ``baseline`` (ktl's own; its ``lam`` is the pull weight) and ``median``,
+its own (`MedianSettings`), which registering the method adds to every configuration: ``--median.min-clients
+3`` on the command line, ``median.min-clients=3`` in Flower's run config, ``"median": {"min_clients": 3}``
+in a federation spec over HTTP.
+
 Use it as a local plugin file:
 
     ktl --plugin docs/examples/toy_method.py simulate --preset smoke --method proto-median
@@ -19,7 +24,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ktl.clients import LocalClient, Regularizer
 from ktl.methods import (
@@ -35,10 +40,26 @@ from ktl.records import Prototypes
 from ktl.work import Work
 
 
+class MedianSettings(BaseModel):
+    """proto-median's own section: which classes the server's median table holds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_clients: int = Field(
+        1,
+        ge=1,
+        le=100_000,
+        description="A class enters the median table only when at least this many clients uploaded it "
+        "that round (1: every uploaded class).",
+    )
+
+
 class ProtoMedianSettings(MethodSettings):
-    """The configuration sections this method reads: only ``baseline`` (its ``lam``, the pull weight)."""
+    """The configuration sections this method reads: ``baseline`` (ktl's; its ``lam``, the pull weight)
+    and ``median``, its own — declared here, registered with the method."""
 
     baseline: BaselineSettings = Field(default_factory=BaselineSettings, description="λ of the pull.")
+    median: MedianSettings = Field(default_factory=MedianSettings, description="The median table.")
 
 
 @register_method("proto-median")
@@ -99,13 +120,14 @@ class ProtoMedian(Method):
         for c in range(self.ctx.num_classes):
             vectors = [t.vectors[t.class_ids == c].float() for t in tables]
             held = torch.cat(vectors)
-            if held.shape[0] == 0:
+            if held.shape[0] == 0 or sum(v.shape[0] > 0 for v in vectors) < self.settings.median.min_clients:
                 continue
             rows.append(F.normalize(held.median(dim=0).values, dim=0))
             ids.append(c)
             counts[c] = sum(int(t.counts[t.class_ids == c].sum()) for t in tables)
         class_ids = torch.tensor(ids, dtype=torch.long)
-        payload = Prototypes(vectors=torch.stack(rows), class_ids=class_ids, counts=counts[class_ids])
+        vectors = torch.stack(rows) if rows else torch.zeros(0, self.ctx.proto_dim)  # no class qualified
+        payload = Prototypes(vectors=vectors, class_ids=class_ids, counts=counts[class_ids])
         return ServerUpdate(
             payload=payload.to_bytes(torch.float32), metrics={"classes_in_table": float(len(ids))}
         )

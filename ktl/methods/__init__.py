@@ -8,6 +8,7 @@ Importing this package registers the built-in methods: ``local``, ``fedktl``, ``
 
 from ktl.methods.base import (
     METHODS,
+    SECTIONS,
     SUM_UPLOAD,
     UPLOAD_DTYPES,
     ClientUpdate,
@@ -15,6 +16,7 @@ from ktl.methods.base import (
     Method,
     MethodContext,
     MethodSettings,
+    Section,
     ServerCost,
     ServerUpdate,
     available_methods,
@@ -22,6 +24,7 @@ from ktl.methods.base import (
     get_method,
     load_method,
     register_method,
+    validate_sections,
 )
 from ktl.methods.fedgen import FedGen
 from ktl.methods.fedgh import FedGH
@@ -53,6 +56,7 @@ from ktl.methods.tables import (
 
 __all__ = [
     "METHODS",
+    "SECTIONS",
     "SUM_UPLOAD",
     "UPLOAD_DTYPES",
     "BaselineSettings",
@@ -79,6 +83,7 @@ __all__ = [
     "MethodSettings",
     "PrivacySettings",
     "RoundResult",
+    "Section",
     "ServerCost",
     "SecureSumSettings",
     "ServerUpdate",
@@ -94,4 +99,5 @@ __all__ = [
     "privacy_facts",
     "register_method",
     "stack_uploads",
+    "validate_sections",
 ]

@@ -43,6 +43,7 @@ from ktl.work import Work, run_to_end
 
 __all__ = [
     "METHODS",
+    "SECTIONS",
     "SUM_UPLOAD",
     "ClientUpdate",
     "Method",
@@ -54,7 +55,10 @@ __all__ = [
     "get_method",
     "load_method",
     "register_method",
+    "register_sections",
+    "Section",
     "sum_summands",
+    "validate_sections",
 ]
 
 # Uploaded prototypes travel as float16 (half the bytes) or float32; anything else is refused.
@@ -378,11 +382,103 @@ def read_method_config(path: Path) -> dict[str, Any]:
 METHODS: dict[str, type[Method]] = {}
 
 
+@dataclass(frozen=True)
+class Section:
+    """One configuration section a method reads (``fedktl``, ``privacy``, a plugin's own …): its settings
+    model (defaults and a ``Field(description=...)`` per setting), what the section is for, and the
+    method that registered it first."""
+
+    name: str
+    model: type[BaseModel]
+    description: str
+    owner: type[Method]
+
+    @property
+    def builtin(self) -> bool:
+        """Registered by one of ktl's own methods (the sections docs/configuration.md documents)."""
+        return self.owner.__module__.startswith("ktl.")
+
+
+# Every section some registered method reads, in registration order. A method declares its sections as the
+# fields of its `Method.settings_model`; `register_method` registers them here, and the run configuration
+# (`ktl.config.SimulateConfig`), a federation spec (`ktl.api.schemas.FederationSpec`), the CLI's flags,
+# Flower's run-config keys and docs/configuration.md all read this one registry.
+SECTIONS: dict[str, Section] = {}
+# Names the run configuration uses for itself: no method section may take them.
+RESERVED_SECTIONS = frozenset(
+    {"preset", "method", "seed", "rounds", "num_clients", "models", "etf_seed", "device", "out", "data",
+     "client", "generator", "study", "settings", "flower"}
+)  # fmt: skip
+
+
+def register_sections(cls: type[Method]) -> None:
+    """Register the sections ``cls.settings_model`` declares. A section already registered must be the very
+    same model (two methods share ``privacy`` by both naming `PrivacySettings`); anything else is a
+    `ValueError` naming both methods, raised before anything is registered."""
+    found: list[Section] = []
+    for section, info in cls.settings_model.model_fields.items():
+        model = info.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise ValueError(f"method {cls.name!r}: settings section {section!r} must be a pydantic model")
+        if section in RESERVED_SECTIONS:
+            raise ValueError(f"method {cls.name!r}: {section!r} is a run setting, not a method's section")
+        held = SECTIONS.get(section)
+        if held is not None and held.model is not model:
+            raise ValueError(
+                f"method {cls.name!r}: section {section!r} is {held.model.__name__} (from method "
+                f"{held.owner.name!r}), not {model.__name__}"
+            )
+        if held is None:
+            found.append(Section(section, model, (info.description or "").strip(), cls))
+    SECTIONS.update({s.name: s for s in found})
+
+
+def validate_sections(
+    data: Mapping[str, Any], *, fixed: Iterable[str], fill: bool, strict_json: bool = False
+) -> tuple[dict[str, Any], list[Any]]:
+    """A configuration's registered sections validated into their models: ``data`` (a dict of settings)
+    with each section's value turned into its model (``fill``: absent sections get their defaults; else
+    absent or None stay None), and pydantic error details (loc prefixed by the section) for bad sections
+    and for keys that are neither in ``fixed`` (the model's own fields) nor a registered section.
+    ``strict_json``: read each section as pydantic's strict JSON mode would (``"1"`` is no number)."""
+    out = dict(data)
+    errors: list[Any] = []
+    known = set(fixed)
+    for key in out:
+        if key not in known and key not in SECTIONS:
+            errors.append({"type": "extra_forbidden", "loc": (key,), "input": out[key]})
+    for name, section in SECTIONS.items():
+        raw = out.get(name)
+        if isinstance(raw, section.model) or (raw is None and not fill):
+            continue
+        try:
+            given = {} if raw is None else raw
+            if strict_json:
+                out[name] = section.model.model_validate_json(json.dumps(given), strict=True)
+            else:
+                out[name] = section.model.model_validate(given)
+        except ValidationError as exc:
+            errors += [
+                {
+                    "type": e["type"],
+                    "loc": (name, *e["loc"]),
+                    "input": e.get("input"),
+                    "ctx": e.get("ctx", {}),
+                }
+                for e in exc.errors()
+            ]
+    return out, errors
+
+
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Register a `Method` subclass under ``name``, and the configuration sections its settings model
+    declares (`register_sections`)."""
+
     def wrap(cls: type[Method]) -> type[Method]:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
         cls.name = name
+        register_sections(cls)
         METHODS[name] = cls
         return cls
 
