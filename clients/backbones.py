@@ -48,6 +48,10 @@ __all__ = [
     "infer_feature_dim",
     "wrap_module",
     "BACKBONES",
+    "MODEL_GROUPS",
+    "ModelGroup",
+    "expand_models",
+    "register_model_group",
 ]
 
 
@@ -96,24 +100,26 @@ class BackboneInfo:
     build: BackboneBuild
     summary: str
     feature_dim: int | None = None  # a plain module's D, when declared at registration
+    large: bool = False  # sized for the GPU preset (tests build it only with --runslow)
 
 
 BACKBONES: dict[str, BackboneInfo] = {}
 
 
 def register_backbone(
-    name: str, summary: str, *, feature_dim: int | None = None
+    name: str, summary: str, *, feature_dim: int | None = None, large: bool = False
 ) -> Callable[[BackboneBuild], BackboneBuild]:
     """Decorator: make ``build(num_channels, image_size)`` — a function or an ``nn.Module`` class — the
     backbone ``name``. ``feature_dim`` declares a plain module's D (else it is the module's
-    ``feature_dim`` attribute, else measured; see the module docstring)."""
+    ``feature_dim`` attribute, else measured; see the module docstring); ``large`` marks one sized for a
+    GPU."""
     if feature_dim is not None and feature_dim < 1:
         raise ValueError(f"backbone {name!r}: feature_dim must be positive, got {feature_dim}")
 
     def wrap(build: BackboneBuild) -> BackboneBuild:
         if name in BACKBONES:
             raise ValueError(f"backbone {name!r} is registered twice")
-        BACKBONES[name] = BackboneInfo(name, build, summary, feature_dim)
+        BACKBONES[name] = BackboneInfo(name, build, summary, feature_dim, large)
         return build
 
     return wrap
@@ -121,6 +127,45 @@ def register_backbone(
 
 def available_backbones() -> list[str]:
     return sorted(BACKBONES)
+
+
+@dataclass(frozen=True)
+class ModelGroup:
+    """A named family of backbones that one ``--models NAME`` selects (HtFLlib's model groups)."""
+
+    name: str
+    members: tuple[str, ...]
+    summary: str
+
+
+MODEL_GROUPS: dict[str, ModelGroup] = {}
+
+
+def register_model_group(name: str, members: list[str] | tuple[str, ...], summary: str) -> ModelGroup:
+    """Make ``--models name`` stand for ``members`` (registered backbones, checked when expanded)."""
+    if name in MODEL_GROUPS or name in BACKBONES:
+        raise ValueError(f"model group {name!r} is registered twice or shadows a backbone")
+    if not members:
+        raise ValueError(f"model group {name!r} has no members")
+    group = ModelGroup(name, tuple(members), summary)
+    MODEL_GROUPS[name] = group
+    return group
+
+
+def expand_models(models: list[str]) -> list[str]:
+    """``models`` with every group name replaced by its members, in order; a name that is neither a
+    backbone nor a group is a ``ValueError`` listing both."""
+    out: list[str] = []
+    for name in models:
+        group = MODEL_GROUPS.get(name)
+        out.extend(group.members if group is not None else [name])
+    unknown = [m for m in out if m not in BACKBONES]
+    if unknown:
+        raise ValueError(
+            f"unknown model {unknown[0]!r}; available: {', '.join(available_backbones())}; "
+            f"groups: {', '.join(sorted(MODEL_GROUPS))}"
+        )
+    return out
 
 
 def build_backbone(name: str, *, num_channels: int, image_size: int) -> Backbone:
@@ -274,10 +319,116 @@ def _resnet18(num_channels: int, image_size: int) -> Backbone:
     return _resnet(num_channels, [2, 2, 2, 2], [64, 128, 256, 512])
 
 
+@register_backbone("resnet10", "ResNet-10 (depths 1-1-1-1, widths 64-512), HtFLlib's")
+def _resnet10(num_channels: int, image_size: int) -> Backbone:
+    return _resnet(num_channels, [1, 1, 1, 1], [64, 128, 256, 512])
+
+
+@register_backbone("resnet34", "ResNet-34 (depths 3-4-6-3, widths 64-512)", large=True)
+def _resnet34(num_channels: int, image_size: int) -> Backbone:
+    return _resnet(num_channels, [3, 4, 6, 3], [64, 128, 256, 512])
+
+
+def _bottleneck_resnet(num_channels: int, depths: list[int]) -> Backbone:
+    cfg = ResNetConfig(
+        num_channels=num_channels,
+        embedding_size=64,
+        hidden_sizes=[256, 512, 1024, 2048],
+        depths=depths,
+        layer_type="bottleneck",
+    )
+    return Backbone(ResNetModel(cfg), _pooler, 2048)
+
+
+@register_backbone("resnet50", "ResNet-50 (bottleneck, depths 3-4-6-3), 2048-d features", large=True)
+def _resnet50(num_channels: int, image_size: int) -> Backbone:
+    return _bottleneck_resnet(num_channels, [3, 4, 6, 3])
+
+
+@register_backbone("resnet101", "ResNet-101 (bottleneck, depths 3-4-23-3), 2048-d features", large=True)
+def _resnet101(num_channels: int, image_size: int) -> Backbone:
+    return _bottleneck_resnet(num_channels, [3, 4, 23, 3])
+
+
+@register_backbone("resnet152", "ResNet-152 (bottleneck, depths 3-8-36-3), 2048-d features", large=True)
+def _resnet152(num_channels: int, image_size: int) -> Backbone:
+    return _bottleneck_resnet(num_channels, [3, 8, 36, 3])
+
+
 @register_backbone("mobilenetv2", "MobileNetV2, depth multiplier 0.35, 1280-d features")
 def _mobilenetv2(num_channels: int, image_size: int) -> Backbone:
     cfg = MobileNetV2Config(num_channels=num_channels, image_size=image_size, depth_multiplier=0.35)
     return Backbone(MobileNetV2Model(cfg), _pooler, 1280)
+
+
+@register_backbone("mobilenetv2-1.0", "MobileNetV2 at full width (depth multiplier 1), 1280-d", large=True)
+def _mobilenetv2_full(num_channels: int, image_size: int) -> Backbone:
+    cfg = MobileNetV2Config(num_channels=num_channels, image_size=image_size, depth_multiplier=1.0)
+    return Backbone(MobileNetV2Model(cfg), _pooler, 1280)
+
+
+# --- GoogLeNet (Inception v1) as a plain module: transformers has no config for it -------------------
+
+
+def _conv(cin: int, cout: int, kernel: int, **kw: Any) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, bias=False, **kw), nn.BatchNorm2d(cout, eps=0.001), nn.ReLU(inplace=True)
+    )
+
+
+class _Inception(nn.Module):
+    """Four parallel branches — 1×1; 1×1→3×3; 1×1→3×3 (torchvision's stand-in for 5×5); pool→1×1 —
+    concatenated."""
+
+    def __init__(self, cin: int, c1: int, c3r: int, c3: int, c5r: int, c5: int, pool: int) -> None:
+        super().__init__()
+        self.b1 = _conv(cin, c1, 1)
+        self.b2 = nn.Sequential(_conv(cin, c3r, 1), _conv(c3r, c3, 3, padding=1))
+        self.b3 = nn.Sequential(_conv(cin, c5r, 1), _conv(c5r, c5, 3, padding=1))
+        self.b4 = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True), _conv(cin, pool, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], dim=1)
+
+
+class GoogLeNet(nn.Module):
+    """GoogLeNet (Szegedy et al., 2015) without its auxiliary classifiers, as torchvision builds it (which
+    HtFLlib uses): a 7×7/2 stem, nine Inception blocks, global average pooling to 1024-d features."""
+
+    feature_dim = 1024
+
+    def __init__(self, num_channels: int = 3) -> None:
+        super().__init__()
+        pool = {"kernel_size": 3, "stride": 2, "ceil_mode": True}
+        self.stem = nn.Sequential(
+            _conv(num_channels, 64, 7, stride=2, padding=3),
+            nn.MaxPool2d(**pool),
+            _conv(64, 64, 1),
+            _conv(64, 192, 3, padding=1),
+            nn.MaxPool2d(**pool),
+        )
+        self.blocks = nn.Sequential(
+            _Inception(192, 64, 96, 128, 16, 32, 32),
+            _Inception(256, 128, 128, 192, 32, 96, 64),
+            nn.MaxPool2d(**pool),
+            _Inception(480, 192, 96, 208, 16, 48, 64),
+            _Inception(512, 160, 112, 224, 24, 64, 64),
+            _Inception(512, 128, 128, 256, 24, 64, 64),
+            _Inception(512, 112, 144, 288, 32, 64, 64),
+            _Inception(528, 256, 160, 320, 32, 128, 128),
+            nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True),
+            _Inception(832, 256, 160, 320, 32, 128, 128),
+            _Inception(832, 384, 192, 384, 48, 128, 128),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.blocks(self.stem(x))).flatten(1)
+
+
+@register_backbone("googlenet", "GoogLeNet (Inception v1, no auxiliary heads), 1024-d features", large=True)
+def _googlenet(num_channels: int, image_size: int) -> nn.Module:
+    return GoogLeNet(num_channels)
 
 
 @register_backbone("vit-small", "ViT, 4×4 patches of 7px (28px) or 8px (32px), 4 layers, width 128, 4 heads")
@@ -301,3 +452,14 @@ def _convnext(num_channels: int, image_size: int) -> Backbone:
         num_channels=num_channels, patch_size=2, hidden_sizes=[32, 64, 128], depths=[1, 1, 1], num_stages=3
     )
     return Backbone(ConvNextModel(cfg), _pooler, 128)
+
+
+# --- HtFLlib's model families (its papers' heterogeneous-model settings) -------------------------------
+
+register_model_group("htfe2", ["cnn4", "resnet18"], "HtFE2: a 4-layer CNN and ResNet-18")
+register_model_group("htfe3", ["resnet10", "resnet18", "resnet34"], "HtFE3: ResNet-10, -18 and -34")
+register_model_group(
+    "htfe8",
+    ["cnn4", "googlenet", "mobilenetv2-1.0", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"],
+    "HtFE8: a 4-layer CNN, GoogLeNet, MobileNetV2 and ResNet-18/34/50/101/152 (for a GPU)",
+)

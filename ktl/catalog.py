@@ -1,4 +1,5 @@
-"""What ``ktl list`` shows — presets, methods, data sets, generators, models — without importing torch.
+"""What ``ktl list`` shows — presets, methods, data sets, generators, models and model groups — without
+importing torch.
 
 The registries live in modules that import torch and transformers (seconds). The built-in names are
 therefore also written to ``catalog.json`` beside this module, generated from the live registries
@@ -33,7 +34,7 @@ def _presets() -> list[str]:
 
 def live() -> dict[str, Any]:
     """Every registered name (imports the registries)."""
-    from ktl.clients.backbones import BACKBONES
+    from ktl.clients.backbones import BACKBONES, MODEL_GROUPS
     from ktl.data import DATASETS
     from ktl.generator import available_generators
     from ktl.methods import available_methods
@@ -43,6 +44,10 @@ def live() -> dict[str, Any]:
         "datasets": sorted(DATASETS),
         "generators": available_generators(),
         "models": {name: info.summary for name, info in sorted(BACKBONES.items())},
+        "model_groups": {
+            name: {"summary": group.summary, "members": list(group.members)}
+            for name, group in sorted(MODEL_GROUPS.items())
+        },
     }
 
 

@@ -29,7 +29,16 @@ def test_the_run_config_round_trips_to_the_same_configuration() -> None:
         from_run_config({"clients.lr": 0.1})
 
 
-@pytest.mark.parametrize("method", ["fedktl", "fedproto"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "fedktl",
+        "fedproto",
+        "lg-fedavg",  # a weights payload (the trainable classifier), kept fast
+        # the other HtFLlib baselines: their client state (shared model, generator) crosses Flower rounds
+        *(pytest.param(m, marks=pytest.mark.slow) for m in ("fedgh", "fedgen", "fml", "fedkd")),
+    ],
+)
 def test_flower_simulation_gives_the_per_round_accuracies_of_ktl_simulate(
     tmp_path: Path, method: str
 ) -> None:

@@ -100,8 +100,14 @@ def test_client_run_participates_in_rounds(server: ServerThread, capsys) -> None
 
 @pytest.mark.parametrize(
     ("method", "overrides"),
-    [("fedktl", {}), ("fedproto", {}), ("fedproto", {"privacy": {"epsilon": 8.0}})],
-    ids=["fedktl", "fedproto", "fedproto-dp"],
+    [
+        ("fedktl", {}),
+        ("fedproto", {}),
+        ("fedproto", {"privacy": {"epsilon": 8.0}}),
+        ("lg-fedavg", {}),
+        *(pytest.param(m, {}, marks=pytest.mark.slow) for m in ("fedgh", "fedgen", "fml", "fedkd")),
+    ],
+    ids=["fedktl", "fedproto", "fedproto-dp", "lg-fedavg", "fedgh", "fedgen", "fml", "fedkd"],
 )
 def test_demo_over_http_gives_the_per_round_accuracies_of_simulate(
     tmp_path: Path, method: str, overrides: dict[str, object]

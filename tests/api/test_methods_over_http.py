@@ -17,7 +17,7 @@ from ktl.config import build_config
 from ktl.data import build_federated_data
 from ktl.methods import Method, load_method
 from ktl.participant import method_for_federation, take_broadcast, train_and_upload
-from ktl.records import Pairs, Prototypes
+from ktl.records import Pairs, Prototypes, Weights
 from ktl.simulate import build_client
 from tests.api.conftest import FAST_ALIGNER, make_settings, register
 
@@ -27,7 +27,16 @@ METHOD_SPECS: dict[str, dict[str, Any]] = {
     "fedproto": {},
     "fedtgp": {"baseline": {"tgp_steps": 20}},
     "fd": {},
+    # the HtFLlib baselines with a trainable classifier, their server steps kept short
+    "lg-fedavg": {},
+    "fedgh": {"fedgh": {"server_epochs": 2}},
+    "fedgen": {"fedgen": {"server_steps": 5, "hidden_dim": 16}},
+    "fml": {},
+    "fedkd": {},
 }
+# whose broadcast is weights (`ktl.records.Weights`): a classifier, a generator, a shared model
+WEIGHTS_BROADCAST = {"lg-fedavg", "fedgh", "fedgen", "fml", "fedkd"}
+SLOW_OVER_HTTP = {"fml", "fedkd"}  # each client trains a second (shared) CNN
 
 
 def smoke_clients(fed: dict[str, Any], n: int) -> list[LocalClient]:
@@ -55,7 +64,10 @@ def run_rounds(
     return method, clients, sdks
 
 
-@pytest.mark.parametrize("name", sorted(METHOD_SPECS))
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_OVER_HTTP else n for n in sorted(METHOD_SPECS)],
+)
 def test_every_method_runs_over_http_create_upload_publish_broadcast(
     http: TestClient, service: Any, admin: KtlHttpClient, name: str
 ) -> None:
@@ -84,6 +96,14 @@ def test_every_method_runs_over_http_create_upload_publish_broadcast(
         assert len(Pairs.from_bytes(broadcast)) >= 1 and "align_loss_last" in state["stats"]
         assert sdks[0].pairs_png(fed["id"], 2)[:4] == b"\x89PNG"
         assert all(c._pairs is not None for c in clients)
+    elif name in WEIGHTS_BROADCAST:
+        sent = Weights.from_bytes(broadcast)
+        assert sent.num_samples >= 1 and sent.tensors
+        # every client took it: its classifier (or shared model) is the broadcast's
+        if name in ("lg-fedavg", "fedgh"):
+            for client in clients:
+                assert client.model.classifier is not None
+                torch.testing.assert_close(client.model.classifier.weight.detach(), sent.tensors["weight"])
     else:
         table = Prototypes.from_bytes(broadcast)  # a global table (fedktl-latents: class latents, W = 256)
         assert table.vectors.shape[1] == (256 if name == "fedktl-latents" else 10)
@@ -143,6 +163,17 @@ def test_each_method_validates_its_own_uploads(http: TestClient, admin: KtlHttpC
     with pytest.raises(KtlApiError) as info:
         a2.upload(fd["id"], 1, too_big)
     assert (info.value.status, info.value.reason) == (422, "range")
+    # a weights method takes its own payload only: a prototype table is refused, a classifier of another
+    # shape too
+    lg = admin.create_federation({"num_classes": 10, "method": "lg-fedavg"})
+    (c,) = register(admin, http, lg["id"], 1)
+    with pytest.raises(KtlApiError) as info:
+        c.upload(lg["id"], 1, cosines)
+    assert (info.value.status, info.value.reason) == (400, "unexpected_tensor")
+    wrong = Weights({"weight": torch.zeros(10, 9), "bias": torch.zeros(10)}, torch.tensor([5]))
+    with pytest.raises(KtlApiError) as info:
+        c.upload_bytes(lg["id"], 1, wrong.to_bytes())
+    assert (info.value.status, info.value.reason) == (422, "layout")
 
 
 def test_privacy_over_http_noises_the_upload_and_the_federation_accounts_epsilon(
