@@ -31,6 +31,7 @@ __all__ = [
     "aligned_centroids",
     "class_centroids",
     "class_images_over_rounds",
+    "class_typicality",
     "lift_linearly",
     "load_quality",
     "nearest_images",
@@ -138,6 +139,23 @@ def load_quality(source: RunView | ServerView | str | Path, r: int) -> dict[str,
     (`ServerView`): the same dict either way (keys `ktl.quality.REPORT_KEYS`), None where there is none."""
     view = RunView(Path(source)) if isinstance(source, str | Path) else source
     return view.quality(r)
+
+
+def class_typicality(report: dict[str, Any], class_names: list[str] | None = None) -> list[str]:
+    """One line per class of a quality report: its centroid's norm against the prior's norm band, the
+    distance outside it (prior scales), rows and holders, and ``OFF-MANIFOLD`` where it lies outside.
+    Empty for a report without per-class typicality (written by an older ktl)."""
+    band = report.get("norm_band")
+    if not band:
+        return []
+    lines = [f"prior's {band['coverage']:.0%} norm band: [{band['lo']:.2f}, {band['hi']:.2f}]"]
+    for c, f in report.get("classes", {}).items():
+        name = f" {class_names[int(c)]}" if class_names and int(c) < len(class_names) else ""
+        mark = "ok" if f["inside"] else f"OFF-MANIFOLD (distance {f['distance']:.2f} prior scales)"
+        lines.append(
+            f"  class {c}{name}: norm {f['norm']:.2f}, {f['rows']} rows, {f['holders']} holders: {mark}"
+        )
+    return lines
 
 
 def class_images_over_rounds(

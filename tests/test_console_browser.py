@@ -273,6 +273,13 @@ def test_quality_report_shown_when_the_server_has_one(page: tuple[Any, Watch], s
     expect(pg.get_by_test_id("quality-spread").locator("tbody tr")).to_have_count(
         len(quality["class_spread"])
     )
+    # per class: its centroid norm, whether it lies in the prior's norm band, its rows and holders
+    for c, facts in quality["classes"].items():
+        row = pg.get_by_test_id(f"quality-class-{c}")
+        expect(row).to_have_attribute("data-inside", "true" if facts["inside"] else "false")
+        assert float(row.locator("td").nth(2).text_content()) == pytest.approx(facts["norm"], rel=1e-3)
+        expect(row.locator("td").nth(5)).to_have_text(str(facts["holders"]))
+    expect(pg.get_by_test_id("quality-band")).to_contain_text("99 % norm band")
     pg.wait_for_function(
         "() => { const i = document.querySelector('[data-testid=quality-image]');"
         " return i !== null && i.complete && i.naturalWidth > 0; }"

@@ -323,3 +323,14 @@ def test_a_fedktl_simulation_writes_the_quality_files(tmp_path: Path) -> None:
     assert ki.load_quality(run, 1) == report and ki.RunView(run).quality(2) is None
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert metrics["quality_mmd_ratio"] == report["mmd_ratio"] and metrics["quality_seconds"] > 0
+
+
+def test_inspect_lists_each_class_against_the_norm_band() -> None:
+    rows, ids = ideal_rows()
+    rows[ids == 4] *= 3.0
+    report = report_of(rows, ids)
+    lines = ki.class_typicality(report, [f"c{i}" for i in range(C)])
+    assert lines[0].startswith("prior's 99% norm band: [") and len(lines) == 1 + C
+    assert "class 4 c4: norm" in lines[5] and "OFF-MANIFOLD" in lines[5]
+    assert lines[1].endswith(": ok") and "3 rows, 3 holders" in lines[1]
+    assert ki.class_typicality({"verdict": "ok"}) == []  # a report written before per-class typicality

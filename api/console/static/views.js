@@ -469,11 +469,24 @@ function qualitySection(fid, rnd, fed, ctx) {
   if (!q) return section('Quality', note('info', 'No quality report for this round.', { 'data-testid': 'quality-absent' }));
   const names = fed.spec.class_names || [];
   const rows = QUALITY_ROWS.filter(([k]) => k in q).map(([k, label]) => [label, h('span', { 'data-testid': `quality-${k}` }, fmtNum(q[k]))]);
+  // Per class: the clients' spread, and (reports with per-class typicality) the centroid's norm, its distance
+  // outside the prior's norm band, its rows and holders; a class off the band is marked.
+  const classes = q.classes && typeof q.classes === 'object' ? q.classes : {};
+  const band = q.norm_band && typeof q.norm_band === 'object' ? q.norm_band : null;
+  const cell = (v) => h('td', {}, typeof v === 'number' ? fmtNum(v) : '—');
   const spread = q.class_spread && typeof q.class_spread === 'object'
     ? h('table', { class: 'list', 'data-testid': 'quality-spread' },
-      h('thead', {}, h('tr', {}, h('th', {}, 'class'), h('th', {}, 'spread'))),
-      h('tbody', {}, Object.entries(q.class_spread).map(([c, v]) =>
-        h('tr', {}, h('td', {}, names[Number(c)] !== undefined ? `${c} · ${names[Number(c)]}` : c), h('td', {}, fmtNum(v))))))
+      band ? h('caption', { 'data-testid': 'quality-band' },
+        `prior's ${Math.round(100 * band.coverage)} % norm band: ${fmtNum(band.lo)}–${fmtNum(band.hi)}`) : null,
+      h('thead', {}, h('tr', {}, ...['class', 'spread', 'norm', 'off band', 'rows', 'holders', ''].map((t) => h('th', {}, t)))),
+      h('tbody', {}, Object.entries(q.class_spread).map(([c, v]) => {
+        const f = classes[c] || {};
+        const off = f.inside === false;
+        return h('tr', { class: off ? 'off-manifold' : '', 'data-testid': `quality-class-${c}`, 'data-inside': String(!off) },
+          h('td', {}, names[Number(c)] !== undefined ? `${c} · ${names[Number(c)]}` : c), h('td', {}, fmtNum(v)),
+          cell(f.norm), cell(f.distance), cell(f.rows), cell(f.holders),
+          h('td', {}, off ? h('span', { class: 'badge verdict-off-manifold' }, 'off-manifold') : (f.inside ? 'in band' : '')));
+      })))
     : null;
   const thresholds = q.thresholds && typeof q.thresholds === 'object'
     ? kvTable(Object.entries(q.thresholds).map(([k, v]) => [k, typeof v === 'number' ? fmtNum(v) : JSON.stringify(v)]), { 'data-testid': 'quality-thresholds' })
@@ -584,7 +597,7 @@ export async function jobsView(main, ctx, params) {
   const fedSelect = h('select', { name: 'federation', 'data-testid': 'job-federation', required: true });
   const round = h('input', { name: 'round', type: 'number', min: 1, placeholder: 'latest', value: params.round ?? '', 'data-testid': 'job-round' });
   const perClass = h('input', { name: 'per_class', type: 'number', min: 1, value: '4', required: true, 'data-testid': 'job-per-class' });
-  // 0.25: distinct images per class, latents still in the prior's typical set (ktl.api.jobs.DEFAULT_SPREAD)
+  // 0.25: distinct images per class, latents still in the prior's typical set (DEFAULT_SPREAD in ktl/generator/base.py)
   const spread = h('input', { name: 'spread', type: 'number', min: 0, step: 'any', value: '0.25', 'data-testid': 'job-spread' });
   const seed = h('input', { name: 'seed', type: 'number', min: 0, value: '0', 'data-testid': 'job-seed' });
   const field = (label, input) => h('label', { class: 'field' }, h('span', {}, label), input);
