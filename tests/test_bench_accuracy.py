@@ -10,6 +10,8 @@ import pytest
 
 from ktl.benchmarks import accuracy
 from ktl.cli import build_parser
+from ktl.config import build_config
+from ktl.methods import available_methods
 
 
 def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
@@ -208,3 +210,13 @@ def test_summary_reports_last_k_means_and_paired_differences_with_their_signific
     assert "mean of last 3 rounds (%)" in table and "Δ last-3 vs local, paired, 95 % CI" in table
     assert "significant: fedktl (+" in table and "not significant (interval contains 0): fd" in table
     assert "]*" in table.split("| fedktl |")[1].splitlines()[0]  # the significant CI is starred
+
+
+def test_the_main_table_compares_every_method_and_the_htfe8_profile_selects_the_family() -> None:
+    variants = {v.overrides["method"] for v in accuracy.SUITES["main"].variants}
+    # every method but the ablation (fedktl-latents) and the secure-sum twins (the secagg suite's)
+    assert variants == {m for m in available_methods() if m != "fedktl-latents" and not m.endswith("-secagg")}
+    preset, overrides = accuracy.PROFILES["gpu-htfe8"]
+    config = build_config(preset=preset, overrides=overrides)
+    assert config.models[1:3] == ["googlenet", "mobilenetv2-1.0"] and len(config.models) == 8
+    assert config.data.fraction == 1.0 and config.data.dataset == "fashion-mnist"
