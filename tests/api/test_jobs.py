@@ -15,6 +15,7 @@ from safetensors.torch import load
 from ktl.api import create_app
 from ktl.api.worker import ROUND_PRIORITY
 from ktl.clients.sdk import KtlApiError, KtlHttpClient
+from ktl.generator.base import DEFAULT_SPREAD
 from tests.api.conftest import ADMIN, federation, make_settings, protos, register
 
 
@@ -49,11 +50,19 @@ def test_job_from_centroids_runs_to_done_and_is_deterministic(http, service, adm
 def test_job_from_given_latents_and_class_subset(http, service, admin) -> None:
     latents = torch.randn(3, 256).tolist()
     job = admin.wait_for_job(
-        admin.submit_job({"latents": latents, "per_class": 2})["id"], timeout=60, poll=0.01
+        admin.submit_job({"latents": latents, "per_class": 2, "spread": 0})["id"], timeout=60, poll=0.01
     )
     result = admin.job_result(job["id"])
     assert result["images"].shape[0] == 6 and result["class_ids"].tolist() == [-1] * 6
     torch.testing.assert_close(result["latents"][::2], torch.tensor(latents))
+    assert torch.equal(result["images"][0], result["images"][1])  # spread 0: one image per latent
+    # The default spread gives distinct images around every latent (docs/generate.md).
+    default = admin.wait_for_job(
+        admin.submit_job({"latents": latents, "per_class": 2})["id"], timeout=60, poll=0.01
+    )
+    assert default["spec"]["spread"] == DEFAULT_SPREAD > 0
+    images = admin.job_result(default["id"])["images"].flatten(1)
+    assert len({bytes(row.numpy().tobytes()) for row in images}) == 6
     fid = published_federation(admin, http, service)
     sub = admin.wait_for_job(
         admin.submit_job({"federation_id": fid, "class_ids": [3, 0]})["id"], timeout=60, poll=0.01
@@ -123,7 +132,7 @@ def test_progress_moves_to_done(tmp_path: Path) -> None:
     ("spec", "status", "reason"),
     [
         ({"latents": [[0.0] * 7]}, 422, "dim"),
-        (b'{"latents": [[' + b", ".join([b"NaN"] * 256) + b"]]}", 422, "non_finite"),
+        (b'{"latents": [[' + b", ".join([b"NaN"] * 256) + b"]]}", 422, "validation"),
         ({"latents": []}, 422, "empty"),
         ({"latents": [[0.0] * 256], "federation_id": "fed-x"}, 422, "validation"),
         ({}, 422, "validation"),
