@@ -30,7 +30,7 @@ from ktl.methods.base import (
     decode_prototypes,
     register_method,
 )
-from ktl.methods.heads import classifier_tensors, ensure_classifier, load_classifier
+from ktl.methods.heads import classifier_draws, classifier_tensors, ensure_classifier, load_classifier
 from ktl.records import WEIGHT_LIMIT, Prototypes, Weights
 from ktl.seeding import derive_seed
 from ktl.work import Work
@@ -69,8 +69,7 @@ class FedGH(Method):
     def __init__(self, settings: MethodSettings, ctx: MethodContext) -> None:
         super().__init__(settings, ctx)
         # The server's classifier starts as every client's does (HtFLlib: client 0's initial head).
-        generator = torch.Generator().manual_seed(derive_seed(ctx.seed, "classifier"))
-        self.head = seeded_linear(ctx.proto_dim, ctx.num_classes, generator).to(ctx.device)
+        self.head = seeded_linear(ctx.proto_dim, ctx.num_classes, classifier_draws(ctx.seed)).to(ctx.device)
 
     # -- client side ---------------------------------------------------------------------------------
 

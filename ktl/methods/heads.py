@@ -30,6 +30,7 @@ __all__ = [
     "Layout",
     "SharedModelMethod",
     "WeightsAverage",
+    "classifier_draws",
     "classifier_layout",
     "classifier_tensors",
     "ensure_classifier",
@@ -43,13 +44,17 @@ __all__ = [
 Layout = dict[str, tuple[int, ...]]  # tensor name → shape
 
 
+def classifier_draws(seed: int) -> torch.Generator:
+    """The generator every initial classifier is drawn from: the method's seed alone."""
+    return torch.Generator().manual_seed(derive_seed(seed, "classifier"))
+
+
 def ensure_classifier(client: LocalClient, seed: int) -> nn.Linear:
     """The client's trainable classifier, created on first use from ``seed`` alone (the same on every
     client and transport)."""
     model = client.model
     if model.classifier is None:
-        generator = torch.Generator().manual_seed(derive_seed(seed, "classifier"))
-        model.ensure_classifier(client.num_classes, generator=generator)
+        model.ensure_classifier(client.num_classes, generator=classifier_draws(seed))
     assert model.classifier is not None  # narrowing for mypy: ensure_classifier set it
     return model.classifier
 
