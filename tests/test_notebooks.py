@@ -42,6 +42,7 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch: py
         last = nb.cells[-1].outputs
         text = "".join(o.get("text", "") for o in last if o.output_type == "stream")
         assert "mmd_ratio:" in text and "centroid_min_distance:" in text, text
+        assert "norm band" in text and "class 0 " in text and " holders: " in text, text
         assert any("image/png" in o.get("data", {}) for o in last)
     # every grid and plot is shown: one image output per display or plt.show in the notebook
     images = sum("image/png" in o.get("data", {}) for o in outputs)
