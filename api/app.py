@@ -50,6 +50,10 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         version=ktl.__version__,
         summary="Generator-based knowledge transfer server for heterogeneous federated learning (FedKTL).",
         lifespan=lifespan,
+        # FastAPI's /docs and /redoc load Swagger UI / ReDoc from a CDN (scripts without integrity, and a
+        # server may reach nothing): off. The schema is at /openapi.json, for any OpenAPI viewer.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = service
 
@@ -97,7 +101,12 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         if scope["path"].endswith("/prototypes") and scope["method"] == "POST":
             service.metrics.rejects.labels(reason=exc.reason).inc()
 
-    app.add_middleware(BodyLimitMiddleware, settings=settings, on_refusal=count_refusal)
+    def known_token(token: str) -> bool:  # a body is read only for a caller the server knows
+        return service.is_admin(token) or service.federations.authenticate(token) is not None
+
+    app.add_middleware(
+        BodyLimitMiddleware, settings=settings, on_refusal=count_refusal, authenticate=known_token
+    )
 
     for router in (health.router, federations.router, rounds.router, jobs.router, console.router):
         app.include_router(router)

@@ -30,8 +30,18 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from ktl.api.lock import DataDirLock
 from ktl.api.schemas import FederationSpec
-from ktl.api.store import DB_NAME, Store, describe_file, sha256_file
+from ktl.api.store import (
+    DB_NAME,
+    ClientRow,
+    RestoredRound,
+    RestoredUpload,
+    Store,
+    describe_file,
+    sha256_file,
+    unreadable_reason,
+)
 from ktl.errors import KtlError
 
 __all__ = ["CheckReport", "Finding", "check_data_dir"]
@@ -135,12 +145,6 @@ def _leftovers(root: Path) -> list[Path]:
     return found
 
 
-def _has_tables(store: Store) -> bool:
-    tables = {r[0] for r in store.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    columns = {(t, r[1]) for t in ("federations", "rounds") for r in store.query(f"PRAGMA table_info({t})")}
-    return "files" in tables and ("federations", "state") in columns and ("rounds", "attempts") in columns
-
-
 def _federation_folders(root: Path) -> list[str]:
     folder = root / "federations"
     return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
@@ -195,7 +199,7 @@ def _open(root: Path, report: CheckReport) -> Store | None:
             would="moves it aside and rebuilds it from the federation folders",
         )
         return store
-    if not _has_tables(store):
+    if not store.schema_is_current():
         store.close()
 
         def migrate() -> str:
@@ -236,6 +240,12 @@ def _rows_of(path: Path) -> int:
         return int(header[names[0]]["shape"][0]) if names else 0
     except (OSError, ValueError, KeyError, IndexError, struct.error):
         return 0
+
+
+def _digest_rows_size(path: Path) -> tuple[str, int, int, float]:
+    """An upload file's SHA-256, rows, size and time (what its row held)."""
+    digest, size = sha256_file(path)
+    return digest, _rows_of(path), size, path.stat().st_mtime
 
 
 def _damage(path: Path) -> str | None:
@@ -341,67 +351,64 @@ def _rebuild_federation(store: Store, fid: str, report: CheckReport) -> bool:
     now = time.time()
     last = max(rounds, default=0)
     lost: list[str] = []
-    try:
-        with store.transaction() as db:
-            db.execute(
-                "INSERT INTO federations (id, spec, etf_seed, current_round, created_at, state) "
-                "VALUES (?, ?, ?, 1, ?, 'active')",
-                (fid, spec.model_dump_json(), etf_seed, created_at),
+
+    current = last + 1
+
+    def plan(written: set[str]) -> tuple[list[RestoredRound], int]:
+        """The rounds from the files on disk, counting the uploads of the clients rebuilt (``written``)."""
+        nonlocal current
+        known.update(written)
+        restored = []
+        state_of_last = "open"
+        for r in range(1, last + 1):
+            uploads, published = rounds.get(r, ([], None))
+            counted = [u for u in uploads if u.stem in known and _damage(u) is None]
+            lost.extend(store.rel(u) for u in uploads if u not in counted)
+            closed_at: float | None = now
+            published_at = None
+            error = None
+            if published is not None:
+                state, published_at = "published", published.stat().st_mtime
+                closed_at = published_at
+            elif r < last:
+                state = "aligning" if counted else "failed"
+                if not counted:
+                    error = "rebuilt by ktl admin check --repair: no uploads or published files on disk"
+            else:
+                state = "aligning" if len(counted) >= spec.quorum else "open"
+                closed_at = None if state == "open" else now
+            state_of_last = state
+            restored.append(
+                RestoredRound(
+                    r,
+                    state,
+                    now,
+                    now + spec.round_deadline_s,
+                    closed_at,
+                    published_at,
+                    error,
+                    [RestoredUpload(u.stem, *_digest_rows_size(u)) for u in counted],
+                )
             )
-            for c in clients or []:
-                added = db.execute(
-                    "INSERT OR IGNORE INTO clients (id, federation_id, name, token_hash, active, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        c["id"],
-                        fid,
-                        c.get("name"),
-                        c["token_hash"],
-                        int(bool(c.get("active", True))),
-                        c["created_at"],
-                    ),
-                )
-                if added.rowcount > 0:
-                    known.add(str(c["id"]))
-            state_of_last = "open"
-            for r in range(1, last + 1):
-                uploads, published = rounds.get(r, ([], None))
-                counted = [u for u in uploads if u.stem in known and _damage(u) is None]
-                lost += [store.rel(u) for u in uploads if u not in counted]
-                closed_at: float | None = now
-                published_at = None
-                error = None
-                if published is not None:
-                    state, published_at = "published", published.stat().st_mtime
-                    closed_at = published_at
-                elif r < last:
-                    state = "aligning" if counted else "failed"
-                    if not counted:
-                        error = "rebuilt by ktl admin check --repair: no uploads or published files on disk"
-                else:
-                    state = "aligning" if len(counted) >= spec.quorum else "open"
-                    closed_at = None if state == "open" else now
-                state_of_last = state
-                db.execute(
-                    "INSERT INTO rounds (federation_id, round, state, opened_at, deadline_at, closed_at, "
-                    "published_at, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (fid, r, state, now, now + spec.round_deadline_s, closed_at, published_at, error),
-                )
-                for u in counted:
-                    digest, size = sha256_file(u)
-                    db.execute(
-                        "INSERT INTO uploads (federation_id, round, client_id, digest, num_rows, bytes, "
-                        "received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",  # the clients' metrics are not on disk
-                        (fid, r, u.stem, digest, _rows_of(u), size, u.stat().st_mtime),
-                    )
-            current = last if last and state_of_last == "open" else last + 1
-            if current == last + 1:
-                db.execute(
-                    "INSERT INTO rounds (federation_id, round, state, opened_at, deadline_at) "
-                    "VALUES (?, ?, 'open', ?, ?)",
-                    (fid, current, now, now + spec.round_deadline_s),
-                )
-            db.execute("UPDATE federations SET current_round = ? WHERE id = ?", (current, fid))
+        current = last if last and state_of_last == "open" else last + 1
+        if current == last + 1:
+            restored.append(
+                RestoredRound(current, "open", now, now + spec.round_deadline_s, None, None, None, [])
+            )
+        return restored, current
+
+    try:
+        rows = [
+            ClientRow(
+                str(c["id"]),
+                c.get("name"),  # type: ignore[arg-type]
+                str(c["token_hash"]),
+                bool(c.get("active", True)),
+                float(c["created_at"]),  # type: ignore[arg-type]
+            )
+            for c in clients or []
+        ]
+        store.restore_federation(fid, spec, etf_seed, created_at, rows, plan)
     except (KeyError, TypeError, AttributeError, ValueError, sqlite3.Error) as exc:
         report.findings.append(
             Finding("unrepairable", subject, f"could not be rebuilt: {type(exc).__name__}: {exc}")
@@ -436,10 +443,7 @@ def _rebuild_federation(store: Store, fid: str, report: CheckReport) -> bool:
 
 def _orphan_uploads(store: Store) -> list[Path]:
     """Upload files with no upload row (a crash between writing and committing; never read)."""
-    rows = {
-        store.rel(store.upload_path(r["federation_id"], r["round"], r["client_id"]))
-        for r in store.query("SELECT federation_id, round, client_id FROM uploads")
-    }
+    rows = {store.rel(store.upload_path(*r)) for r in store.upload_keys()}
     return [
         p
         for p in store.root.glob("federations/*/rounds/*/uploads/*.safetensors")
@@ -449,8 +453,21 @@ def _orphan_uploads(store: Store) -> list[Path]:
 
 def _check(store: Store, report: CheckReport) -> None:
     root = store.root
-    feds = {r["id"]: r for r in store.query("SELECT id, spec FROM federations")}
+    feds = store.federation_specs()
     report.checked["federations"] = len(feds)
+
+    # Every stored spec must read as the server reads it (a row it cannot read is set aside there).
+    unreadable: set[str] = set()
+    for fid, stored in feds.items():
+        try:
+            FederationSpec.model_validate_json(stored)
+        except ValueError as exc:
+            unreadable.add(fid)
+            report.issue(
+                f"federations/{fid}",
+                f"its stored spec cannot be read ({unreadable_reason(exc)}); the server sets it aside",
+                cannot="fix the row's spec, or delete the federation (ktl admin federation delete)",
+            )
 
     # Federation folders without a row, rows without their spec.json / clients.json.
     reported = {f.subject for f in report.findings}
@@ -480,24 +497,24 @@ def _check(store: Store, report: CheckReport) -> None:
 
     # What refers to stored files.
     referenced: dict[str, str] = {}
-    uploads = store.query("SELECT federation_id, round, client_id FROM uploads")
+    uploads = store.upload_keys()
     report.checked["uploads"] = len(uploads)
     for u in uploads:
         referenced[store.rel(store.upload_path(u[0], u[1], u[2]))] = "upload"
-    published = store.query("SELECT federation_id, round FROM rounds WHERE state = 'published'")
+    published = store.published_rounds()
     report.checked["published rounds"] = len(published)
     for fid, r in published:
-        if fid not in feds:
+        if fid not in feds or fid in unreadable:
             continue
-        spec = FederationSpec.model_validate_json(feds[fid]["spec"])
+        spec = FederationSpec.model_validate_json(feds[fid])
         folder = store.rel(store.round_dir(fid, r))
         for rec in store.file_records(folder + "/"):
             if not rec.path.startswith(folder + "/uploads/"):
                 referenced[rec.path] = "published file"
         referenced[f"{folder}/{spec.method_class.broadcast_file}"] = "broadcast"
-    jobs = store.query("SELECT id FROM jobs WHERE state = 'done'")
+    jobs = store.finished_jobs()
     report.checked["finished jobs"] = len(jobs)
-    for (jid,) in jobs:
+    for jid in jobs:
         referenced[store.rel(store.job_result_path(jid))] = "job result"
     snapshots = 0
     for fid in feds:
@@ -584,8 +601,7 @@ def _rebuild_one(store: Store, fid: str, report: CheckReport) -> str:
 
 
 def _forget(store: Store, rel: str) -> str:
-    with store.transaction() as db:
-        db.execute("DELETE FROM files WHERE path = ?", (rel,))
+    store.forget_file(rel)
     return "deleted the row"
 
 
@@ -599,11 +615,17 @@ def check_data_dir(data_dir: Path | str, *, repair: bool = False) -> CheckReport
     if not root.is_dir():
         raise KtlError(f"{root} is not a folder")
     report = CheckReport(root, repair)
-    store = _open(root, report)
-    if store is None:
-        return report
+    # A repair writes (and its store's start-up clears a crash's leftovers): never under a live server.
+    lock = DataDirLock(root, "ktl admin check --repair").acquire() if repair else None
     try:
-        _check(store, report)
+        store = _open(root, report)
+        if store is None:
+            return report
+        try:
+            _check(store, report)
+        finally:
+            store.close()
     finally:
-        store.close()
+        if lock is not None:
+            lock.release()
     return report

@@ -10,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ktl.api.service import KtlService
 from ktl.api.store import ClientRecord, FederationRecord
-from ktl.errors import ForbiddenError, UnauthorizedError
+from ktl.errors import ForbiddenError, NotFoundError, UnauthorizedError
 
 __all__ = [
     "Admin",
@@ -88,11 +88,12 @@ CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
 async def federation_access(fid: FederationId, service: ServiceDep, caller: CallerDep) -> FederationRecord:
-    """The federation, if the caller is the admin or one of its clients (404 / 403 otherwise)."""
-    fed = service.federations.get(fid)
-    if caller.client is not None and caller.client.federation_id != fed.id:
-        raise ForbiddenError("wrong_federation", f"this client belongs to another federation, not {fed.id}")
-    return fed
+    """The federation, if the caller is the admin or one of its clients; 404 ``unknown_federation``
+    otherwise — the same answer for another federation's id as for one that does not exist, so a client
+    cannot learn which ids exist."""
+    if caller.client is not None and caller.client.federation_id != fid:
+        raise NotFoundError("unknown_federation", f"no federation {fid!r}")
+    return service.federations.get(fid)
 
 
 FederationAccess = Annotated[FederationRecord, Depends(federation_access)]

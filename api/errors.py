@@ -89,6 +89,7 @@ SERVICE_STATUS: dict[type[ServiceError], int] = {
 # readable upload whose values do not fit the federation is 422.
 PAYLOAD_STATUS = {
     "not_safetensors": 400,
+    "duplicate_tensor": 400,
     "missing_tensor": 400,
     "unexpected_tensor": 400,
     "bad_json": 400,

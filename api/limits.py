@@ -9,6 +9,13 @@ arrival time:
 * a body that has not arrived in full ``body_timeout_s`` after the request's headers: 408
   ``body_timeout``.
 
+No pool for strangers: every route that takes a body needs a token, so a request with a body and without
+a token the server knows (the admin's, or an active client's) is answered 401 (``missing_token`` /
+``bad_token``, ``Connection: close``) as soon as its head has arrived, before one byte of the body is
+read. Slow or stalled bodies therefore hold nothing but a socket for an instant, whoever sends them, and
+never the request slots (``limit_concurrency``) or the body timeout that authenticated callers need.
+Only a body whose declared size is over the limit is told 413 first (it is refused either way).
+
 The limit is ``max_upload_bytes`` for a safetensors upload (``POST …/rounds/{r}/prototypes``),
 ``max_json_upload_bytes`` for a JSON one and ``max_request_bytes`` on every other route. Refusals carry
 ``Connection: close``: the rest of the body is not worth reading.
@@ -41,6 +48,7 @@ from ktl.errors import (
     RequestTimeoutError,
     ServiceError,
     TooLargeError,
+    UnauthorizedError,
 )
 
 __all__ = [
@@ -83,6 +91,19 @@ def _timeout(seconds: float) -> RequestTimeoutError:
 
 
 OnRefusal = Callable[[Scope, ApiError], None]
+Authenticate = Callable[[str], bool]
+
+
+def _stranger(authorization: bytes | None, authenticate: Authenticate) -> UnauthorizedError | None:
+    """Why a request with this ``Authorization`` header is a stranger's, or None: a token it knows."""
+    headers = {"WWW-Authenticate": "Bearer", **CLOSE}
+    scheme, _, token = (authorization or b"").decode("latin-1").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return UnauthorizedError("missing_token", "send Authorization: Bearer <token>", headers=headers)
+    if not authenticate(token):
+        return UnauthorizedError("bad_token", "unknown or revoked token", headers=headers)
+    return None
 
 
 class BodyLimitMiddleware:
@@ -97,12 +118,22 @@ class BodyLimitMiddleware:
         ``max_request_bytes``, ``body_timeout_s``).
     on_refusal
         Called with each refusal the middleware answers itself (to count it in the metrics).
+    authenticate
+        Whether a bearer token is one the server knows; a request with a body and without such a token is
+        refused 401 before its body is read. None: no such check (tests of the limits alone).
     """
 
-    def __init__(self, app: ASGIApp, settings: ServerSettings, on_refusal: OnRefusal | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: ServerSettings,
+        on_refusal: OnRefusal | None = None,
+        authenticate: Authenticate | None = None,
+    ) -> None:
         self.app = app
         self.settings = settings
         self.on_refusal = on_refusal
+        self.authenticate = authenticate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,6 +142,7 @@ class BodyLimitMiddleware:
         lengths: list[bytes] = []
         chunked = False
         content_type: str | None = None
+        authorization: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"content-length":
                 lengths.append(value.strip())
@@ -118,6 +150,8 @@ class BodyLimitMiddleware:
                 chunked = True
             elif name == b"content-type":
                 content_type = value.decode("latin-1")
+            elif name == b"authorization":
+                authorization = value
         if not lengths and not chunked:  # HTTP/1.1: no body
             await self.app(scope, receive, send)
             return
@@ -134,6 +168,11 @@ class BodyLimitMiddleware:
             declared = int(lengths[0]) if len(lengths[0]) <= 18 else limit + 1
             if declared > limit:
                 await self._refuse(scope, send, _too_large(limit, declared))
+                return
+        if self.authenticate is not None and (chunked or declared):
+            stranger = _stranger(authorization, self.authenticate)
+            if stranger is not None:
+                await self._refuse(scope, send, stranger)
                 return
         deadline = anyio.current_time() + self.settings.body_timeout_s
         if is_upload(scope):

@@ -13,6 +13,7 @@ limit before they time out.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -32,11 +33,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
 from ktl.api.settings import ServerSettings
+from ktl.errors import ConfigError
 
 __all__ = [
     "HEALTH_PATHS",
     "MAX_HEAD_BYTES",
     "BoundedH11Protocol",
+    "bind_port",
     "ServeProcess",
     "ServerThread",
     "free_port",
@@ -179,6 +182,26 @@ def raise_fd_limit() -> tuple[int, int]:
             continue
         return soft, target
     return soft, soft
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """A listening-ready socket bound to ``host:port`` (as uvicorn binds it), or `ConfigError` in one line
+    when the port is taken: ``ktl serve`` binds first, before the generators load (uvicorn would say it
+    only after the whole start-up, as a traceback line)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot bind to {host}:{port}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        why = "the port is in use (another server?)" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise ConfigError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def free_port(host: str = "127.0.0.1") -> int:

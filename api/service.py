@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from ktl.api.admission import DeviceBudget
+from ktl.api.lock import DataDirLock
 from ktl.api.metrics import Metrics
 from ktl.api.services import FederationService, JobService, RoundService, ServerParts
 from ktl.api.settings import ServerSettings, resolve_devices
@@ -41,7 +42,13 @@ class KtlService:
         # jobs' batches on every one (``device_generators[i]`` is device i's copy of every generator).
         self.devices = resolve_devices(settings)
         self.device = self.devices[0]
-        self.store = Store(settings.data_dir, min_free_bytes=settings.min_free_bytes)
+        # Before the store opens: its start-up clears what a crash left, which would be a live server's.
+        self.lock = DataDirLock(settings.data_dir, "ktl serve").acquire()
+        try:
+            self.store = Store(settings.data_dir, min_free_bytes=settings.min_free_bytes)
+        except BaseException:
+            self.lock.release()
+            raise
         self.metrics = Metrics()
         self.pool = DevicePool(self.devices)
         self.worker = self.pool.workers[0]
@@ -106,6 +113,7 @@ class KtlService:
         if not self.worker.alive:  # between two slices: nothing runs any more
             self.rounds.release_running()
         self.store.close()
+        self.lock.release()
 
     @property
     def alive(self) -> bool:

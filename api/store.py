@@ -37,7 +37,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +49,17 @@ from ktl.errors import ConfigError, ConflictError, CorruptFileError, Insufficien
 __all__ = [
     "DB_NAME",
     "ClientRecord",
+    "ClientRow",
     "FederationRecord",
     "FileRecord",
     "JobRecord",
     "MetricSums",
+    "RoundChange",
+    "RoundFacts",
+    "RestoredRound",
+    "RestoredUpload",
     "RoundRecord",
+    "RoundRule",
     "Store",
     "UploadRecord",
     "atomic_write",
@@ -93,6 +99,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL, written_at REAL NOT NULL);
 """
+
+_TABLES = ("federations", "clients", "rounds", "uploads", "jobs", "files")
 
 # Columns added after the first release: (table, column, its definition for ALTER TABLE … ADD COLUMN).
 _ADDED_COLUMNS = (
@@ -324,6 +332,78 @@ class UploadResult:
     closed: bool  # this upload completed the quorum and closed the round
 
 
+@dataclass(frozen=True)
+class ClientRow:
+    """A client as ``clients.json`` keeps it (its token as SHA-256 only), for `Store.restore_federation`."""
+
+    id: str
+    name: str | None
+    token_hash: str
+    active: bool
+    created_at: float
+
+
+@dataclass(frozen=True)
+class RestoredUpload:
+    client_id: str
+    digest: str
+    num_rows: int
+    bytes: int
+    received_at: float
+
+
+@dataclass(frozen=True)
+class RestoredRound:
+    """A round as `ktl admin check --repair` rebuilds it from the files on disk."""
+
+    round: int
+    state: str
+    opened_at: float
+    deadline_at: float
+    closed_at: float | None
+    published_at: float | None
+    error: str | None
+    uploads: list[RestoredUpload]
+
+
+@dataclass(frozen=True)
+class RoundFacts:
+    """What the round rules look at, read inside the transaction that applies their decision."""
+
+    federation_id: str
+    round: int
+    state: str
+    deadline_at: float
+    uploads: int
+    current_round: int
+
+
+@dataclass(frozen=True)
+class RoundChange:
+    """A decision of the round rules (`ktl.api.services.rounds`), applied by the store in the transaction
+    that read the facts: round ``close`` goes 'aligning' (closed at ``at``); round ``open`` opens at ``at``
+    with its deadline and becomes the federation's current round."""
+
+    at: float
+    close: int | None = None
+    open: int | None = None
+    deadline_at: float | None = None
+
+
+# The round rules, as the store calls them: the facts of a round → what changes (None: nothing).
+RoundRule = Callable[[RoundFacts], RoundChange | None]
+
+
+def unreadable_reason(exc: ValueError) -> str:
+    """One line saying why a stored spec cannot be read: the first failing field and the error."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "spec"
+        return f"{where}: {first['msg']}"
+    return str(exc).splitlines()[0]
+
+
 def _has_federation_folders(folder: Path) -> int:
     return sum(1 for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else 0
 
@@ -353,6 +433,9 @@ class Store:
         self.db_path = self.root / DB_NAME
         self._lock = threading.RLock()
         self._notes: dict[tuple[str, int], dict[str, Any]] = {}
+        # Federations whose stored row cannot be read (a spec an older server stored, e.g. a float it
+        # wrote as null): id → why. They are left out of lookups and listings instead of failing them.
+        self.set_aside: dict[str, str] = {}
         fed_dir = self.root / "federations"
         missing = not self.db_path.exists()
         wal = Path(f"{self.db_path}-wal")
@@ -395,6 +478,8 @@ class Store:
         if not maintenance:
             self._remove_leftovers()
             (self.root / "tmp").mkdir(exist_ok=True)
+            for row in self._query("SELECT * FROM federations ORDER BY created_at, rowid"):
+                self._federation(row)  # sets aside (and logs) every row that cannot be read
 
     def _migrate(self) -> None:
         """Create missing tables and add columns that older databases lack; a database that predates
@@ -467,10 +552,6 @@ class Store:
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
-
-    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        """Rows of a read-only query (for ``ktl admin check``)."""
-        return self._query(sql, args)
 
     def disk_free_bytes(self) -> int:
         return int(shutil.disk_usage(self.root).free)
@@ -670,14 +751,29 @@ class Store:
             self._write_spec_file(db, fid)
             self._write_clients_file(db, fid)
 
-    @staticmethod
-    def _federation(row: sqlite3.Row) -> FederationRecord:
-        spec = FederationSpec.model_validate_json(row["spec"])
+    def _federation(self, row: sqlite3.Row) -> FederationRecord | None:
+        """The record of a federation row, or None where the row cannot be read: then the federation is
+        set aside (`set_aside`, logged once) — one bad row must not fail every listing and the start-up."""
+        try:
+            spec = FederationSpec.model_validate_json(row["spec"])
+        except ValueError as exc:  # pydantic's ValidationError is one
+            why = unreadable_reason(exc)
+            if self.set_aside.get(row["id"]) != why:
+                logger.error(
+                    "federation %s is set aside: its stored spec cannot be read (%s); delete it "
+                    "(DELETE /v1/federations/%s) or fix its row, then restart",
+                    row["id"],
+                    why,
+                    row["id"],
+                )
+            self.set_aside[row["id"]] = why
+            return None
         return FederationRecord(
             row["id"], spec, row["etf_seed"], row["current_round"], row["created_at"], row["state"]
         )
 
     def get_federation(self, fid: str) -> FederationRecord | None:
+        """The federation, or None: unknown, or set aside (`set_aside` says why)."""
         rows = self._query("SELECT * FROM federations WHERE id = ?", (fid,))
         return self._federation(rows[0]) if rows else None
 
@@ -696,7 +792,7 @@ class Store:
         if limit is not None:
             sql += " LIMIT ?"
             args += (int(limit),)
-        return [self._federation(r) for r in self._query(sql, args)]
+        return [fed for r in self._query(sql, args) if (fed := self._federation(r)) is not None]
 
     def set_federation_state(self, fid: str, state: str) -> bool:
         """Set a federation 'active' or 'paused'; False if it does not exist."""
@@ -733,6 +829,7 @@ class Store:
                 trash.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(folder, trash)
         self._notes = {k: v for k, v in self._notes.items() if k[0] != fid}
+        self.set_aside.pop(fid, None)
         shutil.rmtree(trash, ignore_errors=True)
         return True
 
@@ -906,9 +1003,11 @@ class Store:
         received_bytes: int,
         now: float,
         metrics: str | None = None,
+        rule: RoundRule | None = None,
     ) -> UploadResult:
         """Store an upload for round ``r`` (with the client's evaluation ``metrics``, JSON, if it sent
-        any) and close the round if it completes the quorum.
+        any); then, in the same transaction, apply what ``rule`` (the rounds service's) decides from the
+        round's facts — closing the round when the upload completes its quorum.
 
         Raises `ConflictError` for a round that is not the open one, for a different second upload by the
         same client, or for a client removed while its upload arrived; `InsufficientStorageError` when the
@@ -936,48 +1035,66 @@ class Store:
                     "received_at, metrics) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (fed.id, r, client_id, digest, num_rows, received_bytes, now, metrics),
                 )
-                count = self._count_uploads(db, fed.id, r)
-                closed = count >= fed.spec.quorum
-                if closed:
-                    self._close_round(db, fed, r, now)
+                facts = self._round_facts(db, fed.id, r)
+                change = rule(facts) if rule is not None and facts is not None else None
+                if change is not None:
+                    self._apply(db, fed.id, change)
+                closed = change is not None and change.close == r
                 return UploadResult(
-                    duplicate=False, uploads=count, state="aligning" if closed else "open", closed=closed
+                    duplicate=False,
+                    uploads=facts.uploads if facts is not None else 0,
+                    state="aligning" if closed else "open",
+                    closed=closed,
                 )
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _close_round(self, db: sqlite3.Connection, fed: FederationRecord, r: int, now: float) -> None:
-        db.execute(
-            "UPDATE rounds SET state = 'aligning', closed_at = ? WHERE federation_id = ? AND round = ?",
-            (now, fed.id, r),
-        )
-        self._open_round(db, fed.id, r + 1, now, fed.spec.round_deadline_s)
+    def _round_facts(self, db: sqlite3.Connection, fid: str, r: int) -> RoundFacts | None:
+        row = db.execute(
+            "SELECT r.state, r.deadline_at, f.current_round FROM rounds r JOIN federations f "
+            "ON f.id = r.federation_id WHERE r.federation_id = ? AND r.round = ?",
+            (fid, r),
+        ).fetchone()
+        if row is None:
+            return None
+        return RoundFacts(fid, r, str(row[0]), float(row[1]), self._count_uploads(db, fid, r), int(row[2]))
 
     @staticmethod
-    def _open_round(db: sqlite3.Connection, fid: str, r: int, now: float, deadline_s: float) -> None:
-        db.execute(
-            "INSERT INTO rounds (federation_id, round, state, opened_at, deadline_at) VALUES (?, ?, 'open', ?, ?)",
-            (fid, r, now, now + deadline_s),
-        )
-        db.execute("UPDATE federations SET current_round = ? WHERE id = ?", (r, fid))
+    def _apply(db: sqlite3.Connection, fid: str, change: RoundChange) -> None:
+        """Inside a transaction: close round ``change.close`` (if still open), open ``change.open``."""
+        if change.close is not None:
+            db.execute(
+                "UPDATE rounds SET state = 'aligning', closed_at = ? "
+                "WHERE federation_id = ? AND round = ? AND state = 'open'",
+                (change.at, fid, change.close),
+            )
+        if change.open is not None:
+            if change.deadline_at is None:
+                raise ValueError("a round opens with its deadline")
+            db.execute(
+                "INSERT INTO rounds (federation_id, round, state, opened_at, deadline_at) "
+                "VALUES (?, ?, 'open', ?, ?)",
+                (fid, change.open, change.at, change.deadline_at),
+            )
+            db.execute("UPDATE federations SET current_round = ? WHERE id = ?", (change.open, fid))
 
-    def close_if_ready(self, fid: str, r: int, now: float) -> bool:
-        """Close open round ``r`` if the lifecycle rule says so: its uploads reach the quorum, or its
-        deadline has passed with at least one upload. Used by the deadline scheduler and by recovery."""
+    def change_round(self, fid: str, r: int, rule: RoundRule) -> bool:
+        """Apply what ``rule`` decides for open round ``r`` from its facts, read and applied in one
+        transaction (the deadline scheduler and recovery close rounds this way). False if the round is not
+        open or the rule changes nothing."""
         with self.transaction() as db:
-            fed = self.get_federation(fid)
-            row = db.execute(
-                "SELECT state, deadline_at FROM rounds WHERE federation_id = ? AND round = ?", (fid, r)
-            ).fetchone()
-            if fed is None or row is None or row[0] != "open":
+            facts = self._round_facts(db, fid, r)
+            if facts is None or facts.state != "open":
                 return False
-            n = self._count_uploads(db, fid, r)
-            if n < fed.spec.quorum and not (row[1] <= now and n >= 1):
+            change = rule(facts)
+            if change is None:
                 return False
-            self._close_round(db, fed, r, now)
+            self._apply(db, fid, change)
             return True
 
-    def due_rounds(self, now: float) -> list[tuple[str, int]]:
+    def open_rounds_past_deadline(self, now: float) -> list[tuple[str, int]]:
+        """Open rounds whose deadline has passed and that hold an upload (the candidates the deadline rule
+        looks at: a round without uploads stays open whatever the time, so it is not even read)."""
         rows = self._query(
             "SELECT r.federation_id, r.round FROM rounds r WHERE r.state = 'open' AND r.deadline_at <= ? "
             "AND EXISTS (SELECT 1 FROM uploads u WHERE u.federation_id = r.federation_id AND u.round = r.round)",
@@ -1107,25 +1224,22 @@ class Store:
             (fid, r),
         )
 
-    def cancel_round(self, fid: str, r: int, reason: str, now: float) -> bool:
-        """End an open or aligning round as failed with ``reason``. Cancelling the open round opens the
-        next one (the federation goes on). False if the round is neither open nor aligning."""
+    def cancel_round(self, fid: str, r: int, reason: str, now: float, rule: RoundRule | None = None) -> bool:
+        """End an open or aligning round as failed with ``reason``, then apply what ``rule`` decides from
+        the round's facts before the cancel (the rounds service opens the next round when the open one
+        is cancelled). False if the round is neither open nor aligning."""
         with self.transaction() as db:
-            row = db.execute(
-                "SELECT r.state, f.current_round, f.spec FROM rounds r JOIN federations f ON f.id = r.federation_id "
-                "WHERE r.federation_id = ? AND r.round = ?",
-                (fid, r),
-            ).fetchone()
-            if row is None or row[0] not in ("open", "aligning"):
+            facts = self._round_facts(db, fid, r)
+            if facts is None or facts.state not in ("open", "aligning"):
                 return False
             db.execute(
                 "UPDATE rounds SET state = 'failed', closed_at = COALESCE(closed_at, ?), published_at = ?, "
                 "error = ? WHERE federation_id = ? AND round = ?",
                 (now, now, reason[:2000], fid, r),
             )
-            if row[0] == "open" and int(row[1]) == r:
-                spec = FederationSpec.model_validate_json(row[2])
-                self._open_round(db, fid, r + 1, now, spec.round_deadline_s)
+            change = rule(facts) if rule is not None else None
+            if change is not None:
+                self._apply(db, fid, change)
         with self._lock:
             self._notes.pop((fid, r), None)
         return True
@@ -1206,6 +1320,99 @@ class Store:
                 raise _no_space_error("the method's state") from None
             raise
         return path
+
+    # -- what ktl admin check reads and rebuilds ---------------------------------------------------------
+
+    def schema_is_current(self) -> bool:
+        """Whether the database has every table and added column of this version (`_SCHEMA`,
+        `_ADDED_COLUMNS`); an older one is migrated when a server opens it."""
+        tables = {r[0] for r in self._query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not set(_TABLES) <= tables:
+            return False
+        return all(
+            column in {r[1] for r in self._query(f"PRAGMA table_info({table})")}
+            for table, column, _ in _ADDED_COLUMNS
+        )
+
+    def federation_specs(self) -> dict[str, str]:
+        """Every federation's stored spec as it is in its row (JSON text, unparsed): id → spec."""
+        return {
+            r[0]: r[1] for r in self._query("SELECT id, spec FROM federations ORDER BY created_at, rowid")
+        }
+
+    def upload_keys(self) -> list[tuple[str, int, str]]:
+        """(federation, round, client) of every upload row."""
+        return [
+            (r[0], int(r[1]), r[2])
+            for r in self._query("SELECT federation_id, round, client_id FROM uploads")
+        ]
+
+    def published_rounds(self) -> list[tuple[str, int]]:
+        """(federation, round) of every published round."""
+        return [
+            (r[0], int(r[1]))
+            for r in self._query("SELECT federation_id, round FROM rounds WHERE state = 'published'")
+        ]
+
+    def finished_jobs(self) -> list[str]:
+        """The ids of the jobs whose result is written (state 'done')."""
+        return [r[0] for r in self._query("SELECT id FROM jobs WHERE state = 'done'")]
+
+    def forget_file(self, path: Path | str) -> bool:
+        """Delete one file's checksum row; True if there was one."""
+        with self.transaction() as db:
+            return db.execute("DELETE FROM files WHERE path = ?", (self.rel(path),)).rowcount > 0
+
+    def restore_federation(
+        self,
+        fid: str,
+        spec: FederationSpec,
+        etf_seed: int,
+        created_at: float,
+        clients: list[ClientRow],
+        plan: Callable[[set[str]], tuple[list[RestoredRound], int]],
+    ) -> None:
+        """Write a federation's rows as `ktl admin check --repair` rebuilds them from its folder, in one
+        transaction: its row, its clients (one whose id or token another already holds is skipped), then
+        the rounds and uploads ``plan`` makes of the clients written (their ids), and its current round."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO federations (id, spec, etf_seed, current_round, created_at, state) "
+                "VALUES (?, ?, ?, 1, ?, 'active')",
+                (fid, spec.model_dump_json(), etf_seed, created_at),
+            )
+            written: set[str] = set()
+            for c in clients:
+                added = db.execute(
+                    "INSERT OR IGNORE INTO clients (id, federation_id, name, token_hash, active, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (c.id, fid, c.name, c.token_hash, int(c.active), c.created_at),
+                )
+                if added.rowcount > 0:
+                    written.add(c.id)
+            rounds, current = plan(written)
+            for rnd in rounds:
+                db.execute(
+                    "INSERT INTO rounds (federation_id, round, state, opened_at, deadline_at, closed_at, "
+                    "published_at, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        fid,
+                        rnd.round,
+                        rnd.state,
+                        rnd.opened_at,
+                        rnd.deadline_at,
+                        rnd.closed_at,
+                        rnd.published_at,
+                        rnd.error,
+                    ),
+                )
+                for u in rnd.uploads:  # the clients' metrics are not on disk: not rebuilt
+                    db.execute(
+                        "INSERT INTO uploads (federation_id, round, client_id, digest, num_rows, bytes, "
+                        "received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (fid, rnd.round, u.client_id, u.digest, u.num_rows, u.bytes, u.received_at),
+                    )
+            db.execute("UPDATE federations SET current_round = ? WHERE id = ?", (current, fid))
 
     # -- jobs -------------------------------------------------------------------------------------
 

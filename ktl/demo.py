@@ -44,7 +44,7 @@ class DemoOptions:
     seed: int = 0
     preset: str = "cpu-small"  # data, models and local training of this preset
     out: Path | None = None  # run folder; default runs/demo-<time>
-    keep_serving: bool = False  # leave the server up (Ctrl-C to stop) for a look at /docs and the grids
+    keep_serving: bool = False  # leave the server up (Ctrl-C to stop) for a look at the console and the grids
     method: str = "fedktl"  # any registered method that exchanges payloads
     overrides: dict[str, Any] = field(default_factory=dict)  # settings, as `ktl simulate` takes them
 
@@ -94,7 +94,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     service: KtlService = api.state.service
     server = ServerThread(api, host, port).start()
     logger.info(
-        "ktl server on %s (API docs: %s/docs), state in %s", server.url, server.url, settings.data_dir
+        "ktl server on %s (OpenAPI schema: %s/openapi.json), state in %s", server.url, server.url, settings.data_dir
     )
     transport = HttpTransport(
         server.url,

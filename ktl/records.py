@@ -9,8 +9,11 @@ n uploaded rows, m pairs.
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -19,7 +22,15 @@ from safetensors.torch import save as st_save
 
 from ktl.errors import PayloadError
 
-__all__ = ["Prototypes", "Pairs", "Weights", "PROTOTYPE_NORM_TOLERANCE", "WEIGHT_LIMIT"]
+__all__ = [
+    "DuplicateKeyError",
+    "Prototypes",
+    "Pairs",
+    "Weights",
+    "PROTOTYPE_NORM_TOLERANCE",
+    "WEIGHT_LIMIT",
+    "loads_unique",
+]
 
 # Uploaded prototypes are unit vectors; fp16 rounding moves a norm by < 1e-3, so 1e-2 only rejects
 # vectors that were never normalised.
@@ -32,9 +43,49 @@ _WEIGHT_PREFIX = "weights."
 _COUNTS = "counts"
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object (a request body, a safetensors header) names one key twice."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"duplicate key {key!r} in a JSON object")
+        self.key = key
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
+def loads_unique(text: str | bytes) -> Any:
+    """``json.loads`` that raises `DuplicateKeyError` for a key given twice in one object (the standard
+    parser, and safetensors' header parser, keep one silently: a reviewer and the server would read
+    different values)."""
+    return json.loads(text, object_pairs_hook=_unique)
+
+
+def _st_load(data: bytes) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load`` after checking that the header names each tensor once."""
+    if len(data) >= 8:
+        (size,) = struct.unpack("<Q", data[:8])
+        if size <= len(data) - 8:
+            try:
+                loads_unique(data[8 : 8 + size])
+            except DuplicateKeyError as exc:
+                raise PayloadError(
+                    "duplicate_tensor", f"the safetensors header names tensor {exc.key!r} twice"
+                ) from None
+            except ValueError:
+                pass  # not JSON: safetensors says what is wrong
+    return st_load(data)
+
+
 def _load_tensors(data: bytes, required: tuple[str, ...]) -> dict[str, torch.Tensor]:
     try:
-        tensors = st_load(data)
+        tensors = _st_load(data)
     except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
         raise PayloadError("not_safetensors", f"body is not a safetensors file: {exc}") from exc
     missing = [k for k in required if k not in tensors]
@@ -254,7 +305,7 @@ class Weights:
     @classmethod
     def from_bytes(cls, data: bytes) -> Weights:
         try:
-            tensors = st_load(data)
+            tensors = _st_load(data)
         except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
             raise PayloadError("not_safetensors", f"body is not a safetensors file: {exc}") from exc
         if _COUNTS not in tensors:

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Path, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
+from ktl.api.bodies import StrictJSONRoute
 from ktl.api.deps import Admin, FederationAccess, FederationId, ServiceDep
 from ktl.api.routers.paging import After, ListLimit, next_page
 from ktl.api.schemas import (
@@ -25,7 +26,12 @@ from ktl.api.schemas import (
 from ktl.api.service import KtlService
 from ktl.api.store import ClientRecord, FederationRecord
 
-router = APIRouter(prefix="/v1/federations", tags=["federations"], responses={401: {"model": ErrorBody}})
+router = APIRouter(
+    prefix="/v1/federations",
+    tags=["federations"],
+    responses={401: {"model": ErrorBody}},
+    route_class=StrictJSONRoute,
+)
 
 
 class ClientRegistration(BaseModel):

@@ -27,7 +27,8 @@ async def healthz() -> dict[str, str]:
 async def readyz(service: ServiceDep) -> JSONResponse:
     """Generators loaded, store open, every device worker running (``devices``; rounds on the first,
     ``device``), and at least ``min_free_bytes`` free on the data folder's disk (``disk_free_bytes``;
-    below it the status is ``low_disk`` and uploads get 507)."""
+    below it the status is ``low_disk`` and uploads get 507). ``set_aside``: the federations whose stored
+    row cannot be read (id → why), left out of every listing until deleted or fixed."""
     try:
         free = int(shutil.disk_usage(service.settings.data_dir).free)
     except OSError:  # the data folder vanished: nothing can be stored
@@ -42,6 +43,8 @@ async def readyz(service: ServiceDep) -> JSONResponse:
         "devices": [str(d) for d in service.devices],  # one worker each; batch jobs run on all
         "disk_free_bytes": free,
         "min_free_bytes": service.settings.min_free_bytes,
+        # Federations whose stored row cannot be read, and why: left out of listings (fix or delete them).
+        "set_aside": dict(service.store.set_aside),
     }
     return JSONResponse(body, status_code=200 if status == "ready" else 503)
 

@@ -8,13 +8,17 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, Response, status
 from fastapi.responses import FileResponse
 
+from ktl.api.bodies import StrictJSONRoute
 from ktl.api.deps import Admin, ServiceDep
 from ktl.api.routers.paging import After, ListLimit, next_page
 from ktl.api.schemas import ErrorBody, JobOut, JobSpec, file_responses
 from ktl.api.store import JobRecord
 
 router = APIRouter(
-    prefix="/v1/jobs", tags=["jobs"], responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}}
+    prefix="/v1/jobs",
+    tags=["jobs"],
+    responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+    route_class=StrictJSONRoute,
 )
 
 JobId = Annotated[str, Path(min_length=1, max_length=64)]

@@ -6,12 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response, status
 
+from ktl.api.bodies import StrictJSONRoute
 from ktl.api.deps import Admin, ClientCaller, FederationAccess, RoundIndex, ServiceDep, UploadBody
 from ktl.api.schemas import ErrorBody, MetricSummary, RoundOut, UploadOut, file_responses
 from ktl.api.services.evaluation import MAX_METRICS_HEADER, METRICS_HEADER
 from ktl.quality import QUALITY_PNG
 
 router = APIRouter(
+    route_class=StrictJSONRoute,
     prefix="/v1/federations/{fid}/rounds/{r}",
     tags=["rounds"],
     responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody}},

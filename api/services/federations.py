@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 from functools import lru_cache
 
 import torch
@@ -15,9 +16,10 @@ from ktl.api.schemas import FederationSpec
 from ktl.api.services.base import ServerParts, Service
 from ktl.api.store import ClientRecord, FederationRecord
 from ktl.clients import simplex_etf
-from ktl.errors import InvalidRequestError, NotFoundError, RateLimitedError
+from ktl.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitedError
 from ktl.generator import Generator
 from ktl.methods import Method, MethodContext, PrivacySettings
+from ktl.runner import method_context
 
 __all__ = ["FederationService", "hash_token"]
 
@@ -40,6 +42,11 @@ def _etf(num_classes: int, dim: int, seed: int) -> torch.Tensor:
 @lru_cache(maxsize=8)
 def _etf_bytes(num_classes: int, dim: int, seed: int) -> bytes:
     return st_save({"etf": _etf(num_classes, dim, seed)})
+
+
+# One build at a time: a cold burst of GET …/etf at C = 1000, K = 4096 built the ETF once per request at
+# once (~1 GB); under the lock the first builds it and the others read the cache.
+_etf_lock = threading.Lock()
 
 
 class FederationService(Service):
@@ -86,6 +93,12 @@ class FederationService(Service):
 
     def get(self, fid: str) -> FederationRecord:
         fed = self.store.get_federation(fid)
+        if fed is None and fid in self.store.set_aside:
+            raise ConflictError(
+                "unreadable_federation",
+                f"federation {fid} is set aside: its stored spec cannot be read "
+                f"({self.store.set_aside[fid]}); delete it, or fix its row and restart",
+            )
         if fed is None:
             raise NotFoundError("unknown_federation", f"no federation {fid!r}")
         return fed
@@ -108,15 +121,17 @@ class FederationService(Service):
 
     def delete(self, fid: str) -> None:
         """Delete a federation, its clients, rounds and files (refused while a round is aligning: pause it
-        and cancel that round first)."""
-        self.get(fid)
+        and cancel that round first). A federation set aside (its row cannot be read) may be deleted."""
+        if fid not in self.store.set_aside:
+            self.get(fid)
         self.store.delete_federation(fid)
         self._validators.pop(fid, None)
         self._costs.pop(fid, None)
 
     def etf(self, fed: FederationRecord) -> torch.Tensor:
         """The ``(K, C)`` simplex ETF every client of ``fed`` trains against."""
-        return _etf(fed.spec.num_classes, fed.spec.dim, fed.etf_seed)
+        with _etf_lock:
+            return _etf(fed.spec.num_classes, fed.spec.dim, fed.etf_seed)
 
     def etf_json(self, fed: FederationRecord) -> list[list[float]]:
         """The ETF as nested lists, for small federations (``etf_too_large`` beyond `MAX_ETF_JSON_VALUES`)."""
@@ -131,11 +146,12 @@ class FederationService(Service):
 
     def etf_bytes(self, fed: FederationRecord) -> bytes:
         """The ETF as safetensors (``etf``: K × C float32), built once per federation shape and seed."""
-        return _etf_bytes(fed.spec.num_classes, fed.spec.dim, fed.etf_seed)
+        with _etf_lock:
+            return _etf_bytes(fed.spec.num_classes, fed.spec.dim, fed.etf_seed)
 
     def method_context(self, fed: FederationRecord, *, with_generator: bool = True) -> MethodContext:
         """What the federation's method may know, on this server's device."""
-        return MethodContext(
+        return method_context(
             num_classes=fed.spec.num_classes,
             proto_dim=fed.spec.dim,
             class_names=fed.spec.class_names,

@@ -26,9 +26,9 @@ from ktl.api.schemas import JobSpec
 from ktl.api.services.base import ServerParts, Service
 from ktl.api.services.federations import FederationService
 from ktl.api.services.rounds import RoundService
-from ktl.api.store import JobRecord
+from ktl.api.store import STORAGE_PREFIX, JobRecord, is_no_space
 from ktl.api.worker import JOB_PRIORITY, AnyTask, DeviceWorker
-from ktl.errors import ConflictError, InvalidRequestError, KtlError, NotFoundError
+from ktl.errors import ConflictError, InsufficientStorageError, InvalidRequestError, KtlError, NotFoundError
 from ktl.generator import Generator
 
 __all__ = ["JobService"]
@@ -147,8 +147,25 @@ class JobService(Service):
             )
         return plan
 
+    @staticmethod
+    def result_bytes(plan: JobPlan) -> int:
+        """The size of a job's result file (images as uint8, latents as float32, class ids), headers aside."""
+        g = plan.generator
+        return plan.total * (g.num_channels * g.image_size**2 + 4 * g.latent_dim + 8)
+
+    def _room_for(self, plan: JobPlan) -> tuple[bool, str]:
+        """Whether the result fits on the disk and leaves ``min_free_bytes`` free, and the numbers."""
+        need, free = self.result_bytes(plan), self.store.disk_free_bytes()
+        keep = self.settings.min_free_bytes
+        return free - need >= keep, f"its result needs {need} bytes; {free} are free and {keep} are kept free (min_free_bytes)"
+
     def create(self, spec: JobSpec) -> JobRecord:
+        """Queue a job (507 ``insufficient_storage`` when its result would leave less than
+        ``min_free_bytes`` free: a 10k-image job filled the disk and uploads got 507)."""
         plan = self.plan(spec)
+        fits, numbers = self._room_for(plan)
+        if not fits:
+            raise InsufficientStorageError("insufficient_storage", f"no room for this job: {numbers}")
         job = self.store.create_job(spec, plan.total, self.clock())
         self.enqueue(job.id)
         return job
@@ -257,18 +274,24 @@ class JobService(Service):
         """Claim the queued job (queued → running: one start wins when it was queued twice), plan it,
         open its result file and queue one lane per device (at most one per batch)."""
         try:
-            if not self.store.update_job(
-                job_id, only_if=("queued",), state="running", started_at=self.clock(), done=0
-            ):
-                return None  # cancelled, gone, or another start has it
-            job = self.store.get_job(job_id)
-            if job is None:
+            queued = self.store.get_job(job_id)
+            if queued is None or queued.state != "queued":
                 return None
             try:
-                plan = self.plan(job.spec)
+                plan = self.plan(queued.spec)
             except KtlError as exc:  # e.g. the federation's round files vanished
                 self._failed(job_id, str(exc))
                 return None
+            fits, numbers = self._room_for(plan)
+            if not fits:  # it waits, queued: `reconcile` tries again
+                if not (queued.error or "").startswith(STORAGE_PREFIX):
+                    logger.warning("job %s waits for disk space: %s", job_id, numbers)
+                    self.store.update_job(job_id, only_if=("queued",), error=f"{STORAGE_PREFIX} waiting: {numbers}")
+                return None
+            if not self.store.update_job(
+                job_id, only_if=("queued",), state="running", started_at=self.clock(), done=0, error=None
+            ):
+                return None  # cancelled, gone, or another start has it
             generator = plan.generator
             shape = (plan.total, generator.num_channels, generator.image_size, generator.image_size)
             try:
@@ -282,8 +305,7 @@ class JobService(Service):
                     on_commit=self.store.record_file,  # its checksum, recorded as it is renamed into place
                 )
             except Exception as exc:  # a full disk
-                logger.exception("job %s failed", job_id)
-                self._failed(job_id, f"{type(exc).__name__}: {exc}")
+                self._failed_or_wait(job_id, exc)
                 return None
             now = time.perf_counter()
             run = _JobRun(job_id, plan, writer, self.settings.job_batch_size, now, last_progress=now)
@@ -365,8 +387,7 @@ class JobService(Service):
                 if not isinstance(exc, WriterClosedError):
                     logger.warning("job %s: a batch failed after the job ended: %s", run.job_id, exc)
                 return
-            logger.error("job %s failed", run.job_id, exc_info=exc)
-            self._failed(run.job_id, f"{type(exc).__name__}: {exc}")
+            self._failed_or_wait(run.job_id, exc)
         finally:
             self._release(run.job_id)
 
@@ -382,11 +403,28 @@ class JobService(Service):
             else:  # cancelled while its last batch ran
                 self.metrics.jobs.labels(outcome="cancelled").inc()
         except Exception as exc:
-            logger.exception("job %s failed", run.job_id)
             run.writer.abort()
-            self._failed(run.job_id, f"{type(exc).__name__}: {exc}")
+            self._failed_or_wait(run.job_id, exc)
         finally:
             self._release(run.job_id)
+
+    def _failed_or_wait(self, job_id: str, exc: Exception) -> None:
+        """A job that ran out of disk goes back to the queue (from its first image) and runs again once
+        there is space, as a round does (`reconcile` waits while the disk is short); any other error fails
+        it."""
+        if is_no_space(exc):
+            logger.warning("job %s ran out of disk space; it waits, queued, for space: %s", job_id, exc)
+            if self.store.update_job(
+                job_id,
+                only_if=("running",),
+                state="queued",
+                done=0,
+                started_at=None,
+                error=f"{STORAGE_PREFIX} the disk filled up; waiting for space ({type(exc).__name__})",
+            ):
+                return
+        logger.error("job %s failed", job_id, exc_info=exc)
+        self._failed(job_id, f"{type(exc).__name__}: {exc}")
 
     def _failed(self, job_id: str, error: str) -> None:
         """Record the failure (not over a cancel); may raise, e.g. on a full disk: `reconcile` then finds

@@ -25,16 +25,26 @@ from ktl.api.services.base import ServerParts, Service
 from ktl.api.services.evaluation import parse_upload_metrics, summarize
 from ktl.api.services.federations import FederationService
 from ktl.api.services.jsonparse import parse_json_bounded
-from ktl.api.store import ClientRecord, FederationRecord, RoundRecord, UploadRecord, UploadResult
+from ktl.api.services.ledger import StepLedger
+from ktl.api.store import (
+    ClientRecord,
+    FederationRecord,
+    RoundChange,
+    RoundFacts,
+    RoundRecord,
+    RoundRule,
+    UploadRecord,
+    UploadResult,
+)
 from ktl.api.worker import ROUND_PRIORITY, Task
 from ktl.errors import ConflictError, CorruptFileError, NotFoundError, PayloadError, UnsupportedMediaError
 from ktl.methods import Method, ServerUpdate, load_method
 from ktl.quality import QUALITY_FILE
-from ktl.records import Prototypes
+from ktl.records import DuplicateKeyError, Prototypes, loads_unique
 from ktl.runner import published_files, server_work
 from ktl.work import Work
 
-__all__ = ["RoundService", "SAFETENSORS_TYPES"]
+__all__ = ["RoundService", "SAFETENSORS_TYPES", "cancel_rule", "due_rule", "next_round", "quorum_rule"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +64,51 @@ class _Step:
     work: Work[ServerUpdate] | None = None
 
 
+# -- the round rules -----------------------------------------------------------------------------------
+# A round is open until its uploads reach the quorum, or its deadline passes with at least one upload; it
+# then closes ('aligning') and the next round opens at once with its own deadline. Cancelling the open
+# round opens the next one too. The store applies these decisions in the transaction that read the facts.
+
+
+def next_round(fed: FederationRecord, r: int, now: float, *, close: bool = True) -> RoundChange:
+    """Round ``r`` ends (closes, unless it was cancelled) and round ``r + 1`` opens with the federation's
+    deadline."""
+    return RoundChange(
+        at=now, close=r if close else None, open=r + 1, deadline_at=now + fed.spec.round_deadline_s
+    )
+
+
+def quorum_rule(fed: FederationRecord, now: float) -> RoundRule:
+    """After an upload: the round closes when its uploads reach the quorum."""
+
+    def rule(facts: RoundFacts) -> RoundChange | None:
+        return next_round(fed, facts.round, now) if facts.uploads >= fed.spec.quorum else None
+
+    return rule
+
+
+def due_rule(fed: FederationRecord, now: float) -> RoundRule:
+    """The deadline scheduler and recovery: the quorum is in, or the deadline passed with ≥ 1 upload."""
+
+    def rule(facts: RoundFacts) -> RoundChange | None:
+        due = facts.uploads >= fed.spec.quorum or (facts.deadline_at <= now and facts.uploads >= 1)
+        return next_round(fed, facts.round, now) if due else None
+
+    return rule
+
+
+def cancel_rule(fed: FederationRecord, now: float) -> RoundRule:
+    """Cancelling the federation's open round opens the next one (the federation goes on); cancelling an
+    aligning round changes nothing else (its successor is already open)."""
+
+    def rule(facts: RoundFacts) -> RoundChange | None:
+        if facts.state == "open" and facts.current_round == facts.round:
+            return next_round(fed, facts.round, now, close=False)
+        return None
+
+    return rule
+
+
 class RoundService(Service):
     """What the routes under ``/v1/federations/{fid}/rounds/{r}`` do, and the round's device task."""
 
@@ -62,6 +117,8 @@ class RoundService(Service):
         self.federations = federations
         self._methods: dict[str, tuple[int, Method]] = {}  # fid → (last round, its warm method)
         self._running: dict[str, int] = {}  # fid → the round whose server step is under way
+        # Which of them is executing, kept on disk: a crash is charged to that round only (`recover`).
+        self._ledger = StepLedger(self.store.root)
         # Rounds with a server step queued or running on the worker (one chain of tasks per round at most).
         self._in_flight: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
@@ -88,7 +145,13 @@ class RoundService(Service):
 
             def parse() -> bytes:
                 try:
-                    data = PrototypesJSON.model_validate_json(body)
+                    loads_unique(body)
+                except DuplicateKeyError as exc:
+                    raise PayloadError("bad_json", f"bad JSON body: {exc}") from None
+                except ValueError:
+                    pass  # not JSON: pydantic says where
+                try:  # strict: "1" or true for a number is refused, as in every request body
+                    data = PrototypesJSON.model_validate_json(body, strict=True)
                 except ValidationError as exc:
                     err = exc.errors()[0]
                     where = ".".join(str(x) for x in err["loc"]) or "body"
@@ -130,6 +193,17 @@ class RoundService(Service):
             raise ConflictError("federation_paused", f"federation {fed.id} is paused by its operator")
         evaluation = parse_upload_metrics(metrics) if metrics is not None else None
         upload = self.federations.validator(fed).validate_upload(self.decode_body(body, content_type))
+        counts = getattr(upload, "counts", None)  # the weight of each row in the aggregate
+        if (
+            isinstance(counts, torch.Tensor)
+            and counts.numel()
+            and int(counts.max()) > fed.spec.max_samples_per_class
+        ):
+            raise PayloadError(
+                "counts",
+                f"counts go up to {int(counts.max())}; this federation accepts at most "
+                f"{fed.spec.max_samples_per_class} samples per class (max_samples_per_class)",
+            )
         privacy = self.federations.privacy(fed)
         if privacy is not None and privacy.rounds is not None and r > privacy.rounds:
             raise ConflictError(
@@ -144,10 +218,11 @@ class RoundService(Service):
             client.id,
             canonical,
             digest,
-            upload.vectors.shape[0],
+            upload.rows,
             len(body),
             self.clock(),
             metrics=evaluation.to_json() if evaluation is not None else None,
+            rule=quorum_rule(fed, self.clock()),
         )
         if not result.duplicate:
             self.metrics.uploads.inc()
@@ -238,11 +313,11 @@ class RoundService(Service):
         """Close every open round whose deadline passed with at least one upload; returns how many."""
         now = self.clock()
         closed = 0
-        for fid, r in self.store.due_rounds(now):
+        for fid, r in self.store.open_rounds_past_deadline(now):
             fed = self.store.get_federation(fid)
             if fed is None or fed.state != "active":  # a paused federation's rounds wait
                 continue
-            if self.store.close_if_ready(fid, r, now):
+            if self.store.change_round(fid, r, due_rule(fed, now)):
                 logger.info("%s round %d closed at its deadline", fid, r)
                 self.enqueue(fid, r)
                 closed += 1
@@ -267,8 +342,10 @@ class RoundService(Service):
     def cancel(self, fid: str, r: int) -> RoundRecord:
         """The operator ends an open or aligning round (failed, ``cancelled by the operator``); a step under
         way stops at its next slice, and cancelling the open round opens the next one."""
+        fed = self.federations.get(fid)
         self.get(fid, r)
-        if not self.store.cancel_round(fid, r, "cancelled by the operator", self.clock()):
+        now = self.clock()
+        if not self.store.cancel_round(fid, r, "cancelled by the operator", now, cancel_rule(fed, now)):
             rnd = self.get(fid, r)
             raise ConflictError("round_finished", f"round {r} is already {rnd.state}", state=rnd.state)
         logger.info("%s round %d cancelled by the operator", fid, r)
@@ -283,6 +360,7 @@ class RoundService(Service):
                 "%s round %d: its server step stops with the server; it runs again at start-up", fid, r
             )
         self._running.clear()
+        self._ledger.clear()
 
     def forget(self, fid: str) -> None:
         """Drop what is kept in memory for a deleted federation."""
@@ -297,13 +375,38 @@ class RoundService(Service):
     def recover(self) -> None:
         """After a restart: close rounds that are due (quorum in, or deadline passed with an upload) and
         align every round left aligning."""
+        self._charge_the_crash()
         now = self.clock()
         for rnd in self.store.rounds_in_state("open"):
-            if self.store.close_if_ready(rnd.federation_id, rnd.round, now):  # aligned by the next loop
+            fed = self.store.get_federation(rnd.federation_id)
+            if fed is None:  # set aside: its rounds wait
+                continue
+            if self.store.change_round(fed.id, rnd.round, due_rule(fed, now)):  # aligned by the next loop
                 logger.info("recovery: %s round %d was due; closing it", rnd.federation_id, rnd.round)
         for rnd in self.store.rounds_in_state("aligning"):
             logger.info("recovery: aligning %s round %d", rnd.federation_id, rnd.round)
             self.enqueue(rnd.federation_id, rnd.round)
+
+    def _charge_the_crash(self) -> None:
+        """At start-up: of the steps the previous life left under way, only the one that was executing
+        keeps the attempt it was charged; the others get theirs back (`ktl.api.services.ledger`)."""
+        ledger = self._ledger.read()
+        if ledger is not None:
+            for fid, r in ledger.started:
+                if (fid, r) == ledger.executing:
+                    logger.warning(
+                        "%s round %d: the server stopped while its server step was executing; that "
+                        "counts as one of its %d attempts",
+                        fid,
+                        r,
+                        self.settings.max_round_attempts,
+                    )
+                else:
+                    self.store.release_attempt(fid, r)
+        self._ledger.clear()
+
+    def _executing(self, step: tuple[str, int] | None) -> None:
+        self._ledger.write(self._running, step)
 
     def enqueue(self, fid: str, r: int) -> bool:
         """Queue round ``r``'s server step, unless one is already queued or running; True if queued."""
@@ -429,20 +532,24 @@ class RoundService(Service):
         # round) is tried max_round_attempts times, then fails with the reason, instead of forever.
         attempt = self.store.start_attempt(fid, r)
         if attempt > self.settings.max_round_attempts:
-            self._fail(
-                step,
-                RuntimeError(
-                    f"attempts_exhausted: the server step was started {attempt - 1} times and never "
-                    "finished (the server stopped during each); the round is given up"
-                ),
+            reason = (
+                f"attempts_exhausted: the server stopped during this round's server step {attempt - 1} "
+                "times; the round is given up and the federation paused (resume it to go on)"
             )
+            self._fail(step, RuntimeError(reason))
+            # Its next rounds would likely do the same: the federation waits for the operator.
+            self.store.set_federation_state(fid, "paused")
+            logger.error("%s paused: round %d's server step kept stopping the server", fid, r)
             return None
+        self._executing((fid, r))
         try:
             step.method = self._method_for(fed, r)
             step.work = server_work(step.method, self.store.load_uploads(fid, r), r)
         except Exception as exc:
             self._fail(step, exc)
             return None
+        finally:
+            self._executing(None)
         return partial(self._run_slice, step)
 
     def _run_slice(self, step: _Step) -> Task | None:
@@ -450,6 +557,15 @@ class RoundService(Service):
         federations' work; publish when the step ends. Between slices the step stops if its round was
         cancelled or its time budget (``max_align_seconds`` of its own running time) is spent."""
         if step.work is None or step.method is None:
+            return None
+        self._executing((step.fid, step.r))
+        try:
+            return self._slice(step)
+        finally:
+            self._executing(None)
+
+    def _slice(self, step: _Step) -> Task | None:
+        if step.work is None:
             return None
         t0 = time.perf_counter()
         until = t0 + self.settings.align_slice_seconds

@@ -7,9 +7,10 @@ its upload, so fedktl, fedproto and fedtgp get it the same way, in every transpo
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ktl.clients import LocalClient
 from ktl.clients.privacy import epsilon_for, noise_std
@@ -24,12 +25,17 @@ class PrivacySettings(BaseModel):
     """Differential privacy on uploaded prototypes: the Gaussian mechanism on each round's per-class sums,
     with (ε, δ) for all the rounds of the budget together (see `ktl.clients.privacy`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    # Below ε = 1e-3 or δ = 1e-20 the noise's σ runs into float under/overflow (ε = 5e-324 divided by
+    # zero); no useful budget lies there.
     epsilon: float | None = Field(
-        None, gt=0, description="Total ε over all the budget's rounds; none = no noise (no DP)."
+        None,
+        ge=1e-3,
+        le=1e6,
+        description="Total ε over all the budget's rounds, 1e-3 to 1e6; none = no noise (no DP).",
     )
-    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee.")
+    delta: float = Field(1e-5, ge=1e-20, lt=1, description="δ of the (ε, δ) guarantee, 1e-20 to < 1.")
     rounds: int | None = Field(
         None,
         ge=1,
@@ -37,6 +43,17 @@ class PrivacySettings(BaseModel):
         description="Rounds (releases) the budget covers; none = the run's rounds in ktl simulate. "
         "Required for a federation on a server, which accepts no upload past it.",
     )
+
+    @model_validator(mode="after")
+    def _finite_noise(self) -> PrivacySettings:
+        if self.epsilon is not None and self.rounds is not None:
+            std = self.noise_std()
+            if not (math.isfinite(std) and std > 0):
+                raise ValueError(
+                    f"epsilon {self.epsilon:g}, delta {self.delta:g} over {self.rounds} rounds give no finite "
+                    f"noise (σ = {std}); choose a larger epsilon or delta"
+                )
+        return self
 
     @property
     def enabled(self) -> bool:

@@ -54,7 +54,7 @@ _COSINE_TOLERANCE = 1e-2
 class BaselineSettings(BaseModel):
     """Knobs of the baselines (fedproto, fedtgp, fd)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     lam: float = Field(
         1.0,
@@ -78,6 +78,7 @@ class BaselineSettings(BaseModel):
     tgp_margin_threshold: float = Field(
         100.0,
         ge=0,
+        le=1e6,
         description="FedTGP: cap τ of the adaptive margin min(max over classes of the nearest other class "
         "mean's distance, τ); FedTGP's 100.",
     )

@@ -28,6 +28,7 @@ from ktl.api import create_app
 from ktl.api.process import ServerThread, free_port
 from ktl.api.schemas import FederationSpec
 from ktl.api.service import KtlService
+from ktl.api.services.rounds import cancel_rule, quorum_rule
 from ktl.api.store import Store
 from ktl.api.worker import ROUND_PRIORITY
 from ktl.cli import main
@@ -354,14 +355,19 @@ def test_store_lifecycle_helpers(tmp_path: Path) -> None:
     assert store.start_attempt(fid, 1) == 1 and store.start_attempt(fid, 1) == 2
     assert store.get_round(fid, 1).attempts == 2
 
-    assert store.cancel_round(fid, 1, "cancelled by the operator", 10.0)  # the open round: round 2 opens
+    # The round rules are the rounds service's; the store applies what they decide, in one transaction.
+    fed = store.get_federation(fid)
+    assert store.cancel_round(
+        fid, 1, "cancelled by the operator", 10.0, cancel_rule(fed, 10.0)
+    )  # round 2 opens
     assert store.get_round(fid, 1).error == "cancelled by the operator"
     assert store.get_federation(fid).current_round == 2 and store.get_round(fid, 2).state == "open"
     assert not store.cancel_round(fid, 1, "again", 11.0)
 
     client = store.add_client(fid, "c", "hash-0", 1.0)
     payload = protos([0]).to_bytes()
-    store.record_upload(store.get_federation(fid), 2, client.id, payload, "d", 1, len(payload), 2.0)
+    fed = store.get_federation(fid)
+    store.record_upload(fed, 2, client.id, payload, "d", 1, len(payload), 2.0, rule=quorum_rule(fed, 2.0))
     assert store.get_round(fid, 2).state == "aligning"
     with pytest.raises(ConflictError) as info:
         store.delete_federation(fid)

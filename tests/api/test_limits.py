@@ -295,7 +295,7 @@ def test_bodies_just_under_the_limit_with_a_wrong_token_leave_health_answering(s
             statuses = list(pool.map(one, range(24)))
         done.set()
         prober.join()
-    assert statuses == [401] * 24  # parsed (FastAPI reads the body before the token check), refused
+    assert statuses == [401] * 24  # refused before the body is read
     print(f"24 × 1 MiB of [], with a wrong token: RSS +{rss.growth:.1f} MB, /healthz ≤ {max(latencies):.2f}s")
     assert max(latencies) < 2 and rss.growth < 100
 
@@ -305,8 +305,10 @@ def test_chunked_past_the_limit_gets_413_on_every_route(server: ServeProcess) ->
         for _ in range(n):
             yield b"[]," * 100_000  # 300 kB each, no Content-Length
 
-    plain = httpx.post(f"{server.url}/v1/jobs", content=chunks(40), headers={**auth("wrong"), **JSON})
+    plain = httpx.post(f"{server.url}/v1/jobs", content=chunks(40), headers={**auth(ADMIN), **JSON})
     refused(plain, 413, "too_large")
+    stranger = httpx.post(f"{server.url}/v1/jobs", content=chunks(40), headers={**auth("wrong"), **JSON})
+    refused(stranger, 401, "bad_token")  # nothing read at all
     admin = KtlHttpClient(server.url, ADMIN)
     fid = admin.create_federation({"num_classes": 10, "quorum": 5})["id"]
     token = admin.register_client(fid, "c")["token"]
@@ -334,6 +336,36 @@ def test_a_body_that_stalls_gets_408(server: ServeProcess) -> None:
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert b'"reason":"body_timeout"' in answer
         assert BODY_TIMEOUT_S - 0.2 < waited < BODY_TIMEOUT_S + 2
+
+
+def test_slow_bodies_of_strangers_cost_authenticated_calls_nothing(server: ServeProcess) -> None:
+    """Issue 23: 260 sockets each sending a POST head (Content-Length: 100) and one byte, without a
+    token, made every API request 503 for 30 s (they held the request slots until the body timeout).
+    Here 3 × limit_concurrency of them, half with no token and half with a wrong one: each is told 401
+    at once, before its body, and authenticated calls meanwhile answer as usual."""
+    strangers: list[socket.socket] = []
+    try:
+        for i in range(3 * LIMIT_CONCURRENCY):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            token = "" if i % 2 else "Authorization: Bearer wrong\r\n"
+            sock.sendall(
+                f"POST /v1/federations HTTP/1.1\r\nHost: x\r\n{token}Content-Type: application/json\r\n"
+                "Content-Length: 100\r\n\r\n{".encode()
+            )
+            strangers.append(sock)
+        with httpx.Client(base_url=server.url, timeout=5, headers=auth(ADMIN)) as client:
+            for _ in range(5):
+                assert client.get("/v1/jobs/job-none").status_code == 404  # not 503
+            created = client.post("/v1/federations", json={"num_classes": 4, "method": "fedproto"})
+            assert created.status_code == 201, created.text
+        started = time.monotonic()
+        answers = [read_answer(sock, BODY_TIMEOUT_S) for sock in strangers]
+        assert all(a.startswith(b"HTTP/1.1 401") for a in answers), {a[:40] for a in answers}
+        assert time.monotonic() - started < BODY_TIMEOUT_S  # answered before their bodies could time out
+        assert sum(b'"reason":"missing_token"' in a for a in answers) == len(answers) // 2
+    finally:
+        for sock in strangers:
+            sock.close()
 
 
 def zeros_upload(n_numbers: int) -> bytes:
@@ -402,7 +434,10 @@ def test_stalled_connections_keep_health_answering_and_time_out(server: ServePro
             assert client.get("/v1/jobs/job-none").status_code == 404
             for _ in range(LIMIT_CONCURRENCY + 4):  # requests in progress: bodies that do not come
                 sock = socket.create_connection(("127.0.0.1", server.port))
-                sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+                sock.sendall(
+                    f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n"
+                    "Content-Length: 100\r\n\r\n{".encode()
+                )
                 in_flight.append(sock)
             time.sleep(0.3)
             assert client.get("/v1/jobs/job-none").status_code == 503  # uvicorn's limit_concurrency

@@ -194,7 +194,7 @@ def test_auth_and_federation_errors(http, service, admin, fed, tokens) -> None:
         post(http, fed["id"], 1, body, {"Content-Type": "application/octet-stream"}), 401, "missing_token"
     )
     assert_rejected(post(http, fed["id"], 1, body, octet("not-a-token")), 401, "bad_token")
-    assert_rejected(post(http, fed["id"], 1, body, octet(other_token)), 403, "wrong_federation")
+    assert_rejected(post(http, fed["id"], 1, body, octet(other_token)), 404, "unknown_federation")
     assert_rejected(post(http, "fed-unknown", 1, body, octet(tokens[0])), 404, "unknown_federation")
     assert_rejected(post(http, fed["id"], 1, body, octet(ADMIN)), 403, "client_token_required")
     assert snapshot(service, fed["id"]) == before
