@@ -7,6 +7,7 @@ companions, state that must survive a Flower round) on the crafted and CNN clien
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from ktl.clients import Companion
 from ktl.errors import PayloadError
-from ktl.methods import METHODS, Method, MethodContext
+from ktl.methods import METHODS, Method, MethodContext, load_method
 from ktl.methods.fedgen import FedGen, draw_labels
 from ktl.methods.heads import kl_to, weighted_mean
 from ktl.records import WEIGHT_LIMIT, Prototypes, Weights
@@ -248,3 +249,29 @@ def test_a_companion_steps_with_the_clients_optimiser() -> None:
     companion = Companion(loss=lambda x, h, y: extra * 0 + extra.pow(2), parameters=[extra])
     stats = client.train(companion=companion)
     assert stats.steps > 0 and float(extra.detach()) < 1.0  # d(e²)/de = 2e pulls it towards 0
+
+
+def _round_one(name: str) -> dict[str, bytes]:
+    """One tiny upload of method ``name``'s kind."""
+    if name in ("fml", "fedkd"):
+        return {"a": Weights({"w": torch.ones(2), "b": torch.tensor(1.0)}, torch.tensor([1])).to_bytes()}
+    if name == "fedgh":
+        return {"a": Prototypes(torch.eye(K)[:2], torch.tensor([0, 1]), torch.tensor([2, 3])).to_bytes()}
+    counts = [2, 1, 0, 1] if name == "fedgen" else [4]
+    return {"a": head_upload(torch.ones(C, K), torch.zeros(C), counts)}
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_a_restarted_server_keeps_the_methods_state(name: str, tmp_path: Path) -> None:
+    """What a server step learned (FedGH's classifier, FedGen's generator, the averaged layout) is saved
+    with the method and comes back on a restart; a fresh method does not have it."""
+    m = method(name, **({"fedgen": {"server_steps": 3}} if name == "fedgen" else {}))
+    m.server_update(_round_one(name), 1)
+    m.save_pretrained(tmp_path)
+    again = load_method(tmp_path, m.ctx)
+    assert type(again) is type(m)
+    mine, theirs, fresh = m.state_tensors(), again.state_tensors(), type(m)(m.settings, m.ctx).state_tensors()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(value, theirs[key]) for key, value in mine.items())
+    if name != "lg-fedavg":  # its layout is the federation's from the start: nothing to keep
+        assert mine.keys() != fresh.keys() or any(not torch.equal(v, fresh[k]) for k, v in mine.items())
