@@ -162,6 +162,14 @@ class SimulateConfig(BaseModel):
     ) -> JsonSchemaValue:
         return with_sections(handler(core_schema), handler, optional=False)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (for another process: a Ray worker of ``ktl flower simulate``) as its JSON and the plugins
+        loaded here, which the other process loads before validating it — a plugin method's section model
+        lives in a module only that process can import by loading the plugin."""
+        from ktl.plugins import loaded_plugins
+
+        return (_config_from_json, (self.model_dump_json(), loaded_plugins()))
+
     def section(self, name: str, model: type[_S] = BaseModel) -> _S:  # type: ignore[assignment]
         """The settings of method section ``name`` (e.g. ``config.section("privacy", PrivacySettings)``,
         typed as ``model``); `ConfigError` if no such section is registered."""
@@ -193,6 +201,14 @@ class SimulateConfig(BaseModel):
         if not _DEVICE.match(device):
             raise ValueError(f"device must be cpu, cuda, cuda:N, mps or auto, got {device!r}")
         return device
+
+
+def _config_from_json(text: str, plugins: list[str]) -> SimulateConfig:
+    """Unpickle a `SimulateConfig`: load the plugins it was made with, then validate its JSON."""
+    from ktl.plugins import load_plugins
+
+    load_plugins(plugins)
+    return SimulateConfig.model_validate_json(text)
 
 
 def available_presets() -> list[str]:

@@ -36,7 +36,15 @@ from types import ModuleType
 
 from ktl.errors import KtlError
 
-__all__ = ["GROUPS", "ENV_VAR", "discover_plugins", "load_plugin", "load_plugins", "plugins_from_env"]
+__all__ = [
+    "GROUPS",
+    "ENV_VAR",
+    "discover_plugins",
+    "load_plugin",
+    "load_plugins",
+    "loaded_plugins",
+    "plugins_from_env",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +197,12 @@ def load_plugin(spec: str) -> ModuleType:
     _loaded[key] = module
     logger.debug("loaded plugin %s", spec)
     return module
+
+
+def loaded_plugins() -> list[str]:
+    """The specs of the plugins loaded in this process, in load order (each loads again by its spec):
+    what another process must load to read this one's configuration (`ktl.config.SimulateConfig`)."""
+    return list(_loaded)
 
 
 def plugins_from_env(value: str | None) -> list[str]:

@@ -189,6 +189,20 @@ def test_a_plugin_section_reaches_the_server_step_in_simulate_and_over_http(tmp_
     assert rounds and [r.get("classes_in_table") for r in rounds] == [0.0], (spec, sorted(demo.rglob("*")))
 
 
+def test_a_plugin_section_reaches_the_server_step_on_flower(tmp_path: Path) -> None:
+    """The same on Flower's Simulation Engine, whose ClientApps run in Ray workers: the configuration
+    travels pickled with the plugins it needs (`SimulateConfig.__reduce__`), which each worker loads."""
+    pytest.importorskip("flwr")
+    out = tmp_path / "flower"
+    argv = ["flower", "simulate", "--preset", "smoke", "--method", "proto-median", "--rounds", "1"]
+    rc = main(
+        ["--plugin", str(EXAMPLES / "toy_method.py"), *argv, "--median.min-clients", "99", "--out", str(out)]
+    )
+    assert rc == 0
+    assert [r["classes_in_table"] for r in _rounds(out)] == [0.0]
+    assert json.loads((out / "config.json").read_text())["median"] == {"min_clients": 99}
+
+
 def test_toy_method_takes_the_median_not_the_mean() -> None:
     from ktl.methods import MethodContext
     from ktl.records import Prototypes
