@@ -114,8 +114,10 @@ def test_console_entry_point_has_no_traceback_on_bad_input() -> None:
 def test_list_shows_the_registries(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for word in ("cpu-small", "fedktl", "local", "fashion-mnist", "autoencoder-kl", "vit-small"):
+    for word in ("cpu-small", "fedktl", "local", "fashion-mnist", "autoencoder-kl", "vit-small", "lg-fedavg"):
         assert word in out
+    # a model group with its members, one flag away (--models htfe8)
+    assert "htfe8" in out and "= cnn4, googlenet, mobilenetv2-1.0, resnet18, resnet34, resnet50" in out
 
 
 def test_abbreviated_flags_are_refused_and_close_matches_suggested(
