@@ -120,7 +120,8 @@ class SimulateConfig(BaseModel):
     models: list[str] = Field(
         default_factory=lambda: list(DEFAULT_MODELS),
         min_length=1,
-        description="Backbones assigned to clients round-robin (`ktl list` shows them)",
+        description="Backbones assigned to clients round-robin, or a model group standing for its members "
+        "(htfe8: HtFLlib's 4-layer CNN, GoogLeNet, MobileNetV2, ResNet-18/34/50/101/152); `ktl list` shows both",
     )
     etf_seed: int = Field(0, description="Seed of the shared simplex-ETF classifier")
     device: str = Field("cpu", description="cpu, cuda, cuda:N, mps or auto (cuda when available, else cpu)")
