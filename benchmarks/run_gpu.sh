@@ -1,33 +1,163 @@
 #!/usr/bin/env bash
-# The GPU checks and figures, as one prepared run on a CUDA machine (the device tool's image: Python 3.12,
-# torch + CUDA, no diffusers/fastapi/uvicorn/pydantic). Prepare here, once:
-#   ../shared/tools/gpu-wheels.sh          # the missing wheels into .whl/ (git-ignored)
-# then run it there with carry [".whl"]:   bash benchmarks/run_gpu.sh
-# It installs the wheels offline, runs `pytest -m gpu`, `ktl bench server --device cuda` and
-# `ktl bench generate --device cuda`, and leaves the logs and the updated docs/benchmarks.md in $OUT
-# (or ./gpu-out). Each step runs even if an earlier one failed; the exit status is the first failure's.
+# The GPU figures and checks as one prepared run on the device machine (its image: Python 3.12, torch +
+# CUDA, no diffusers/fastapi/uvicorn/pydantic; pytest and pytest-timeout are there).
+#
+# Prepare here, once:   ../shared/tools/gpu-wheels.sh           # the missing wheels into .whl/ (git-ignored)
+# Run there:            bash benchmarks/run_gpu.sh                 # device tool: carry [".whl"], timeout_s 590
+# Rehearse on the CPU:  bash benchmarks/run_gpu.sh --device cpu    # same steps, same files (benchmarks/README.md)
+#
+# Steps, in this order, each under `timeout` (estimate on one H200 ; its limit):
+#   1 setup           the wheels offline into $SITE, ktl editable (pip; a source tree of links if that
+#                     fails), every command logged to setup.log; fails loudly      ~0.5 min ; 60 s
+#   2 imports         ktl.cli, ktl.api, ktl.generate, the bench modules, diffusers,
+#                     fastapi, torch's device: the run stops here with the error    ~0.3 min ; 45 s
+#   3 bench-server    C = 10 and C = 100 (20 clients) against the warmed-up
+#                     reference round (2 × 2 000 reference steps dominate), then
+#                     job vs bare throughput at 3 batch sizes                        ~1.5 min ; 170 s
+#   4 pytest-gpu      the 7 tests of tests/test_gpu.py, each with a deadline of
+#                     $KTL_GPU_TEST_TIMEOUT s (60; a SIGALRM timer in the test
+#                     module, no plugin needed)                                       ~1.2 min ; 150 s
+#   5 bench-generate  the embedded generator only: fp32/bf16 × batch 256/1024/4096
+#                     (8 192 images a cell, best of 2) and ONE compiled cell
+#                     (bf16 × 1024; its cold compile ~1 min)                         ~1.5 min ; 150 s
+#   Total ≈ 5 min by estimate, well under 7 (a rerun fits while the machine is warm); the limits add up
+#   to 575 s, under the device tool's 10 minutes a command.
+# Steps 3-5 run even if an earlier one failed (the exit status is the first failure's); steps 1-2 stop
+# the run. After EVERY step the bench JSON and $OUT/benchmarks.md (docs/benchmarks.md with the sections
+# the benchmarks wrote: server-cuda, generate-cuda) are already in $OUT, so a run killed at its limit
+# still brings back what finished. docs/benchmarks.md itself is never written: merge by hand,
+#   cp <files_at>/benchmarks.md docs/benchmarks.md && git diff docs/benchmarks.md
+# $OUT holds at most these 8 files: steps.txt (each step's command, rc, seconds, files), setup.log,
+# bench-server.{json,log}, pytest-gpu.log, bench-generate.{json,log}, benchmarks.md.
+#
+# Options (the CPU rehearsal sets them): --device cpu|cuda (default cuda); environment: OUT (default
+# ./gpu-out), WHEELS (default .whl), SITE (default /tmp/site), PYTHON (default python3), KTL_TIME_SCALE
+# (every limit × this; default 1 on cuda, 6 on cpu, where a 2-core box is far slower than the H200).
 set -uo pipefail
+
+DEVICE=cuda
+while [ $# -gt 0 ]; do
+  case $1 in
+    --device) DEVICE=${2:?--device needs cpu or cuda}; shift 2 ;;
+    --device=*) DEVICE=${1#--device=}; shift ;;
+    *) echo "run_gpu.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+case $DEVICE in cpu | cuda) ;; *) echo "run_gpu.sh: --device must be cpu or cuda, got $DEVICE" >&2; exit 2 ;; esac
+
 OUT=${OUT:-gpu-out}
+WHEELS=${WHEELS:-.whl}
+SITE=${SITE:-/tmp/site}
+PY=${PYTHON:-python3}
+if [ "$DEVICE" = cpu ]; then SCALE=${KTL_TIME_SCALE:-6}; else SCALE=${KTL_TIME_SCALE:-1}; fi
 mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1
+OUT=$(cd "$OUT" && pwd)
+STEPS=$OUT/steps.txt
+DOCS=$OUT/benchmarks.md
+: >"$STEPS"
+cp docs/benchmarks.md "$DOCS"
+export PYTHONUNBUFFERED=1 KTL_GPU_TEST_DEVICE=$DEVICE KTL_GPU_TEST_TIMEOUT=$((60 * SCALE))
+
+note() { echo "$*" | tee -a "$STEPS"; }
+note "run_gpu.sh --device $DEVICE: $(date -u +%FT%TZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'), limits × $SCALE"
+if [ "$DEVICE" = cuda ]; then
+  note "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
+
 status=0
-step() {  # step NAME COMMAND...: run, keep its log, remember the first failure
-  local name=$1; shift
-  echo "== $name: $*" | tee -a "$OUT/steps.txt"
-  local t0=$SECONDS
-  "$@" >"$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "   rc=$rc in $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
+# step NAME LIMIT_S STDOUT_FILE COMMAND...: run under timeout (limit × SCALE), stdout to STDOUT_FILE (a
+# JSON for the benchmarks) or the log, stderr to $OUT/NAME.log; note rc, seconds and the files in $OUT.
+step() {
+  local name=$1 limit=$(($2 * SCALE)) stdout=$3
+  shift 3
+  note "== $name (limit ${limit} s): $(echo "$*" | tr -s ' \n' ' ' | cut -c1-300)"
+  local t0=$SECONDS rc
+  if [ "$stdout" = - ]; then
+    timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  else
+    timeout -k 10 "$limit" "$@" >"$stdout" 2>"$OUT/$name.log"
+  fi
+  rc=$?
+  [ $rc -eq 124 ] && note "   TIMED OUT after ${limit} s"
+  note "   rc=$rc in $((SECONDS - t0)) s; \$OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
   [ $rc -ne 0 ] && [ $status -eq 0 ] && status=$rc
-  return 0
+  return $rc
 }
-step pytest-gpu python3 -m pytest -q -m gpu tests/test_gpu.py
-step bench-server python3 -m ktl bench server --device cuda --write docs/benchmarks.md
-step bench-generate python3 -m ktl bench generate --device cuda --compile --write docs/benchmarks.md
-cp docs/benchmarks.md "$OUT/benchmarks.md"
+
+# -- 1 setup: fails loudly ----------------------------------------------------------------------------------
+t0=$SECONDS
+note "== setup: $WHEELS/*.whl into $SITE; ktl editable"
+{
+  echo "+ $PY: $(command -v "$PY")"
+  "$PY" --version
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+} >"$OUT/setup.log" 2>&1
+if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  note "   SETUP FAILED: no wheels in $WHEELS (run ../shared/tools/gpu-wheels.sh here and carry .whl)"
+  exit 3
+fi
+if ! timeout -k 5 $((40 * SCALE)) "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir \
+  --upgrade --target "$SITE" "$WHEELS"/*.whl >>"$OUT/setup.log" 2>&1; then
+  note "   SETUP FAILED: pip could not install $WHEELS/*.whl (setup.log):"
+  tail -5 "$OUT/setup.log" | tee -a "$STEPS"
+  exit 3
+fi
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+if ! timeout -k 5 $((20 * SCALE)) "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . \
+  >>"$OUT/setup.log" 2>&1; then
+  # No setuptools >= 77 there, say: ktl's package layout (pyproject's package-dir) as a tree of links.
+  note "   pip install -e . FAILED (setup.log); ktl imported from a tree of links instead"
+  tail -3 "$OUT/setup.log" | tee -a "$STEPS"
+  src=$SITE/ktl-src/ktl
+  rm -rf "$SITE/ktl-src" && mkdir -p "$src"
+  for f in "$PWD"/ktl/*; do ln -s "$f" "$src/"; done
+  for pair in benchmarks:benchmarks generator:generator aligner:aligner api:api clients:clients; do
+    ln -sfn "$PWD/${pair%%:*}" "$src/${pair##*:}"
+  done
+  export PYTHONPATH=$SITE/ktl-src:$PYTHONPATH
+fi
+note "   rc=0 in $((SECONDS - t0)) s"
+
+# -- 2 imports: every module the steps below need; stops the run with its error ----------------------------
+IMPORTS='
+import importlib, torch
+for name in ("ktl.cli", "ktl.api", "ktl.generate", "ktl.benchmarks.server", "ktl.benchmarks.generate",
+             "ktl.benchmarks.reference_round", "diffusers", "fastapi", "fastapi.testclient", "uvicorn",
+             "pydantic_settings", "tests.test_gpu", "tests.api.conftest", "tests.test_generator_adapters"):
+    importlib.import_module(name)
+    print("ok", name)
+device = torch.device(__import__("sys").argv[1])
+torch.ones(2, device=device).sum().item()
+print("ok device", device, torch.cuda.get_device_name(0) if device.type == "cuda" else "")
+'
+step imports 45 - "$PY" -c "$IMPORTS" "$DEVICE" || {
+  note "   STOPPED: an import failed (imports.log below)"
+  tail -15 "$OUT/imports.log" | tee -a "$STEPS"
+  exit 4
+}
+# keep $OUT to 8 files: the import log joins setup.log
+cat "$OUT/imports.log" >>"$OUT/setup.log" && rm -f "$OUT/imports.log"
+
+# -- 3 the server round against the reference, C = 10 and C = 100 --------------------------------------------
+if [ "$DEVICE" = cuda ]; then
+  THROUGHPUT=(--jobs 1024 --repeats 3)
+else  # a loaded 2-core CPU makes ~50 images/s: fewer images per throughput measurement
+  THROUGHPUT=(--jobs 128 --repeats 2)
+fi
+step bench-server 170 "$OUT/bench-server.json" "$PY" -m ktl bench server --device "$DEVICE" \
+  --cases 10x20,100x20 "${THROUGHPUT[@]}" --json --write "$DOCS"
+
+# -- 4 the GPU tests (per-test deadline: KTL_GPU_TEST_TIMEOUT) -----------------------------------------------
+step pytest-gpu 150 - "$PY" -m pytest -q -m gpu -p no:cacheprovider --durations=0 tests/test_gpu.py
+
+# -- 5 a trimmed generation benchmark: embedded generator, fp32/bf16, one compiled cell ----------------------
+if [ "$DEVICE" = cuda ]; then
+  GRID=(--batch-sizes 256,1024,4096 --images 8192 --compile-cells bf16x1024)
+else  # the same grid shape at a CPU's pace (~700 images/s on 2 cores)
+  GRID=(--batch-sizes 16,64,256 --images 256 --compile-cells bf16x64)
+fi
+step bench-generate 150 "$OUT/bench-generate.json" "$PY" -m ktl bench generate --device "$DEVICE" \
+  --processes 0 --no-unet --precisions fp32,bf16 --repeats 2 --compile "${GRID[@]}" --json --write "$DOCS"
+
+note "done: rc=$status in $SECONDS s; \$OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 exit $status
