@@ -401,7 +401,7 @@ def _rebuild_federation(store: Store, fid: str, report: CheckReport) -> bool:
         rows = [
             ClientRow(
                 str(c["id"]),
-                c.get("name"),  # type: ignore[arg-type]
+                None if c.get("name") is None else str(c.get("name")),
                 str(c["token_hash"]),
                 bool(c.get("active", True)),
                 float(c["created_at"]),  # type: ignore[arg-type]

@@ -44,7 +44,7 @@ async def readyz(service: ServiceDep) -> JSONResponse:
         "disk_free_bytes": free,
         "min_free_bytes": service.settings.min_free_bytes,
         # Federations whose stored row cannot be read, and why: left out of listings (fix or delete them).
-        "set_aside": dict(service.store.set_aside),
+        "set_aside": service.federations.set_aside(),
     }
     return JSONResponse(body, status_code=200 if status == "ready" else 503)
 

@@ -115,6 +115,10 @@ class FederationService(Service):
         self.store.set_federation_state(fid, "paused" if paused else "active")
         return self.get(fid)
 
+    def set_aside(self) -> dict[str, str]:
+        """The federations whose stored row cannot be read, and why (left out of listings)."""
+        return dict(self.store.set_aside)
+
     def aligning_round(self, fid: str) -> int | None:
         """Its round whose server step is due or running, if any (deletion is refused until it ends)."""
         return self.store.aligning_round(fid)
