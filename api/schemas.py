@@ -10,7 +10,6 @@ from pydantic import (
     Field,
     GetJsonSchemaHandler,
     ModelWrapValidatorHandler,
-    ValidationError,
     ValidationInfo,
     model_validator,
 )
@@ -105,25 +104,15 @@ class FederationSpec(BaseModel):
     @model_validator(mode="wrap")
     @classmethod
     def _method_sections(
-        cls, data: Any, handler: ModelWrapValidatorHandler[FederationSpec], info: ValidationInfo
+        cls, data: Any, handler: ModelWrapValidatorHandler[FederationSpec], info: ValidationInfo[Any]
     ) -> FederationSpec:
         """Each registered section given is validated into its model (strictly when the body is JSON, as
         `ktl.api.bodies` reads it); any other key that is not a field is refused."""
         if not isinstance(data, dict):
             return handler(data)
-        data, errors = validate_sections(
-            data, fixed=cls.model_fields, fill=False, strict_json=info.mode == "json"
+        spec: FederationSpec = validate_sections(
+            data, handler, fixed=cls.model_fields, fill=False, strict_json=info.mode == "json"
         )
-        try:
-            spec = handler({k: v for k, v in data.items() if k in cls.model_fields or k in SECTIONS})
-        except ValidationError as exc:
-            if not errors:
-                raise
-            errors = [
-                {k: e[k] for k in ("type", "loc", "input", "ctx") if k in e} for e in exc.errors()
-            ] + errors
-        if errors:
-            raise ValidationError.from_exception_data(cls.__name__, errors)
         return spec
 
     @classmethod

@@ -142,19 +142,7 @@ class SimulateConfig(BaseModel):
         not a field is an unknown setting, as under ``extra="forbid"``."""
         if not isinstance(data, dict):
             return handler(data)
-        data, errors = validate_sections(data, fixed=cls.model_fields, fill=True)
-        ordered = {k: v for k, v in data.items() if k in cls.model_fields}
-        ordered.update({name: data.get(name) for name in SECTIONS})  # registry order, whatever the input's
-        try:
-            config = handler(ordered)
-        except ValidationError as exc:
-            if not errors:
-                raise
-            errors = [
-                {k: e[k] for k in ("type", "loc", "input", "ctx") if k in e} for e in exc.errors()
-            ] + errors
-        if errors:
-            raise ValidationError.from_exception_data(cls.__name__, errors)
+        config: SimulateConfig = validate_sections(data, handler, fixed=cls.model_fields, fill=True)
         return config
 
     @classmethod

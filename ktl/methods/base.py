@@ -434,13 +434,20 @@ def register_sections(cls: type[Method]) -> None:
 
 
 def validate_sections(
-    data: Mapping[str, Any], *, fixed: Iterable[str], fill: bool, strict_json: bool = False
-) -> tuple[dict[str, Any], list[Any]]:
-    """A configuration's registered sections validated into their models: ``data`` (a dict of settings)
-    with each section's value turned into its model (``fill``: absent sections get their defaults; else
-    absent or None stay None), and pydantic error details (loc prefixed by the section) for bad sections
-    and for keys that are neither in ``fixed`` (the model's own fields) nor a registered section.
-    ``strict_json``: read each section as pydantic's strict JSON mode would (``"1"`` is no number)."""
+    data: Mapping[str, Any],
+    handler: Callable[[dict[str, Any]], Any],
+    *,
+    fixed: Iterable[str],
+    fill: bool,
+    strict_json: bool = False,
+) -> Any:
+    """A model's validation with the registered sections as its extra keys (the body of a ``wrap`` model
+    validator): each section's value in ``data`` (a dict of settings) validated into its model — ``fill``:
+    absent sections get their defaults, else absent or None stay out; ``strict_json``: read as pydantic's
+    strict JSON mode would (``"1"`` is no number) — then ``handler`` (the model's own validation) on the
+    fields ``fixed`` and the sections, in registry order. Keys that are neither are unknown settings
+    (``extra_forbidden``); every error, the sections' (loc prefixed by the section) and the model's own,
+    comes in one `ValidationError`."""
     out = dict(data)
     errors: list[Any] = []
     known = set(fixed)
@@ -467,7 +474,17 @@ def validate_sections(
                 }
                 for e in exc.errors()
             ]
-    return out, errors
+    ordered = {k: v for k, v in out.items() if k in known}
+    ordered.update({name: out[name] for name in SECTIONS if out.get(name) is not None})
+    try:
+        result = handler(ordered)
+    except ValidationError as exc:
+        if not errors:
+            raise
+        errors = [{k: e[k] for k in ("type", "loc", "input", "ctx") if k in e} for e in exc.errors()] + errors
+    if errors:
+        raise ValidationError.from_exception_data("settings", errors)
+    return result
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
