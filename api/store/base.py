@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ktl.api.store.disk import RETRY_AFTER_S, _no_space_error, is_no_space
-from ktl.errors import InsufficientStorageError
+from ktl.errors import InsufficientStorageError, NotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,26 @@ class StoreBase:
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
+
+    def _page(
+        self, table: str, after: str | None, limit: int | None, *, newest_first: bool, unknown: NotFoundError
+    ) -> list[sqlite3.Row]:
+        """Rows of ``table`` (``federations`` or ``jobs``) in creation order — or newest first — that
+        follow the row ``after`` (a page's last id; ``unknown`` is raised when it does not exist), at most
+        ``limit`` of them. The key (created_at, rowid) makes pages stable while rows are added."""
+        sql = f"SELECT * FROM {table}"
+        args: tuple[Any, ...] = ()
+        if after is not None:
+            cursor = self._query(f"SELECT created_at, rowid FROM {table} WHERE id = ?", (after,))
+            if not cursor:
+                raise unknown
+            sql += f" WHERE (created_at, rowid) {'<' if newest_first else '>'} (?, ?)"
+            args = (cursor[0][0], cursor[0][1])
+        sql += " ORDER BY created_at DESC, rowid DESC" if newest_first else " ORDER BY created_at, rowid"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args += (int(limit),)
+        return self._query(sql, args)
 
     def disk_free_bytes(self) -> int:
         return int(shutil.disk_usage(self.root).free)

@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import sqlite3
-from typing import Any
 
 from ktl.api.schemas import FederationSpec
 from ktl.api.store.disk import (
@@ -112,19 +111,9 @@ class FederationRows(FileChecksums):
     def list_federations(self, limit: int | None = None, after: str | None = None) -> list[FederationRecord]:
         """Federations in creation order; ``limit`` of them after the federation ``after`` (a page's last
         id; `NotFoundError` if it does not exist)."""
-        sql = "SELECT * FROM federations"
-        args: tuple[Any, ...] = ()
-        if after is not None:
-            cursor = self._query("SELECT created_at, rowid FROM federations WHERE id = ?", (after,))
-            if not cursor:
-                raise NotFoundError("unknown_federation", f"no federation {after!r} to list after")
-            sql += " WHERE (created_at, rowid) > (?, ?)"
-            args = (cursor[0][0], cursor[0][1])
-        sql += " ORDER BY created_at, rowid"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args += (int(limit),)
-        return [fed for r in self._query(sql, args) if (fed := self._federation(r)) is not None]
+        unknown = NotFoundError("unknown_federation", f"no federation {after!r} to list after")
+        rows = self._page("federations", after, limit, newest_first=False, unknown=unknown)
+        return [fed for r in rows if (fed := self._federation(r)) is not None]
 
     def set_federation_state(self, fid: str, state: str) -> bool:
         """Set a federation 'active' or 'paused'; False if it does not exist."""

@@ -61,7 +61,8 @@ class JobRows(FileChecksums):
     def jobs_finished_before(self, cutoff: float) -> list[str]:
         """Ids of the jobs that finished (done, failed, cancelled) before ``cutoff``."""
         rows = self._query(
-            "SELECT id FROM jobs WHERE state IN ('done', 'failed', 'cancelled') AND finished_at < ?", (cutoff,)
+            "SELECT id FROM jobs WHERE state IN ('done', 'failed', 'cancelled') AND finished_at < ?",
+            (cutoff,),
         )
         return [str(r[0]) for r in rows]
 
@@ -75,16 +76,8 @@ class JobRows(FileChecksums):
     def list_jobs(self, limit: int, before: str | None = None) -> list[JobRecord]:
         """Jobs newest first; ``limit`` of them older than the job ``before`` (a page's last id;
         `NotFoundError` if it does not exist)."""
-        sql = "SELECT * FROM jobs"
-        args: tuple[Any, ...] = ()
-        if before is not None:
-            cursor = self._query("SELECT created_at, rowid FROM jobs WHERE id = ?", (before,))
-            if not cursor:
-                raise NotFoundError("unknown_job", f"no job {before!r} to list after")
-            sql += " WHERE (created_at, rowid) < (?, ?)"
-            args = (cursor[0][0], cursor[0][1])
-        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
-        return [self._job(r) for r in self._query(sql, (*args, int(limit)))]
+        unknown = NotFoundError("unknown_job", f"no job {before!r} to list after")
+        return [self._job(r) for r in self._page("jobs", before, limit, newest_first=True, unknown=unknown)]
 
     def update_job(self, job_id: str, *, only_if: tuple[str, ...] | None = None, **fields: Any) -> bool:
         """Set columns of a job; with ``only_if``, only while its state is one of those. True if it changed.
