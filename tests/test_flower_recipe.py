@@ -139,7 +139,7 @@ def test_the_recipe_runs_as_written_and_gives_simulates_accuracies(tmp_path: Pat
     if data == "sites":  # each SuperNode on its own folder: the data-dir line of the page's note
         for i, site in enumerate(_write_sites(tmp_path / "sites", 2)):
             script = script.replace(
-                f"partition-id={i} num-partitions=2", f"partition-id={i} num-partitions=2 data-dir={site}"
+                f"partition-id={i} num-partitions=2", f"partition-id={i} num-partitions=2 data-dir='{site}'"
             )
         assert script.count("data-dir=") == 2
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "OMP_NUM_THREADS": "1"}
