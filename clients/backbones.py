@@ -399,18 +399,21 @@ class GoogLeNet(nn.Module):
 
     def __init__(self, num_channels: int = 3) -> None:
         super().__init__()
-        pool = {"kernel_size": 3, "stride": 2, "ceil_mode": True}
+
+        def pool() -> nn.MaxPool2d:
+            return nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)
+
         self.stem = nn.Sequential(
             _conv(num_channels, 64, 7, stride=2, padding=3),
-            nn.MaxPool2d(**pool),
+            pool(),
             _conv(64, 64, 1),
             _conv(64, 192, 3, padding=1),
-            nn.MaxPool2d(**pool),
+            pool(),
         )
         self.blocks = nn.Sequential(
             _Inception(192, 64, 96, 128, 16, 32, 32),
             _Inception(256, 128, 128, 192, 32, 96, 64),
-            nn.MaxPool2d(**pool),
+            pool(),
             _Inception(480, 192, 96, 208, 16, 48, 64),
             _Inception(512, 160, 112, 224, 24, 64, 64),
             _Inception(512, 128, 128, 256, 24, 64, 64),
