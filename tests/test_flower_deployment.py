@@ -72,15 +72,24 @@ def _certificates(folder: Path) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("security", ["insecure", "tls", "tls+auth", "tls+secagg"])
+@pytest.mark.parametrize(
+    ("security", "method"),
+    [
+        ("insecure", "fedproto"),
+        ("tls", "fedproto"),
+        ("tls+auth", "fedproto"),
+        ("tls+secagg", "fedproto-secagg"),
+        ("insecure", "fml"),  # weights both ways (a shared CNN), the shared model kept on each node
+    ],
+    ids=["insecure", "tls", "tls+auth", "tls+secagg", "insecure-fml"],
+)
 def test_four_supernodes_on_loopback_run_the_app_and_give_simulates_accuracies(
-    tmp_path: Path, security: str
+    tmp_path: Path, security: str, method: str
 ) -> None:
     """With ``tls+auth`` the SuperLink admits only SuperNodes whose public keys the operator registered
     (``flwr supernode register``); a fifth SuperNode with an unregistered key never takes part. With
     ``tls+secagg`` the method is fedproto-secagg: each round runs Flower's SecAgg+ between the processes."""
     tls, auth = security != "insecure", security == "tls+auth"
-    method = "fedproto-secagg" if security.endswith("secagg") else "fedproto"
     port = free_port()
     env = {
         **os.environ,
@@ -166,7 +175,7 @@ def test_four_supernodes_on_loopback_run_the_app_and_give_simulates_accuracies(
     simulated = [
         json.loads(x)["accuracy"] for x in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()
     ]
-    if method == "fedproto":
+    if not method.endswith("-secagg"):
         assert summary["accuracy"] == simulated
     else:  # round 1 trains before any broadcast; round 2's table is SecAgg+'s sum, ≤ 4 levels of 2/2**22 away
         assert summary["accuracy"][0] == simulated[0]
