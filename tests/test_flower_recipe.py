@@ -97,6 +97,10 @@ def test_the_recipes_commands_hang_together() -> None:
     config, options = from_run_config(run_config)  # valid as the ServerApp will read it
     assert config.num_clients == len(nodes) == options.min_nodes
     assert options.out and "&" in script and "kill" in script  # background services are stopped
+    # The page's data-dir example is a node config Flower accepts (its values are TOML: a quoted path).
+    example = re.search(r'--node-config "([^"]*data-dir=[^"]*)"', DOC.read_text())
+    assert example, "the page shows no data-dir node config"
+    assert isinstance(parse_config_args([example.group(1)])["data-dir"], str)
 
 
 def _free_ports(script: str) -> str:
