@@ -99,9 +99,7 @@ def _available_memory(meminfo: Path = MEMINFO) -> int | None:
     return None
 
 
-def memory_limit(
-    root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP, meminfo: Path = MEMINFO
-) -> int:
+def memory_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP, meminfo: Path = MEMINFO) -> int:
     """The memory this process may use: the lowest of the machine's RAM, the memory available now
     (``MemAvailable``) and its cgroup's limit (`cgroup_memory_limit`)."""
     candidates = [int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))]

@@ -56,7 +56,11 @@ def strict_errors(model: type[BaseModel], body: bytes) -> list[dict[str, Any]]:
 
 def _is_json(request: Request) -> bool:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    return media == "" or media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+    return (
+        media == ""
+        or media == "application/json"
+        or (media.startswith("application/") and media.endswith("+json"))
+    )
 
 
 def _body_model(route: APIRoute) -> type[BaseModel] | None:

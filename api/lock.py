@@ -77,7 +77,9 @@ class DataDirLock:
             file.seek(0)
             file.truncate()
             command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv[:3]))
-            file.write(f"pid {os.getpid()}: {self.what} ({command}), since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            file.write(
+                f"pid {os.getpid()}: {self.what} ({command}), since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+            )
             file.flush()
             _held[self.root] = _Held(file, 1)
             self._mine = True

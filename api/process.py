@@ -40,6 +40,7 @@ __all__ = [
     "MAX_HEAD_BYTES",
     "BoundedH11Protocol",
     "bind_port",
+    "memory_cgroup",
     "ServeProcess",
     "ServerThread",
     "free_port",
@@ -202,6 +203,25 @@ def bind_port(host: str, port: int) -> socket.socket:
         raise ConfigError(f"cannot listen on {host}:{port}: {why}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def memory_cgroup(limit_bytes: int, name: str) -> Path | None:
+    """A cgroup (v1 memory controller) ``name`` limited to ``limit_bytes`` (swap included where the kernel
+    has it), for `ServeProcess`'s ``cgroup``; None where that is not possible (not root, no writable v1
+    memory controller). Tests and benchmarks only."""
+    root = Path("/sys/fs/cgroup/memory")
+    if os.geteuid() != 0 or not (root / "cgroup.procs").exists():
+        return None
+    group = root / name
+    try:
+        group.mkdir(exist_ok=True)
+        (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        swap = group / "memory.memsw.limit_in_bytes"
+        if swap.exists():
+            swap.write_text(str(limit_bytes))
+    except OSError:
+        return None
+    return group
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -131,5 +131,6 @@ class KtlService:
                 self.rounds.retry_storage_failures()
                 self.rounds.reconcile()
                 self.jobs.reconcile()
+                self.jobs.expire()
             except Exception:
                 logger.exception("round scheduler failed")

@@ -143,6 +143,12 @@ class ServerSettings(BaseSettings):
         "commit, an fsync)",
     )
     max_job_images: int = Field(200_000, ge=1, description="Most images one batch job may generate")
+    job_retention_s: float | None = Field(
+        7 * 86400.0,
+        gt=0,
+        description="Seconds a finished job (done, failed, cancelled) and its result file are kept after it "
+        "ends; then both are deleted (DELETE /v1/jobs/{id} deletes one at once); none = kept until deleted",
+    )
     keep_aligner_rounds: int = Field(
         2, ge=1, description="Snapshots of the method's server state kept per federation"
     )

@@ -8,15 +8,24 @@ beside them. Clients upload through the SDK (retrying through restarts, 5xx, 429
 each round. At the end it checks, against the server: every acknowledged upload is in its round (0 lost),
 every healthy round is published, the poison round ended (published or failed with a reason, never
 re-run forever); and reports ``/healthz`` latency percentiles while the server was up.
+
+Before the soak, two checks of issue 23: ``--strangers`` sockets each send a POST head (``Content-Length:
+100``, no token) and one byte, and the same authenticated calls are timed without and with them, side by
+side (they used to get 503 for 30 s); and ``--memory-limit-mb`` starts a second server in a memory cgroup
+of that size (root and a writable cgroup v1 memory controller; else "not measured") and sends a spec
+estimated above a quarter of that limit but below a quarter of the host's memory: it must be refused
+(``too_costly``), with the limit the server derived from the cgroup.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import tempfile
@@ -30,7 +39,7 @@ import httpx
 import torch
 import torch.nn.functional as F
 
-from ktl.api.process import ServeProcess, free_port
+from ktl.api.process import ServeProcess, free_port, memory_cgroup
 from ktl.benchmarks.common import machine, report
 from ktl.clients.sdk import KtlApiError, KtlHttpClient
 from ktl.records import Prototypes
@@ -51,6 +60,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--disk-window", type=float, default=5.0, help="seconds of a full disk (root; 0: none)"
     )
     parser.add_argument("--poison-steps", type=int, default=20_000, help="aligner steps of the poison round")
+    parser.add_argument(
+        "--strangers", type=int, default=260, help="slow unauthenticated bodies held open (0: skip)"
+    )
+    parser.add_argument(
+        "--memory-limit-mb",
+        type=int,
+        default=3072,
+        help="memory cgroup of the admission check, MiB (0: skip; needs root and cgroup v1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=20.0, help="the soak stops by itself after this")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -195,6 +213,83 @@ def _fill(path: Path) -> Path:
     return balloon
 
 
+def _timed_calls(url: str, fid: str, n: int) -> tuple[list[float], list[int]]:
+    """``n`` authenticated calls (the admin reads a federation): their latencies and statuses."""
+    latencies, statuses = [], []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10) as client:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            try:
+                statuses.append(client.get(f"/v1/federations/{fid}").status_code)
+            except httpx.HTTPError:
+                statuses.append(0)
+            latencies.append(time.perf_counter() - t0)
+    return latencies, statuses
+
+
+def strangers_check(server: _Server, fid: str, n: int, calls: int = 40) -> dict[str, Any]:
+    """Authenticated calls without and with ``n`` slow unauthenticated bodies held open, side by side."""
+    before, before_status = _timed_calls(server.url, fid, calls)
+    socks: list[socket.socket] = []
+    refused_at_once = 0
+    try:
+        for _ in range(n):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(
+                b"POST /v1/federations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{"
+            )
+            socks.append(sock)
+        during, during_status = _timed_calls(server.url, fid, calls)
+        for sock in socks:
+            sock.settimeout(5)
+            with contextlib.suppress(OSError):
+                refused_at_once += sock.recv(64).startswith(b"HTTP/1.1 401")
+    finally:
+        for sock in socks:
+            sock.close()
+    return {
+        "strangers": n,
+        "calls": calls,
+        "ok_before": sum(200 <= s < 300 for s in before_status),
+        "ok_during": sum(200 <= s < 300 for s in during_status),
+        "p50_before_ms": 1e3 * statistics.median(before),
+        "p50_during_ms": 1e3 * statistics.median(during),
+        "max_during_ms": 1e3 * max(during),
+        "strangers_told_401": refused_at_once,
+    }
+
+
+def admission_check(work: Path, limit_mb: int) -> dict[str, Any]:
+    """A server in a memory cgroup of ``limit_mb``: a spec estimated at ~1.56 GiB (fedtgp, C = 1000,
+    quorum 100) — above a quarter of 3 GiB, below a quarter of most hosts — must be refused."""
+    group = memory_cgroup(limit_mb << 20, f"ktl-chaos-{os.getpid()}")
+    if group is None:
+        return {"memory_limit_mb": limit_mb, "measured": False}
+    proc = ServeProcess(
+        work / "admission-data", ADMIN, log=work / "admission.log", cgroup=group, KTL_DEVICE="cpu"
+    )
+    try:
+        proc.start(timeout=300)
+        spec = {"method": "fedtgp", "num_classes": 1000, "quorum": 100, "baseline": {"tgp_hidden_dim": 1024}}
+        answer = httpx.post(
+            f"{proc.url}/v1/federations", json=spec, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60
+        )
+        body = answer.json().get("error", {}) if answer.status_code >= 400 else {}
+        return {
+            "memory_limit_mb": limit_mb,
+            "measured": True,
+            "status": answer.status_code,
+            "reason": body.get("reason"),
+            "estimate_gib": (body.get("estimate_bytes") or 0) / 2**30,
+            "server_limit_gib": (body.get("limit_bytes") or 0) / 2**30,
+        }
+    finally:
+        proc.stop()
+        with contextlib.suppress(OSError):
+            group.rmdir()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="ktl-chaos-"))
@@ -243,6 +338,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokens = {
         f["id"]: [admin.register_client(f["id"])["token"] for _ in range(args.clients)] for f in healthy
     }
+    strangers = strangers_check(server, healthy[1]["id"], args.strangers) if args.strangers else None
+    admission = admission_check(work, args.memory_limit_mb) if args.memory_limit_mb else None
     poison_token = admin.register_client(poison["id"])["token"]
     KtlHttpClient(server.url, poison_token, retries=40).upload(poison["id"], 1, _prototypes([0, 1, 2], 7))
 
@@ -333,6 +430,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "healthz_p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
         "healthz_max_ms": 1e3 * lat[-1],
         "wall_s": wall,
+        "strangers": strangers,
+        "admission": admission,
         "server_log": str(kept_log) if kept_log else None,
         "machine": machine(),
     }
@@ -362,8 +461,32 @@ def _markdown(res: dict[str, Any]) -> str:
             f"{res['healthz_max_ms']:.1f} ms ({res['healthz_samples']} probes, {res['healthz_misses']} unanswered) |",
             f"| refusals seen by clients after retries | {res['refusals_after_retries'] or 'none'} |",
             f"| wall time | {res['wall_s']:.0f} s |",
+            *_checks_markdown(res),
         ]
     )
+
+
+def _checks_markdown(res: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    s = res.get("strangers")
+    if s:
+        out += [
+            f"| {s['strangers']} slow unauthenticated bodies: authenticated calls answered, without / with "
+            f"| {s['ok_before']} / {s['ok_during']} of {s['calls']} (p50 {s['p50_before_ms']:.1f} / "
+            f"{s['p50_during_ms']:.1f} ms, max with {s['max_during_ms']:.1f} ms; "
+            f"{s['strangers_told_401']} strangers told 401 before their body) |",
+        ]
+    a = res.get("admission")
+    if a and a.get("measured"):
+        out.append(
+            f"| a ~{a['estimate_gib']:.2f} GiB spec in a {a['memory_limit_mb']} MiB memory cgroup | {a['status']} "
+            f"{a['reason']} (the server's limit: {a['server_limit_gib']:.2f} GiB per federation) |"
+        )
+    elif a:
+        out.append(
+            f"| memory-limited admission ({a['memory_limit_mb']} MiB) | not measured (needs root and cgroup v1) |"
+        )
+    return out
 
 
 def main(args: argparse.Namespace) -> int:

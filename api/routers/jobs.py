@@ -90,5 +90,7 @@ def get_job_result(job_id: JobId, service: ServiceDep, _: Admin) -> FileResponse
 
 @router.delete("/{job_id}", responses={409: {"model": ErrorBody}})
 def cancel_job(job_id: JobId, service: ServiceDep, _: Admin) -> JobOut:
-    """Cancel a queued or running job (it stops before its next batch)."""
-    return job_out(service.jobs.cancel(job_id))
+    """Cancel a queued or running job (it stops before its next batch); delete a finished one (done,
+    failed or cancelled) with its result file — it is then gone (404). Finished jobs are also deleted
+    after ``job_retention_s``."""
+    return job_out(service.jobs.cancel_or_delete(job_id))

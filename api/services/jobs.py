@@ -35,6 +35,8 @@ __all__ = ["JobService"]
 
 logger = logging.getLogger(__name__)
 
+FINISHED = ("done", "failed", "cancelled")
+
 
 @dataclass
 class _JobRun:
@@ -88,6 +90,7 @@ class JobService(Service):
         self._stranded: dict[str, float] = {}
         self._lock = threading.Lock()
         self.batches_by_device: collections.Counter[int] = collections.Counter()  # worker index -> batches
+        self._expired_at = float("-inf")  # when `expire` last looked
 
     def _generator(self, spec: JobSpec) -> tuple[str, Generator]:
         """The job's generator: its name and the first device's copy."""
@@ -157,7 +160,10 @@ class JobService(Service):
         """Whether the result fits on the disk and leaves ``min_free_bytes`` free, and the numbers."""
         need, free = self.result_bytes(plan), self.store.disk_free_bytes()
         keep = self.settings.min_free_bytes
-        return free - need >= keep, f"its result needs {need} bytes; {free} are free and {keep} are kept free (min_free_bytes)"
+        return (
+            free - need >= keep,
+            f"its result needs {need} bytes; {free} are free and {keep} are kept free (min_free_bytes)",
+        )
 
     def create(self, spec: JobSpec) -> JobRecord:
         """Queue a job (507 ``insufficient_storage`` when its result would leave less than
@@ -180,6 +186,30 @@ class JobService(Service):
         """Up to ``limit`` jobs, newest first, older than the job ``before``; and whether more follow."""
         rows = self.store.list_jobs(limit + 1, before)
         return rows[:limit], len(rows) > limit
+
+    def cancel_or_delete(self, job_id: str) -> JobRecord:
+        """Cancel a queued or running job; delete a finished one (its row and its result file)."""
+        job = self.get(job_id)
+        if job.state in FINISHED and self.store.delete_job(job_id, only_if=FINISHED):
+            logger.info("job %s (%s) deleted with its result", job_id, job.state)
+            return job
+        return self.cancel(job_id)
+
+    def expire(self) -> int:
+        """Delete the finished jobs older than ``job_retention_s`` (checked at most once a minute);
+        returns how many."""
+        retention = self.settings.job_retention_s
+        now = self.clock()
+        if retention is None or now - self._expired_at < 60:
+            return 0
+        self._expired_at = now
+        deleted = sum(
+            self.store.delete_job(j, only_if=FINISHED)
+            for j in self.store.jobs_finished_before(now - retention)
+        )
+        if deleted:
+            logger.info("deleted %d finished job(s) older than %g s (job_retention_s)", deleted, retention)
+        return deleted
 
     def cancel(self, job_id: str) -> JobRecord:
         job = self.get(job_id)
@@ -286,7 +316,9 @@ class JobService(Service):
             if not fits:  # it waits, queued: `reconcile` tries again
                 if not (queued.error or "").startswith(STORAGE_PREFIX):
                     logger.warning("job %s waits for disk space: %s", job_id, numbers)
-                    self.store.update_job(job_id, only_if=("queued",), error=f"{STORAGE_PREFIX} waiting: {numbers}")
+                    self.store.update_job(
+                        job_id, only_if=("queued",), error=f"{STORAGE_PREFIX} waiting: {numbers}"
+                    )
                 return None
             if not self.store.update_job(
                 job_id, only_if=("queued",), state="running", started_at=self.clock(), done=0, error=None

@@ -14,13 +14,15 @@ from ktl.api import create_app
 from ktl.api.schemas import FederationSpec
 from ktl.api.services.ledger import LEDGER_NAME
 from ktl.api.store import DB_NAME, Store
-from tests.api.conftest import ADMIN, make_settings, protos
 from ktl.clients.sdk import KtlHttpClient
+from tests.api.conftest import ADMIN, make_settings, protos
 
 
 def _federation_with_an_upload(store: Store, name: str) -> str:
     """A fedproto federation (quorum 1) with one upload in round 1."""
-    fed = store.create_federation(FederationSpec(method="fedproto", num_classes=10, quorum=1, name=name), 0, 1.0)
+    fed = store.create_federation(
+        FederationSpec(method="fedproto", num_classes=10, quorum=1, name=name), 0, 1.0
+    )
     client = store.add_client(fed.id, "c", f"hash-{name}", 1.0)
     payload = protos([0, 1]).to_bytes()
     store.record_upload(store.get_federation(fed.id), 1, client.id, payload, "d", 2, len(payload), 2.0)
@@ -30,8 +32,14 @@ def _federation_with_an_upload(store: Store, name: str) -> str:
 def _aligning(data_dir: Path, fid: str) -> None:
     """Round 1 closed (its step due, 'aligning'), round 2 open: as the round rules leave a full round."""
     with sqlite3.connect(data_dir / DB_NAME) as db:
-        db.execute("UPDATE rounds SET state = 'aligning', closed_at = 2.0 WHERE federation_id = ? AND round = 1", (fid,))
-        if db.execute("SELECT 1 FROM rounds WHERE federation_id = ? AND round = 2", (fid,)).fetchone() is None:
+        db.execute(
+            "UPDATE rounds SET state = 'aligning', closed_at = 2.0 WHERE federation_id = ? AND round = 1",
+            (fid,),
+        )
+        if (
+            db.execute("SELECT 1 FROM rounds WHERE federation_id = ? AND round = 2", (fid,)).fetchone()
+            is None
+        ):
             db.execute("INSERT INTO rounds (federation_id, round, state, opened_at, deadline_at) "
                        "VALUES (?, 2, 'open', 2.0, 1e12)", (fid,))  # fmt: skip
         db.execute("UPDATE federations SET current_round = 2 WHERE id = ?", (fid,))
@@ -50,7 +58,9 @@ def test_a_crash_is_charged_to_the_executing_step_only(tmp_path: Path) -> None:
     for fid in (a, b):  # each step was started (and counted) before the crash
         assert store.get_round(fid, 1).state == "aligning" and store.start_attempt(fid, 1) == 1
     store.close()
-    (settings.data_dir / LEDGER_NAME).write_text(json.dumps({"started": [[a, 1], [b, 1]], "executing": [a, 1]}))
+    (settings.data_dir / LEDGER_NAME).write_text(
+        json.dumps({"started": [[a, 1], [b, 1]], "executing": [a, 1]})
+    )
 
     with TestClient(create_app(settings)) as http:
         admin = KtlHttpClient("", ADMIN, http=http, retries=0)

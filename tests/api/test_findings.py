@@ -21,9 +21,13 @@ from ktl.records import Prototypes
 from tests.api.conftest import ADMIN, make_settings, protos, register
 
 
-def test_counts_over_the_specs_max_samples_per_class_are_refused(http: TestClient, admin: KtlHttpClient) -> None:
+def test_counts_over_the_specs_max_samples_per_class_are_refused(
+    http: TestClient, admin: KtlHttpClient
+) -> None:
     """Old code: one client sending counts of 2^62 set a class's global prototype to its own vector."""
-    fed = admin.create_federation({"method": "fedproto", "num_classes": 10, "quorum": 2, "max_samples_per_class": 500})
+    fed = admin.create_federation(
+        {"method": "fedproto", "num_classes": 10, "quorum": 2, "max_samples_per_class": 500}
+    )
     a, b = register(admin, http, fed["id"], 2)
     p = protos([0, 1])
     with pytest.raises(KtlApiError) as info:
@@ -38,7 +42,9 @@ def test_a_cold_burst_of_etf_requests_builds_it_once(
     http: TestClient, admin: KtlHttpClient, service: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Old code: each request of a cold burst built its own ETF (~1 GB at C = 1000, K = 4096)."""
-    fed = service.federations.get(admin.create_federation({"method": "fedproto", "num_classes": 7, "etf_seed": 123})["id"])
+    fed = service.federations.get(
+        admin.create_federation({"method": "fedproto", "num_classes": 7, "etf_seed": 123})["id"]
+    )
     builds: list[int] = []
     real = federations_module.simplex_etf
 
@@ -51,7 +57,9 @@ def test_a_cold_burst_of_etf_requests_builds_it_once(
     federations_module._etf.cache_clear()
     federations_module._etf_bytes.cache_clear()
     answers: list[bytes] = []
-    threads = [threading.Thread(target=lambda: answers.append(service.federations.etf_bytes(fed))) for _ in range(6)]
+    threads = [
+        threading.Thread(target=lambda: answers.append(service.federations.etf_bytes(fed))) for _ in range(6)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -72,7 +80,9 @@ def test_a_job_that_would_leave_less_than_min_free_bytes_is_refused(
     assert admin.submit_job({"latents": latents, "per_class": 1})["state"] in ("queued", "running", "done")
 
 
-def test_a_job_that_runs_out_of_disk_waits_and_runs_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_job_that_runs_out_of_disk_waits_and_runs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Old code: a job that ran out of disk failed for good, where a round retries once there is space."""
     real = jobs_module.StreamingSafetensors.write
     failures = [OSError(errno.ENOSPC, "No space left on device")]
@@ -89,3 +99,27 @@ def test_a_job_that_runs_out_of_disk_waits_and_runs_again(tmp_path: Path, monkey
         done = admin.wait_for_job(job["id"], timeout=60, poll=0.02)
         assert done["state"] == "done" and done["error"] is None, done
         assert admin.job_result(job["id"])["images"].shape[0] == 4 and not failures
+
+
+def test_finished_jobs_are_deletable_and_expire_after_the_retention(tmp_path: Path) -> None:
+    """Old code: finished job results could not be deleted and piled up."""
+    settings = make_settings(tmp_path / "data", job_retention_s=3600)
+    with TestClient(create_app(settings)) as http:
+        admin = KtlHttpClient("", ADMIN, http=http, retries=0)
+        service = http.app.state.service  # type: ignore[attr-defined]
+        ids = [admin.submit_job({"latents": torch.randn(1, 256).tolist()})["id"] for _ in range(2)]
+        for job_id in ids:
+            assert admin.wait_for_job(job_id, timeout=60, poll=0.02)["state"] == "done"
+        path = service.store.job_result_path(ids[0])
+        assert path.is_file() and service.store.file_record(path) is not None
+        assert admin.cancel_job(ids[0])["state"] == "done"  # DELETE on a finished job deletes it
+        assert not path.exists() and service.store.file_record(path) is None
+        with pytest.raises(KtlApiError) as info:
+            admin.job(ids[0])
+        assert info.value.status == 404
+        kept = service.store.job_result_path(ids[1])
+        assert service.jobs.expire() == 0 and kept.is_file()  # younger than the retention
+        service.jobs._expired_at = float("-inf")
+        service.clock = service.jobs.clock = lambda: time.time() + 7200  # two hours on
+        assert service.jobs.expire() == 1 and not kept.exists()
+        assert service.store.jobs_finished_before(time.time() + 1e9) == []

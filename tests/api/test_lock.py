@@ -66,7 +66,7 @@ def test_a_second_server_and_a_repair_refuse_a_held_folder_while_reads_go_on(
     proc.wait(10)
     with TestClient(create_app(make_settings(data))) as http:
         assert http.get("/v1/federations", headers=auth(ADMIN)).status_code == 200
-        assert f"pid " in (data / LOCK_NAME).read_text()
+        assert "pid " in (data / LOCK_NAME).read_text()
 
 
 def test_the_lock_is_released_when_the_server_stops(tmp_path: Path) -> None:
@@ -74,7 +74,11 @@ def test_the_lock_is_released_when_the_server_stops(tmp_path: Path) -> None:
     with TestClient(create_app(settings)):
         pass
     probe = subprocess.run(
-        [sys.executable, "-c", HOLD, str(settings.data_dir)], input="", capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", HOLD, str(settings.data_dir)],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert probe.returncode == 0 and probe.stdout.strip() == "held", probe.stderr
     with DataDirLock(settings.data_dir, "test"), DataDirLock(settings.data_dir, "test"):

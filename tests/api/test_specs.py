@@ -78,7 +78,11 @@ def test_every_float_of_every_spec_section_refuses_non_finite_values(http: TestC
     assert any(s == "privacy" and f == "epsilon" for _, s, f, _ in paths)
     for method, section, name, tup in paths:
         for value in NOT_FINITE:
-            r = http.post("/v1/federations", content=_body(method, section, name, f"[{value}]" if tup else value), headers=JSON)
+            r = http.post(
+                "/v1/federations",
+                content=_body(method, section, name, f"[{value}]" if tup else value),
+                headers=JSON,
+            )
             where = f"{method} {section}.{name}={value}"
             assert r.status_code == 422, (where, r.text)
             assert name in r.json()["error"]["message"], (where, r.json())
@@ -125,12 +129,18 @@ def test_privacy_budgets_without_finite_noise_are_422_and_store_nothing(
         ("/v1/federations", '{"method": "fedproto", "num_classes": 4, "quorum": true}', "quorum"),
         ("/v1/federations", '{"method": "fedproto", "num_classes": 4, "baseline": {"lam": "0.5"}}', "lam"),
         ("/v1/federations", '{"method": "fedproto", "num_classes": 4, "num_classes": 5}', "num_classes"),
-        ("/v1/federations", '{"method": "fedproto", "num_classes": 4, "privacy": {"rounds": 2, "rounds": 3}}', "rounds"),
+        (
+            "/v1/federations",
+            '{"method": "fedproto", "num_classes": 4, "privacy": {"rounds": 2, "rounds": 3}}',
+            "rounds",
+        ),
         ("/v1/jobs", '{"latents": [[0.5]], "per_class": "2"}', "per_class"),
         ("/v1/jobs", '{"latents": [[true]]}', "latents"),
     ],
 )
-def test_coerced_types_and_duplicate_keys_are_refused(http: TestClient, path: str, body: str, field: str) -> None:
+def test_coerced_types_and_duplicate_keys_are_refused(
+    http: TestClient, path: str, body: str, field: str
+) -> None:
     """Old code: ``"4"`` and ``true`` were taken for numbers and the last of two equal keys won."""
     r = http.post(path, content=body, headers=JSON)
     assert r.status_code == 422, r.text
@@ -160,12 +170,20 @@ def test_an_unreadable_stored_row_is_set_aside_not_fatal(tmp_path: Path) -> None
     while ``ktl admin check`` said OK."""
     settings = make_settings(tmp_path / "data")
     with TestClient(create_app(settings)) as http:
-        bad = http.post("/v1/federations", json={"method": "fedtgp", "num_classes": 4}, headers=auth(ADMIN)).json()["id"]
-        good = http.post("/v1/federations", json={"method": "fedproto", "num_classes": 4}, headers=auth(ADMIN)).json()["id"]
+        bad = http.post(
+            "/v1/federations", json={"method": "fedtgp", "num_classes": 4}, headers=auth(ADMIN)
+        ).json()["id"]
+        good = http.post(
+            "/v1/federations", json={"method": "fedproto", "num_classes": 4}, headers=auth(ADMIN)
+        ).json()["id"]
     _store_spec_as_an_old_server_did(settings.data_dir, bad)
 
     report = check_data_dir(settings.data_dir)
-    assert not report.ok and f"federations/{bad}" in report.render() and "tgp_margin_threshold" in report.render()
+    assert (
+        not report.ok
+        and f"federations/{bad}" in report.render()
+        and "tgp_margin_threshold" in report.render()
+    )
 
     with TestClient(create_app(settings)) as http:  # starts
         listed = http.get("/v1/federations", headers=auth(ADMIN))
