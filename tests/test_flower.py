@@ -32,7 +32,9 @@ def test_the_run_config_round_trips_to_the_same_configuration() -> None:
 @pytest.mark.parametrize(
     "method",
     [
-        "fedktl",
+        # fedktl against simulate runs in make test on the in-memory Grid (tests/test_runner.py); on Ray it
+        # is one more Ray start-up for the same transport: make test-all
+        pytest.param("fedktl", marks=pytest.mark.slow),
         "fedproto",
         "lg-fedavg",  # a weights payload (the trainable classifier), kept fast
         # the other HtFLlib baselines: their client state (shared model, generator) crosses Flower rounds

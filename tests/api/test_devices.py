@@ -218,8 +218,11 @@ def test_pool_runs_shared_tasks_anywhere_and_pinned_tasks_in_priority_order() ->
 
         pool.workers[0].submit(JOB_PRIORITY, partial(note, "job"))
         pool.workers[0].submit(ROUND_PRIORITY, partial(note, "round"))
-        time.sleep(0.1)
-        assert 0 not in ran and len(ran) > 0  # worker 0 is busy; the others take the shared tasks
+        deadline = time.monotonic() + 30  # until the other workers have taken some (not a fixed sleep)
+        while len(ran) < 5:
+            assert time.monotonic() < deadline, ran
+            time.sleep(0.01)
+        assert 0 not in ran  # worker 0 is busy; the others take the shared tasks
         gate.set()
         assert pool.wait_idle(30)
         assert len(ran) == 20 and order[0] == "round"

@@ -52,10 +52,10 @@ def test_quorum_closes_the_round_and_pairs_are_published(http, service, admin) -
 def test_deadline_closes_a_round_with_an_upload_but_not_an_empty_one(
     http, service, admin, monkeypatch
 ) -> None:
-    fed = federation(admin, quorum=5, round_deadline_s=0.2)
+    fed = federation(admin, quorum=5, round_deadline_s=60)
     (a,) = register(admin, http, fed["id"], 1)
     clock = service.rounds.clock
-    monkeypatch.setattr(service.rounds, "clock", lambda: clock() + 0.5)  # the injected clock, not a sleep
+    monkeypatch.setattr(service.rounds, "clock", lambda: clock() + 61)  # the injected clock, not a sleep
     # round 1 is past its deadline with no upload: it stays open
     assert service.rounds.close_due() == 0
     assert a.round(fed["id"], 1)["state"] == "open"
