@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ktl.clients import Companion
 from ktl.errors import PayloadError
-from ktl.methods import METHODS, Method, MethodContext, load_method
+from ktl.methods import METHODS, CostShape, Method, MethodContext, load_method
 from ktl.methods.fedgen import FedGen, draw_labels
 from ktl.methods.heads import kl_to, weighted_mean
 from ktl.records import WEIGHT_LIMIT, Prototypes, Weights
@@ -275,3 +275,16 @@ def test_a_restarted_server_keeps_the_methods_state(name: str, tmp_path: Path) -
     assert all(torch.equal(value, theirs[key]) for key, value in mine.items())
     if name != "lg-fedavg":  # its layout is the federation's from the start: nothing to keep
         assert mine.keys() != fresh.keys() or any(not torch.equal(v, fresh[k]) for k, v in mine.items())
+
+
+def test_the_admission_estimate_counts_the_shared_model_by_hand() -> None:
+    """cnn4 at 3 × 32 × 32 with K = C = 10: conv 3·32·25 + 32, conv 32·64·25 + 64, fc 64·5·5·512 + 512,
+    head 512·10 + 10, classifier 10·10 + 10 = 878,648 floats; a round of 20 uploads holds them, a float64
+    accumulator (two float32s' worth) and the mean: 4 bytes × 878,648 × 23."""
+    fml = METHODS["fml"]
+    shape = CostShape(num_classes=10, proto_dim=10, rows=10 * 20)
+    floats = 3 * 32 * 25 + 32 + 32 * 64 * 25 + 64 + 64 * 5 * 5 * 512 + 512 + 512 * 10 + 10 + 10 * 10 + 10
+    assert floats == 878_648
+    assert fml.server_cost(fml.settings_from({}), shape).memory_bytes == 4 * floats * 23
+    lg = METHODS["lg-fedavg"]
+    assert lg.server_cost(lg.settings_from({}), shape).memory_bytes == 4 * 10 * 11 * 23

@@ -65,8 +65,11 @@ class FedKD(SharedModelMethod):
         super().__init__(settings, ctx)
         self.maps: dict[str, nn.Linear] = {}  # client id → its W_h
 
-    def shared_backbone(self) -> str:
-        return self.settings.fedkd.shared_model
+    @classmethod
+    def shared_backbone_of(cls, settings: MethodSettings) -> str:
+        if not isinstance(settings, FedKDMethodSettings):
+            raise TypeError("FedKD.shared_backbone_of takes FedKDMethodSettings")
+        return settings.fedkd.shared_model
 
     def hidden_map(self, client: LocalClient) -> nn.Linear:
         held = self.maps.get(client.client_id)

@@ -61,8 +61,11 @@ class FML(SharedModelMethod):
     broadcast_file = "shared_model.safetensors"
     settings: FMLMethodSettings
 
-    def shared_backbone(self) -> str:
-        return self.settings.fml.shared_model
+    @classmethod
+    def shared_backbone_of(cls, settings: MethodSettings) -> str:
+        if not isinstance(settings, FMLMethodSettings):
+            raise TypeError("FML.shared_backbone_of takes FMLMethodSettings")
+        return settings.fml.shared_model
 
     def supervised_weight(self) -> float:
         return self.settings.fml.alpha

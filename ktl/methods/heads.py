@@ -21,7 +21,15 @@ from torch import nn
 
 from ktl.clients import ClientModel, Companion, LocalClient
 from ktl.errors import PayloadError
-from ktl.methods.base import ClientUpdate, Method, MethodContext, MethodSettings, ServerUpdate
+from ktl.methods.base import (
+    ClientUpdate,
+    CostShape,
+    Method,
+    MethodContext,
+    MethodSettings,
+    ServerCost,
+    ServerUpdate,
+)
 from ktl.records import Weights
 from ktl.seeding import derive_seed
 from ktl.work import Work
@@ -127,6 +135,18 @@ class WeightsAverage(Method):
     def local_weights(self, client: LocalClient) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    @classmethod
+    def payload_floats(cls, settings: MethodSettings, shape: CostShape) -> int:
+        """The floats of one upload (default: a classifier, C × (K + 1))."""
+        return shape.num_classes * (shape.proto_dim + 1)
+
+    @classmethod
+    def server_cost(cls, settings: MethodSettings, shape: CostShape) -> ServerCost:
+        """The round's decoded uploads (``rows`` / C of them), a float64 accumulator and the mean."""
+        uploads = max(1, -(-shape.rows // max(shape.num_classes, 1)))
+        floats = cls.payload_floats(settings, shape)
+        return ServerCost(memory_bytes=4 * floats * (uploads + 3), flops_per_step=2.0 * floats * uploads)
+
     def take_weights(self, client: LocalClient, tensors: Mapping[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
@@ -185,8 +205,24 @@ class SharedModelMethod(WeightsAverage):
         super().__init__(settings, ctx)
         self.shared: dict[str, ClientModel] = {}  # client id → its copy of the shared model
 
-    def shared_backbone(self) -> str:
+    @classmethod
+    def shared_backbone_of(cls, settings: MethodSettings) -> str:
+        """The shared model's backbone that ``settings`` name."""
         raise NotImplementedError
+
+    def shared_backbone(self) -> str:
+        return self.shared_backbone_of(self.settings)
+
+    @classmethod
+    def payload_floats(cls, settings: MethodSettings, shape: CostShape) -> int:
+        """The shared model's floats, counted on the meta device (no memory) for 3 × 32 × 32 inputs, the
+        larger of the built-in data sets'."""
+        with torch.device("meta"):
+            model = ClientModel.build(
+                cls.shared_backbone_of(settings), num_channels=3, image_size=32, proto_dim=shape.proto_dim
+            )
+            model.ensure_classifier(shape.num_classes)
+        return sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
 
     def companion(self, client: LocalClient, shared: ClientModel) -> Companion:
         """The mutual-distillation loss of one batch and the parameters it trains beside the client's."""
