@@ -12,9 +12,11 @@ import torch
 
 from ktl.api import create_app
 from ktl.api.process import ServerThread, free_port
-from ktl.api.services.evaluation import parse_upload_metrics
+from ktl.api.services.evaluation import parse_upload_metrics, summarize
+from ktl.api.store import Store
 from ktl.cli import main
 from ktl.clients.sdk import KtlApiError, KtlHttpClient
+from ktl.demo import DemoOptions, run_demo
 from tests.api.conftest import (
     ADMIN,
     FAST_ALIGNER,
@@ -228,3 +230,19 @@ def test_client_run_reports_its_accuracy_and_every_client_command_reads_ktl_url(
             main(["client", "status", "--federation", fid])
     finally:
         thread.stop()
+
+
+def test_the_demo_s_clients_report_what_the_demo_prints(tmp_path) -> None:
+    """ktl demo's clients send their accuracy with each upload: the server's sample-weighted mean over
+    them is the demo's own accuracy (Σ correct / Σ tested, PFLlib's figure)."""
+    result = run_demo(
+        DemoOptions(rounds=1, clients=2, preset="smoke", out=tmp_path / "demo", method="fedproto")
+    )
+    store = Store(tmp_path / "demo" / "server", maintenance=True)
+    try:
+        summary = summarize(store.metric_sums(str(result["federation"]), 1, 1))[1]
+    finally:
+        store.close()
+    assert summary["accuracy"]["clients"] == 2
+    # Both are float sums over the same counts, in another order: equal to rounding.
+    assert summary["accuracy"]["mean"] == pytest.approx(result["accuracy"][0], rel=1e-12)
