@@ -524,11 +524,13 @@ def read_shard(path: Path) -> dict[str, torch.Tensor]:
 
 
 class _ImageNames:
-    """``images/<class name>/<number>.png`` of image ``i`` (numbers from 1 within each class)."""
+    """``images/<class folder>/<number>.png`` of image ``i`` (numbers from 1 within each class); one folder
+    per class id (`class_folders`)."""
 
     def __init__(self, source: Source, per_class: int) -> None:
         self.per_class = per_class
-        self.names = [_safe_dir(source.class_name(c)) for c in source.class_ids.tolist()]
+        folders = class_folders(source)
+        self.names = [folders[c] for c in source.class_ids.tolist()]
         seen: dict[int, int] = {}
         self.offsets = []  # images of the same class before each source
         for c in source.class_ids.tolist():
@@ -541,9 +543,52 @@ class _ImageNames:
         return Path(IMAGES) / self.names[s] / f"{self.offsets[s] + j + 1:0{self.width}d}.png"
 
 
+# A folder name's bytes, below NAME_MAX (255 on most file systems) with room for a suffix: a class name of
+# 100 CJK characters (300 bytes in UTF-8) failed with ENAMETOOLONG.
+MAX_FOLDER_BYTES = 100
+
+
 def _safe_dir(name: str) -> str:
     cleaned = "".join(ch if ch.isalnum() or ch in "-_ ." else "_" for ch in name).strip(" .")
+    cleaned = cleaned.encode()[:MAX_FOLDER_BYTES].decode("utf-8", "ignore").rstrip(" .")  # whole characters
     return cleaned or "_"
+
+
+def class_folders(source: Source) -> dict[int, str]:
+    """The folder of each class id: its name made safe and at most `MAX_FOLDER_BYTES` bytes, and distinct
+    from every other class's — case-insensitively, as on macOS or Windows — with ``~<id>`` added where two
+    would collide (``a/b`` and ``a_b``, or two classes of one name, were silently merged into one folder
+    and overwrote each other's images)."""
+    folders: dict[int, str] = {}
+    taken: set[str] = set()
+    for c in sorted(set(source.class_ids.tolist())):
+        name = _safe_dir(source.class_name(c))
+        k = 0
+        while name.casefold() in taken:
+            k += 1
+            suffix = f"~{c}" if k == 1 else f"~{c}-{k}"
+            name = (
+                _safe_dir(source.class_name(c))
+                .encode()[: MAX_FOLDER_BYTES - len(suffix)]
+                .decode("utf-8", "ignore")
+                + suffix
+            )
+        taken.add(name.casefold())
+        folders[c] = name
+    return folders
+
+
+def _png_ok(path: Path) -> bool:
+    """Whether ``path`` is a whole, readable PNG (a run stopped mid-write, or a damaged disk, can leave a
+    truncated one; resuming rewrites it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()  # checks the chunks and their CRCs up to IEND without decoding
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
 
 
 def _write_pngs(
@@ -554,7 +599,7 @@ def _write_pngs(
     written = 0
     for offset, image in enumerate(images):
         path = out / names(start + offset)
-        if only_missing and path.is_file():
+        if only_missing and path.is_file() and _png_ok(path):
             continue
         array = image.permute(1, 2, 0).numpy()
         picture = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
@@ -738,10 +783,10 @@ def _finish(
         shards.append(
             {"file": shard_name(k), "start": start, "end": end, "count": end - start, "sha256": digest}
         )
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {}  # by class folder: one key per class, as on disk with --image-folder
+    folders = class_folders(source)
     for c in source.class_ids.tolist():
-        name = source.class_name(c)
-        counts[name] = counts.get(name, 0) + o.per_class
+        counts[folders[c]] = counts.get(folders[c], 0) + o.per_class
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "spec": spec,
