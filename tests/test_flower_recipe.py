@@ -164,6 +164,9 @@ def test_the_recipe_runs_as_written_and_gives_simulates_accuracies(tmp_path: Pat
             os.killpg(proc.pid, signal.SIGKILL)
     assert rc == 0 and (out / "summary.json").is_file(), log.read_text()[-4000:]
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"].startswith("site ") == (
+        data == "sites"
+    )  # the nodes' data source, as they report it
     torch.manual_seed(1234)
     config = build_config(
         preset="smoke",
