@@ -10,6 +10,14 @@ whenever it is read or served (`Store.read_verified`, `Store.verify_file`): a fi
 restarts is reported as ``corrupt_file`` naming what it is, never served or loaded. A write that finds the
 disk full raises `InsufficientStorageError` (HTTP 507 with ``Retry-After``) and leaves no temporary file.
 
+One module per concern, composed by `Store`: ``base`` (the connection behind one lock, transactions,
+paths, free space), ``schema`` (tables, added columns, migration), ``disk`` (atomic writes, disk-full),
+``files`` (checksums), ``records`` (typed rows), ``federations`` (and their clients), ``rounds`` (and
+uploads, the clients' metrics), ``snapshots`` (the method's state), ``jobs``, ``maintenance`` (what
+``ktl admin check`` reads and rebuilds). The store decides nothing about rounds: the round rules
+(quorum, deadline, what opens next) are the rounds service's (`ktl.api.services.rounds`), and the store
+applies their decisions in the transaction that read the facts.
+
 Layout under ``data_dir``::
 
     ktl.sqlite3
