@@ -42,6 +42,7 @@ from ktl.api.store import (
     sha256_file,
     unreadable_reason,
 )
+from ktl.api.store.rounds import ENDED_FILE
 from ktl.errors import KtlError
 
 __all__ = ["CheckReport", "Finding", "check_data_dir"]
@@ -342,12 +343,18 @@ def _rebuild_federation(store: Store, fid: str, report: CheckReport) -> bool:
     known: set[str] = set()  # the clients rebuilt (one whose id or token is taken already is not)
     broadcast = spec.method_class.broadcast_file
     rounds: dict[int, tuple[list[Path], Path | None]] = {}
+    ended: dict[int, str] = {}  # rounds cancelled (ENDED_FILE): they stay failed, never run again
     rounds_dir = folder / "rounds"
     if rounds_dir.is_dir():
         for d in rounds_dir.iterdir():
             if d.is_dir() and d.name.isdigit():
                 uploads = sorted((d / "uploads").glob("*.safetensors")) if (d / "uploads").is_dir() else []
                 rounds[int(d.name)] = (uploads, d / broadcast if (d / broadcast).is_file() else None)
+                if (d / ENDED_FILE).is_file():
+                    try:
+                        ended[int(d.name)] = str(json.loads((d / ENDED_FILE).read_text())["error"])
+                    except (ValueError, KeyError, TypeError):
+                        ended[int(d.name)] = "ended (rebuilt by ktl admin check --repair)"
     now = time.time()
     last = max(rounds, default=0)
     lost: list[str] = []
@@ -370,6 +377,8 @@ def _rebuild_federation(store: Store, fid: str, report: CheckReport) -> bool:
             if published is not None:
                 state, published_at = "published", published.stat().st_mtime
                 closed_at = published_at
+            elif r in ended:  # cancelled: it stays so (its uploads are kept, its step never runs)
+                state, error, published_at = "failed", ended[r], now
             elif r < last:
                 state = "aligning" if counted else "failed"
                 if not counted:

@@ -32,6 +32,8 @@ from ktl.api.store.records import (
 )
 from ktl.errors import ConflictError
 
+ENDED_FILE = "ended.json"  # a round ended without publishing (cancelled): what a rebuild keeps of it
+
 logger = logging.getLogger(__name__)
 
 
@@ -374,6 +376,10 @@ class RoundRows(FileChecksums):
                 "error = ? WHERE federation_id = ? AND round = ?",
                 (now, now, reason[:2000], fid, r),
             )
+            # On disk too: `ktl admin check --repair` rebuilds rounds from the files, and would otherwise
+            # take a cancelled round with uploads for one whose step is due and run it again.
+            ended = {"state": "failed", "error": reason[:2000], "at": now}
+            self._write_recorded(db, self.round_dir(fid, r) / ENDED_FILE, json.dumps(ended).encode())
             change = rule(facts) if rule is not None else None
             if change is not None:
                 self._apply(db, fid, change)

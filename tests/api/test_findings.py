@@ -123,3 +123,27 @@ def test_finished_jobs_are_deletable_and_expire_after_the_retention(tmp_path: Pa
         service.clock = service.jobs.clock = lambda: time.time() + 7200  # two hours on
         assert service.jobs.expire() == 1 and not kept.exists()
         assert service.store.jobs_finished_before(time.time() + 1e9) == []
+
+
+def test_repair_keeps_a_cancelled_round_cancelled(tmp_path: Path) -> None:
+    """Old code: ``ktl admin check --repair`` rebuilt a cancelled round with uploads as one whose step is
+    due, and the server ran it again."""
+    from ktl.api.check import check_data_dir
+    from ktl.api.store import DB_NAME
+
+    settings = make_settings(tmp_path / "data")
+    with TestClient(create_app(settings)) as http:
+        admin = KtlHttpClient("", ADMIN, http=http, retries=0)
+        fed = admin.create_federation({"method": "fedproto", "num_classes": 10, "quorum": 3})
+        (a,) = register(admin, http, fed["id"], 1)
+        a.upload(fed["id"], 1, protos([0, 1]))
+        admin.cancel_round(fed["id"], 1)
+    for suffix in ("", "-wal", "-shm"):  # the database is lost
+        Path(f"{settings.data_dir / DB_NAME}{suffix}").unlink(missing_ok=True)
+    assert check_data_dir(settings.data_dir, repair=True).ok
+    with TestClient(create_app(settings)) as http:
+        admin = KtlHttpClient("", ADMIN, http=http, retries=0)
+        first = admin.round(fed["id"], 1)
+        assert first["state"] == "failed" and first["error"] == "cancelled by the operator", first
+        assert first["uploads"] == 1 and admin.federation(fed["id"])["current_round"] == 2
+        assert admin.round(fed["id"], 2)["state"] == "open"
