@@ -424,8 +424,10 @@ def test_stalled_connections_keep_health_answering_and_time_out(server: ServePro
             sock = socket.create_connection(("127.0.0.1", server.port))
             sock.sendall(b"GET /v1/jobs HTT")
             half_open.append(sock)
-        time.sleep(0.3)
-        assert _fds(server.pid) > 300
+        deadline = time.monotonic() + 30  # until the server has accepted them all (not a fixed sleep)
+        while _fds(server.pid) <= 300:
+            assert time.monotonic() < deadline, _fds(server.pid)
+            time.sleep(0.02)
         with httpx.Client(base_url=url, timeout=5, headers=auth(ADMIN)) as client:
             started = time.perf_counter()
             assert client.get("/healthz").status_code == 200
@@ -439,8 +441,10 @@ def test_stalled_connections_keep_health_answering_and_time_out(server: ServePro
                     "Content-Length: 100\r\n\r\n{".encode()
                 )
                 in_flight.append(sock)
-            time.sleep(0.3)
-            assert client.get("/v1/jobs/job-none").status_code == 503  # uvicorn's limit_concurrency
+            deadline = time.monotonic() + 30  # until uvicorn has read their heads (not a fixed sleep)
+            while (status := client.get("/v1/jobs/job-none").status_code) != 503:
+                assert status == 404 and time.monotonic() < deadline, status
+                time.sleep(0.02)  # 503: uvicorn's limit_concurrency
             started = time.perf_counter()
             assert client.get("/healthz").status_code == 200  # never refused by it
             busy_healthz_s = time.perf_counter() - started
