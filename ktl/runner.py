@@ -40,7 +40,15 @@ from ktl.data import FederatedData, build_federated_data
 from ktl.device import resolve_device
 from ktl.errors import ConfigError, PayloadError
 from ktl.generator import Generator, load_generator
-from ktl.methods import SUM_UPLOAD, Method, MethodContext, MethodSettings, ServerUpdate, get_method
+from ktl.methods import (
+    SUM_UPLOAD,
+    Method,
+    MethodContext,
+    MethodSettings,
+    PrivacySettings,
+    ServerUpdate,
+    get_method,
+)
 from ktl.seeding import derive_seed
 from ktl.study import (
     CLIENT_WEIGHTS,
@@ -110,12 +118,11 @@ def method_settings(config: SimulateConfig) -> MethodSettings:
     """The sections of ``config`` that its method reads; a privacy budget without ``privacy.rounds``
     covers the run's rounds. A DP setting the method cannot apply is refused, never ignored."""
     cls = get_method(config.method)
-    if config.privacy.epsilon is not None and "privacy" not in cls.settings_model.sections():
+    privacy = config.section("privacy", PrivacySettings)
+    if privacy.epsilon is not None and "privacy" not in cls.settings_model.sections():
         raise ConfigError(f"privacy.epsilon is not available for method {config.method!r}")
-    if config.privacy.rounds is None:
-        config = config.model_copy(
-            update={"privacy": config.privacy.model_copy(update={"rounds": config.rounds})}
-        )
+    if privacy.rounds is None:
+        config = config.model_copy(update={"privacy": privacy.model_copy(update={"rounds": config.rounds})})
     return cls.settings_from(config)
 
 
