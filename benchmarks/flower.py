@@ -1,10 +1,19 @@
-"""``ktl bench flower``: ktl on Flower's Simulation Engine against ``ktl simulate``, in one run.
+"""``ktl bench flower``: ktl on Flower against ``ktl simulate``, in one run.
+
+``--engine simulation`` (the default), Flower's Simulation Engine:
 
 1. Overhead: the same configuration (``--preset``, ``--clients``, ``--rounds``) through ``ktl simulate`` and
    through ``ktl flower simulate``; wall time per round (each side's own ``round_seconds``, so Ray's
    start-up is reported apart) and the ratio. Accuracies are compared too (they should be equal).
 2. Scale: ``--scale-clients`` virtual clients (200) with a few samples each for ``--scale-rounds`` rounds:
    time per round and the peak memory of this process and its Ray workers together.
+
+``--engine deployment``, Flower's Deployment Engine on loopback (`LocalDeployment`: a SuperLink and one
+SuperNode per client, ``flwr run`` of this app), every process at one torch thread: a round after the
+first against a ``ktl simulate`` round of the same federation at one thread (each side's own
+``round_seconds``), with the node workers that keep each client in memory (`ktl.flower.worker`) and, for
+comparison, without them (``KTL_FLOWER_WORKER=0``: every message rebuilds its client in a fresh
+process).
 """
 
 from __future__ import annotations
@@ -12,7 +21,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -22,13 +36,17 @@ from typing import Any
 import psutil
 import torch
 
+from ktl.api.process import free_port
 from ktl.benchmarks.common import machine, report
-from ktl.config import build_config
+from ktl.config import SimulateConfig, build_config
 from ktl.flower.config import FlowerOptions
 from ktl.flower.simulation import run_flower_simulation
 from ktl.simulate import run_simulation
 
-__all__ = ["main", "run"]  # its flags are declared in ktl.cli (Flower is imported only when it runs)
+__all__ = ["LocalDeployment", "main", "run", "run_deployment"]
+
+ROOT = Path(__file__).resolve().parents[1]  # the app's project folder (pyproject.toml's [tool.flwr.app])
+BIN = Path(sys.executable).parent  # its flags are declared in ktl.cli (Flower is imported only when it runs)
 
 
 class _PeakMemory:
@@ -119,6 +137,170 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+class LocalDeployment:
+    """Flower's Deployment Engine on loopback, as docs/flower.md sets it up: a SuperLink (insecure) and
+    ``nodes`` SuperNodes (partition ``i`` of ``nodes`` each, their own ports), each in its own process
+    group, logs under ``work``; `run` is ``flwr run`` of this app with a run config."""
+
+    def __init__(self, work: Path, nodes: int, env: dict[str, str] | None = None) -> None:
+        self.work = work
+        self.nodes = nodes
+        self.port = free_port()
+        home = work / "flwr"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(home),
+                    "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def _start(self, cmd: list[str], log: str) -> subprocess.Popen[bytes]:
+        with open(self.work / log, "wb") as f:  # its own process group: stopping it stops its helpers too
+            proc = subprocess.Popen(
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> LocalDeployment:
+        link = self._start(
+            [str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+             "--port", str(self.port), "--database", str(self.work / "superlink.db")],
+            "superlink.log",
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while True:  # until the SuperLink accepts connections
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                break
+            if link.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the SuperLink did not start: {(self.work / 'superlink.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.5)
+        for i in range(self.nodes):
+            self._start(
+                [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                 "--node-config", f"partition-id={i} num-partitions={self.nodes}", "--port", str(free_port())],
+                f"supernode-{i}.log",
+            )  # fmt: skip
+        return self
+
+    def run(self, run_config: dict[str, Any], out: Path, timeout: float = 1800.0) -> dict[str, Any]:
+        """``flwr run`` of this app with ``run_config`` (keys its pyproject.toml lists); waits for the run
+        folder's summary.json (``flower.out`` = ``out``)."""
+        pairs = {**run_config, "flower.min-nodes": self.nodes, "flower.out": str(out)}
+        settings = " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in pairs.items())
+        done = subprocess.run(
+            [str(BIN / "flwr"), "run", ".", "loopback", "--run-config", settings],
+            cwd=ROOT, env=self.env, capture_output=True, timeout=300,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"flwr run failed: {done.stdout.decode()[-2000:]}{done.stderr.decode()[-2000:]}"
+            )
+        deadline = time.monotonic() + timeout
+        while not (out / "summary.json").exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"no summary after {timeout:.0f}s: {(self.work / 'superlink.log').read_text()[-2000:]}"
+                )
+            time.sleep(1)
+        return dict(json.loads((out / "summary.json").read_text()))
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _later(rows: list[dict[str, Any]]) -> float:
+    """The mean round time after the first (the first starts processes and builds the clients)."""
+    return statistics.mean(r["round_seconds"] for r in (rows[1:] if len(rows) > 1 else rows))
+
+
+def run_deployment(args: argparse.Namespace) -> dict[str, Any]:
+    """A round after the first on the Deployment Engine (with and without node workers) against a
+    ``ktl simulate`` round, the same federation, one torch thread everywhere."""
+    work = Path(tempfile.mkdtemp(prefix="ktl-bench-deploy-"))
+    overrides = {"num_clients": args.clients, "rounds": args.rounds, "method": args.method}
+    config: SimulateConfig = build_config(preset=args.preset, overrides=overrides)
+    run_config = {"preset": args.preset, **overrides}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_simulation(config.model_copy(update={"out": work / "sim"}), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    sim = _rows(work / "sim" / "metrics.jsonl")
+    one_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    res: dict[str, Any] = {
+        "engine": "deployment",
+        "preset": args.preset,
+        "method": args.method,
+        "clients": args.clients,
+        "rounds": args.rounds,
+        "simulate_later_round_s": _later(sim),
+        "machine": machine(),
+        "load": os.getloadavg()[0],  # the shared machine's 1-minute load average, before and after
+    }
+    variants = [("worker", "1")] + ([("no_worker", "0")] if args.baseline else [])
+    for name, flag in variants:
+        with LocalDeployment(
+            work / name, args.clients, {**one_thread, "KTL_FLOWER_WORKER": flag}
+        ) as deployment:
+            t0 = time.perf_counter()
+            summary = deployment.run(run_config, work / name / "out")
+            wall = time.perf_counter() - t0
+        rows = _rows(work / name / "out" / "metrics.jsonl")
+        res[f"{name}_first_round_s"] = rows[0]["round_seconds"]
+        res[f"{name}_later_round_s"] = _later(rows)
+        res[f"{name}_ratio"] = _later(rows) / res["simulate_later_round_s"]
+        res[f"{name}_wall_s"] = wall
+        res[f"{name}_same_accuracies"] = summary["accuracy"] == [r["accuracy"] for r in sim]
+    res["load_after"] = os.getloadavg()[0]
+    return res
+
+
+def _deployment_markdown(res: dict[str, Any]) -> str:
+    lines = [
+        "## ktl on Flower's Deployment Engine (`ktl bench flower --engine deployment`)",
+        "",
+        f"{res['machine']}; 1-minute load average {res['load']:.1f} before and {res['load_after']:.1f} after (a "
+        "shared machine: other jobs ran beside it, so the ratios are what one run measured under that load). `{res['preset']}`, {res['method']}, {res['clients']} clients, {res['rounds']} rounds; a "
+        "SuperLink and one SuperNode per client on loopback, every process at one torch thread, `ktl "
+        "simulate` at one thread in the same run; each side's own `round_seconds`.",
+        "",
+        "| | round 1 | a round after the first | vs `ktl simulate` | same accuracies |",
+        "|---|---|---|---|---|",
+        f"| `ktl simulate` | | {res['simulate_later_round_s']:.2f} s | 1.00× | |",
+    ]
+    for name, label in (
+        ("worker", "SuperNodes with node workers"),
+        ("no_worker", "SuperNodes, `KTL_FLOWER_WORKER=0`"),
+    ):
+        if f"{name}_ratio" in res:
+            lines.append(
+                f"| {label} | {res[f'{name}_first_round_s']:.2f} s | {res[f'{name}_later_round_s']:.2f} s | "
+                f"**{res[f'{name}_ratio']:.2f}×** | {'yes' if res[f'{name}_same_accuracies'] else 'no'} |"
+            )
+    lines += [
+        "",
+        "Under the Deployment Engine a SuperNode runs every message in a fresh `flwr-clientapp` process; the "
+        "node worker (`ktl.flower.worker`, started by the first message) keeps the client — data, model, "
+        "optimiser, the method's client state — in memory for the run, so a later round costs the message's "
+        "process start and the training. Without it every message imports torch and rebuilds the client "
+        "from `context.state`.",
+    ]
+    return "\n".join(lines)
+
+
 def _markdown(res: dict[str, Any]) -> str:
     lines = [
         "## ktl on Flower's Simulation Engine (`ktl bench flower`)",
@@ -156,5 +338,10 @@ def _markdown(res: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "engine", "simulation") == "deployment":
+        res = run_deployment(args)
+        return report(
+            res, _deployment_markdown(res), as_json=args.json, write=args.write, section="flower-deployment"
+        )
     res = run(args)
     return report(res, _markdown(res), as_json=args.json, write=args.write, section="flower")

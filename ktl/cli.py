@@ -940,7 +940,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     fsim.add_argument(
         "--cpus-per-client", type=float, default=1.0, help="Ray CPUs reserved per virtual client"
     )
-    fsim.add_argument("--out", type=Path, default=None, help="folder for metrics.jsonl and summary.json")
+    fsim.add_argument("--out", type=Path, default=None, help="the run folder (default runs/flower-…)")
     fsim.add_argument(
         "--secagg-shares",
         type=_count_or_fraction,
@@ -1191,6 +1191,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             if scale:
                 p.add_argument("--scale-clients", type=int, default=200, help="0: skip the scale run")
                 p.add_argument("--scale-rounds", type=int, default=2)
+                p.add_argument("--engine", choices=["simulation", "deployment"], default="simulation",
+                               help="deployment: a SuperLink and a SuperNode per client on loopback (flwr run), "
+                               "a round after the first vs ktl simulate, one thread")  # fmt: skip
+                p.add_argument("--method", default="fedproto", help="with --engine deployment")
+                p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                               help="with --engine deployment: also run without the node workers")  # fmt: skip
                 p.add_argument("--engine", choices=["simulation", "deployment"], default="simulation",
                                help="deployment: a SuperLink and a SuperNode per client on loopback (flwr run), "
                                "a round after the first vs ktl simulate, one thread")  # fmt: skip

@@ -6,6 +6,9 @@ ktl's ClientApp handlers with one ``Context`` per node, as a SuperNode keeps it.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,8 +19,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from ktl.config import SimulateConfig, build_config
-from ktl.flower import client_app
-from ktl.flower.config import FlowerOptions
+from ktl.flower import client, client_app
+from ktl.flower.config import FlowerOptions, to_run_config
 from ktl.flower.records import from_tensors
 from ktl.flower.server_app import run_rounds
 from ktl.runner import weighted_accuracy
@@ -32,26 +35,24 @@ def _server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-HANDLERS = {
-    "query": client_app.query_step,
-    "train": client_app.train_step,
-    "evaluate": client_app.evaluate_step,
-}
-
-
 class LoopbackGrid(Grid):
     """Flower's Grid protocol in memory: node ``100 + i`` holds partition ``i``; ``bad`` partitions answer
     ``train`` with a payload no method accepts."""
 
-    def __init__(self, config: SimulateConfig, *, run_id: int, bad: Iterable[int] = ()) -> None:
-        self.config = config
+    def __init__(
+        self, config: SimulateConfig, *, run_id: int, bad: Iterable[int] = (), deployed: bool = False
+    ) -> None:
+        """``deployed``: the ClientApp is given no config, only the run config (as under ``flwr run``)."""
+        self.config = None if deployed else config
         self.bad = set(bad)
+        run_config = to_run_config(config) if deployed else {}
         self.contexts = {
             100 + i: Context(run_id, 100 + i, {"partition-id": i, "num-partitions": config.num_clients},
-                             RecordDict(), {})
+                             RecordDict(), run_config)
             for i in range(config.num_clients)
         }  # fmt: skip
         self.messages = 0
+        self.pending: dict[str, Message] = {}
 
     def set_run(self, run_id: int) -> None:  # type: ignore[override]
         return None
@@ -66,19 +67,23 @@ class LoopbackGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Each message is answered at once; its reply waits to be pulled."""
+        ids = []
+        for message in messages:
+            ids.append(f"m{len(self.pending)}-{self.messages}")
+            message.metadata.__dict__["_message_id"] = ids[-1]
+            self.pending[ids[-1]] = self.send_and_receive([message])[0]
+        return ids
 
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.pending.pop(i) for i in list(message_ids) if i in self.pending]
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         out = []
         for message in messages:
             context = self.contexts[message.metadata.dst_node_id]
-            reply = HANDLERS[message.metadata.message_type](self.config, message, context)
+            reply = client_app._handle(message.metadata.message_type, self.config, message, context)
             self.messages += 1
             partition = context.node_config["partition-id"]
             if partition in self.bad and "payload" in reply.content.array_records:
@@ -102,17 +107,17 @@ def test_the_flower_grid_transport_writes_simulates_run_folder(tmp_path: Path) -
     simulate_like_ray(_config(tmp_path, "sim", "fedktl"))
     config = _config(tmp_path, "flower", "fedktl")
     grid = LoopbackGrid(config, run_id=11)
-    client_app._HELD.clear()
+    client._HELD.clear()
     built = []
-    original = client_app.build_client
-    client_app.build_client = lambda *a, **k: built.append(a[2]) or original(*a, **k)  # type: ignore[assignment]
+    original = client.build_client
+    client.build_client = lambda *a, **k: built.append(a[2]) or original(*a, **k)  # type: ignore[assignment]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         summary = run_rounds(grid, config, FlowerOptions())
     finally:
         torch.set_num_threads(threads)
-        client_app.build_client = original  # type: ignore[assignment]
+        client.build_client = original  # type: ignore[assignment]
     assert_same_run_folders(tmp_path / "sim", tmp_path / "flower", clients=False)
     assert sorted(built) == [0, 1, 2]  # each client built once: at the query, then held across rounds
     assert summary["transport"]["name"] == "flower" and summary["failures"] == 0
@@ -129,6 +134,44 @@ def test_a_malformed_reply_from_one_node_is_its_failure_and_the_round_goes_on(tm
     assert all(None not in line["client_accuracy"] for line in lines)
     assert summary["rounds_run"] == 2 and 0 < summary["final_accuracy"] <= 1
     assert json.loads((tmp_path / "bad" / "summary.json").read_text())["failures"] == 2
+
+
+def test_under_the_deployment_engine_the_node_worker_keeps_each_client_across_rounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``flwr-clientapp`` process per message (``KTL_FLOWER_WORKER=1`` here): each message goes to the
+    node's worker, started once, which builds its client once for the run and keeps it; the accuracies are
+    those of the client run in the ClientApp's own process. Removing a worker's socket stops it."""
+    monkeypatch.setenv("KTL_FLOWER_WORKER", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the worker's torch threads, as the reference's below
+    short = Path(tempfile.mkdtemp(prefix="ktlw-", dir="/tmp"))  # a Unix socket path is short
+    monkeypatch.setattr(tempfile, "tempdir", str(short))
+    overrides = {"method": "fedproto", "num_clients": 2, "rounds": 3}
+    config = build_config(preset="smoke", overrides={**overrides, "out": str(tmp_path / "worker")})
+    try:
+        deployed = run_rounds(LoopbackGrid(config, run_id=21, deployed=True), config, FlowerOptions())
+    finally:
+        sockets = list(short.rglob("*.sock"))
+        for sock in sockets:
+            sock.unlink()
+    logs = sorted(short.rglob("*.log"))
+    assert len(sockets) == 2 and len(logs) == 2  # one worker per node
+    for log in logs:  # built at the first message (the query), then held: never restored
+        text = log.read_text()
+        assert text.count("built for run 21") == 1 and "restored" not in text, text[-2000:]
+    reference = build_config(preset="smoke", overrides={**overrides, "out": str(tmp_path / "here")})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = run_rounds(LoopbackGrid(reference, run_id=22), reference, FlowerOptions())
+    finally:
+        torch.set_num_threads(threads)
+    assert deployed["accuracy"] == here["accuracy"] and deployed["failures"] == 0
+    deadline = time.monotonic() + 60
+    while not all("worker stops" in log.read_text() for log in logs):  # their socket is gone
+        assert time.monotonic() < deadline, "a node worker did not stop when its socket was removed"
+        time.sleep(0.2)
+    shutil.rmtree(short)
 
 
 def test_weighted_accuracy_leaves_out_clients_not_scored() -> None:

@@ -1,219 +1,215 @@
-"""ktl's ClientApp: client *i* (the node's ``partition-id``) built exactly as ``ktl simulate`` builds it,
-running the runner's client step (`ktl.runner.client_step`).
+"""ktl's ClientApp: a thin front (it imports Flower only) for the client in `ktl.flower.client`.
 
-The client (data, model, optimiser, the method's client state) is kept in this process across the rounds
-of a run, keyed by run id and partition (`client_for`); after every step its state also goes into the
-node's ``context.state`` (an ``ArrayRecord`` with a step counter), and a process that does not hold the
-client at that step — a fresh one, or one that another worker overtook — restores it from there. Messages:
-``query`` (who the client is: partition, client id, the classes; the ServerApp builds no data set),
-``train`` (take the last broadcast, train or miss the round, upload, evaluate when asked), ``evaluate``
-(take the last broadcast, score). A secure-aggregation method's round arrives as SecAgg+'s training stage
-(``FitIns``) and is answered as ``FitRes``, masked by ``secaggplus_mod`` (`ktl.flower.secagg`)."""
+Under the Simulation Engine the client runs in this process (a Ray worker that lives for the whole run and
+keeps the client in memory). Under the Deployment Engine a SuperNode starts a fresh ``flwr-clientapp``
+process for every message, so a client built there would be rebuilt — data, model, optimiser, torch's
+import — at every round; instead the message goes to the node's worker (`ktl.flower.worker`), a process
+started on the first message that keeps the client in memory across the rounds of a run and answers over
+a Unix socket; the client's state still goes into ``context.state`` after every step, and a worker that
+lost it (restarted) restores it from there. ``KTL_FLOWER_WORKER=0`` runs every message in the ClientApp's
+own process (``1``: always through the worker). A secure-aggregation method's round is masked here by
+Flower's ``secaggplus_mod``."""
 
 from __future__ import annotations
 
-import logging
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, cast
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common.logger import LOGGER_NAME
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto  # pylint: disable=E0611
 
-from ktl.clients import LocalClient, simplex_etf
-from ktl.config import SimulateConfig
-from ktl.data import DataConfig, FederatedData, build_federated_data
-from ktl.device import resolve_device
-from ktl.flower.config import from_run_config
-from ktl.flower.records import from_record, from_tensors, to_record, to_tensors
-from ktl.flower.secagg import fit_res, is_secure_message, read_fit_ins, secure_sum_mod
-from ktl.methods import Method
-from ktl.runner import RoundPlan, build_client, build_method, client_step
-from ktl.seeding import derive_seed
+if TYPE_CHECKING:
+    from ktl.config import SimulateConfig
 
-__all__ = ["app", "client_data", "client_for", "make_client_app"]
+__all__ = [
+    "STATE_RECORD",
+    "STEP_RECORD",
+    "app",
+    "make_client_app",
+    "read_frames",
+    "records_from_bytes",
+    "records_to_bytes",
+    "secure_sum_mod",
+    "worker_socket",
+    "write_frames",
+]
 
-# Through Flower's logger ("flwr"): the app's lines appear where Flower prints, in a SuperLink's or
-# SuperNode's log as in a simulation.
-logger = logging.getLogger(f"{LOGGER_NAME}.{__name__}")
-
-_STATE = "ktl-client"
-_STEP = "ktl-step"  # context.state's ConfigRecord: how many steps the saved state has seen
-_METHOD_PREFIX = "method."
-_HELD_MAX = 64  # clients kept in one process (LRU): a Ray worker may serve many partitions
-
-
-@dataclass
-class Held:
-    """A client kept in memory between rounds, with its method's client side and its step count."""
-
-    client: LocalClient
-    method: Method
-    index: int
-    source: str
-    class_names: list[str]
-    step: int = 0
+STATE_RECORD = "ktl-client"  # context.state: the client's state tensors (an ArrayRecord)
+STEP_RECORD = "ktl-step"  # context.state: how many steps that state has seen (a ConfigRecord)
+_START_TIMEOUT = 600.0  # seconds a new worker may take to answer (it imports torch on a loaded machine)
 
 
-_HELD: OrderedDict[tuple[int, int], Held] = OrderedDict()
+def secure_sum_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """``secaggplus_mod`` for SecAgg+ messages; every other message goes straight to the handler."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)  # type: ignore[no-any-return]
+    return call_next(msg, context)
 
 
-@lru_cache(maxsize=4)
-def _data(data_json: str, num_clients: int, seed: int) -> FederatedData:
-    """The federated data, built once per process (deterministic in its config: a cache, not state)."""
-    return build_federated_data(DataConfig.model_validate_json(data_json), num_clients=num_clients, seed=seed)
+# -- the worker's wire: a JSON header, then length-prefixed blobs (protobuf records, never pickles) ------
 
 
-def client_data(config: SimulateConfig, context: Context) -> tuple[FederatedData, int]:
-    """This node's data and its client index: partition ``partition-id`` of the preset's data."""
-    index = int(cast(int, context.node_config["partition-id"]))
-    return _data(config.data.model_dump_json(), config.num_clients, config.seed), index
+def write_frames(sock: socket.socket, header: dict[str, Any], blobs: list[bytes]) -> None:
+    head = json.dumps({**header, "blobs": [len(b) for b in blobs]}).encode()
+    sock.sendall(struct.pack("!I", len(head)) + head + b"".join(blobs))
 
 
-def _saved_step(context: Context) -> int:
-    record = context.state.config_records.get(_STEP)
-    return int(cast(int, record["step"])) if record is not None else 0
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(min(n - got, 1 << 20))
+        if not chunk:
+            raise ConnectionError("the other side closed the connection")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
 
 
-def client_for(config: SimulateConfig, context: Context) -> Held:
-    """This node's client for this run: the one held in memory when it is at the step ``context.state``
-    saw last, else built and restored from ``context.state``."""
-    index = int(cast(int, context.node_config["partition-id"]))
-    key = (int(context.run_id), index)
-    step = _saved_step(context)
-    held = _HELD.get(key)
-    if held is not None and held.step == step:
-        _HELD.move_to_end(key)
-        return held
-    data, index = client_data(config, context)
-    device = resolve_device(config.device)
-    etf = simplex_etf(data.num_classes, data.num_classes, seed=config.etf_seed)
-    client = build_client(config, data, index, etf, device)
-    method = build_method(config, data.num_classes, data.class_names, device, server=False)
-    if _STATE in context.state.array_records:
-        saved = to_tensors(context.state.array_records[_STATE])
-        client.load_state_tensors({k: v for k, v in saved.items() if not k.startswith(_METHOD_PREFIX)})
-        method.load_client_state(
-            client,
-            {k.removeprefix(_METHOD_PREFIX): v for k, v in saved.items() if k.startswith(_METHOD_PREFIX)},
-        )
-    held = Held(client, method, index, data.source, list(data.class_names), step)
-    _HELD[key] = held
-    while len(_HELD) > _HELD_MAX:
-        _HELD.popitem(last=False)
-    return held
+def read_frames(sock: socket.socket) -> tuple[dict[str, Any], list[bytes]]:
+    (size,) = struct.unpack("!I", _read_exact(sock, 4))
+    header = json.loads(_read_exact(sock, size))
+    return header, [_read_exact(sock, n) for n in header.pop("blobs")]
 
 
-def _save_state(context: Context, held: Held) -> None:
-    """The client's state (and its method's) into the node's ``context.state``, one step further."""
-    state = held.client.state_tensors()
-    state.update({_METHOD_PREFIX + k: v for k, v in held.method.client_state(held.client).items()})
-    held.step += 1
-    context.state[_STATE] = from_tensors(state)
-    context.state[_STEP] = ConfigRecord({"step": held.step})
+def records_to_bytes(records: RecordDict) -> bytes:
+    return bytes(recorddict_to_proto(records).SerializeToString())
 
 
-def _receive(held: Held, content: RecordDict) -> None:
-    if "broadcast" in content.array_records:
-        held.method.client_receive(held.client, from_record(content.array_records["broadcast"]))
+def records_from_bytes(data: bytes) -> RecordDict:
+    proto = RecordDictProto()
+    proto.ParseFromString(data)
+    return recorddict_from_proto(proto)
 
 
-def _meta(held: Held, **extra: Any) -> ConfigRecord:
-    return ConfigRecord({"client-id": held.client.client_id, "partition-id": held.index, **extra})
+def worker_socket(context: Context) -> Path:
+    """The node's worker socket: one per node and partition, in a folder only this user can enter."""
+    folder = Path(tempfile.gettempdir()) / f"ktl-flower-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder / f"node-{context.node_id}-p{context.node_config.get('partition-id', 'x')}.sock"
 
 
-def query_step(config: SimulateConfig, message: Message, context: Context) -> Message:
-    """Who this client is: its partition and client id, the classes and the data's source."""
-    held = client_for(config, context)
-    meta = _meta(held, **{"class-names": held.class_names, "source": held.source})
-    return Message(RecordDict({"meta": meta}), reply_to=message)
+def _connect(path: Path) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
-def evaluate_step(config: SimulateConfig, message: Message, context: Context) -> Message:
-    """Take the last broadcast and score the client on its test split."""
-    held = client_for(config, context)
-    _receive(held, message.content)
-    correct, total = held.client.evaluate()
-    _save_state(context, held)
-    reply = RecordDict({"meta": _meta(held), "metrics": MetricRecord({"correct": correct, "total": total})})
-    return Message(reply, reply_to=message)
+def _start_worker(path: Path) -> socket.socket:
+    """Start the node's worker (one starter wins a lock file) and wait until it answers."""
+    lock = path.with_suffix(".lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        if time.time() - lock.stat().st_mtime > _START_TIMEOUT:  # a starter that died
+            lock.unlink(missing_ok=True)
+        fd = -1
+    if fd >= 0:
+        os.close(fd)
+        log = open(path.with_suffix(".log"), "ab")  # noqa: SIM115 - the worker owns it from here
+        subprocess.Popen(  # noqa: S603 - this interpreter, ktl's own module
+            [sys.executable, "-m", "ktl.flower.worker", str(path), "--parent-pid", str(os.getppid())],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+    deadline = time.monotonic() + _START_TIMEOUT
+    while (sock := _connect(path)) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"ktl's node worker did not start within {_START_TIMEOUT:.0f}s (see {path.with_suffix('.log')})"
+            )
+        time.sleep(0.2)
+    lock.unlink(missing_ok=True)
+    return sock
 
 
-def train_step(config: SimulateConfig, message: Message, context: Context) -> Message:
-    """One round of this client: take the last broadcast, the runner's client step, upload, evaluate."""
-    t0 = time.perf_counter()
-    held = client_for(config, context)
-    content = message.content
-    secure = is_secure_message(content)
-    if secure:
-        round_index, broadcast = read_fit_ins(content)
-        rounds, evaluate = config.rounds, True
-        if broadcast is not None:
-            held.method.client_receive(held.client, broadcast)
+def _ask_worker(kind: str, message: Message, context: Context) -> tuple[RecordDict, int | None]:
+    """One message through the node's worker; its state records are put back into ``context.state``."""
+    path = worker_socket(context)
+    step = context.state.config_records.get(STEP_RECORD)
+    header = {
+        "kind": kind,
+        "step": int(step["step"]) if step is not None else -1,  # type: ignore[call-overload]
+        "run_id": int(context.run_id),
+        "node_id": int(context.node_id),
+        "node_config": dict(context.node_config),
+        "run_config": dict(context.run_config),
+    }
+    content = records_to_bytes(message.content)
+    state: bytes | None = None
+    for _ in range(2):  # the second time with the saved state: the worker did not hold the client
+        sock = _connect(path) or _start_worker(path)
+        with sock:
+            blobs = [content] if state is None else [content, state]
+            write_frames(sock, {**header, "with_state": state is not None}, blobs)
+            answer, parts = read_frames(sock)
+        if answer.get("need_state"):
+            state = records_to_bytes(context.state)
+            continue
+        if "error" in answer:
+            raise RuntimeError(f"ktl's node worker failed: {answer['error']}")
+        for key, record in records_from_bytes(parts[1]).items():
+            context.state[key] = record
+        return records_from_bytes(parts[0]), answer.get("numpy_seed")
+    raise RuntimeError("ktl's node worker asked for the client's state twice")
+
+
+def _use_worker() -> bool:
+    """Through the node's worker under the Deployment Engine (a ``flwr-clientapp`` process per message)."""
+    choice = os.environ.get("KTL_FLOWER_WORKER", "auto")
+    if choice in ("0", "1"):
+        return choice == "1"
+    return Path(sys.argv[0]).name.startswith("flwr-clientapp")
+
+
+def _handle(kind: str, config: SimulateConfig | None, message: Message, context: Context) -> Message:
+    if config is None and _use_worker():
+        content, seed = _ask_worker(kind, message, context)
     else:
-        round_config = content.config_records["config"]
-        round_index = int(cast(int, round_config["round"]))
-        rounds = int(cast(int, round_config.get("rounds", config.rounds)))
-        evaluate = bool(round_config.get("evaluate", True))
-        _receive(held, content)
-    plan = RoundPlan(round_index, rounds, [held.index], evaluate)
-    if secure:  # under SecAgg+ every sampled client takes part: its protocol handles dropouts
-        config = config.model_copy(
-            update={"study": config.study.model_copy(update={"dropout": 0.0, "round_budget": None})}
-        )
-    reply = client_step(held.method, held.client, held.index, plan, config)
-    correct, total = held.client.evaluate() if evaluate else (0, 0)
-    _save_state(context, held)
-    metrics: dict[str, Any] = {"seconds": time.perf_counter() - t0}
-    if evaluate:
-        metrics.update(correct=correct, total=total)
-    if reply.stats is not None:
-        metrics.update(
-            {
-                "steps": reply.stats.steps,
-                "train-loss": reply.stats.supervised_loss,
-                "distill-loss": reply.stats.distill_loss,
-                "skipped-steps": reply.stats.skipped,
-            }
-        )
-    if secure:
-        if reply.payload is None or held.method.aggregation != "sum":
-            raise ValueError(f"method {config.method!r} has no summand for secure aggregation")
-        # SecAgg+'s stochastic rounding draws from numpy's global RNG: seeded per client and round, a run
-        # repeats exactly.
-        np.random.seed(derive_seed(config.seed, "secagg-rounding", held.index, round_index) % 2**32)
-        metrics["partition-index"] = held.index
-        return Message(fit_res(reply.payload, held.method.summand_layout(), metrics), reply_to=message)
-    extra = {"missed": reply.missed} if reply.missed is not None else {}
-    out = RecordDict({"meta": _meta(held, **extra), "metrics": MetricRecord(metrics)})
-    if reply.payload is not None:
-        out["payload"] = to_record(reply.payload)
-    return Message(out, reply_to=message)
+        from ktl.flower.client import HANDLERS  # torch and the client: only where they run
+        from ktl.flower.config import from_run_config
+
+        resolved = config if config is not None else from_run_config(context.run_config)[0]
+        answer = HANDLERS[kind](resolved, message.content, context)
+        content, seed = answer.content, answer.numpy_seed
+    if seed is not None:  # SecAgg+'s rounding (in secaggplus_mod, after this returns) draws from numpy
+        np.random.seed(seed)
+    return Message(content, reply_to=message)
 
 
 def make_client_app(config: SimulateConfig | None = None) -> ClientApp:
-    """The ClientApp; with ``config`` its settings are fixed (``ktl flower simulate``), else they come from
-    the run config (``flwr run``)."""
+    """The ClientApp; with ``config`` its settings are fixed (``ktl flower simulate``: in this process),
+    else they come from the run config (``flwr run``)."""
     app = ClientApp(mods=[secure_sum_mod])
-
-    def resolved(context: Context) -> SimulateConfig:
-        return config if config is not None else from_run_config(context.run_config)[0]
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
-        return query_step(resolved(context), message, context)
+        return _handle("query", config, message, context)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        return train_step(resolved(context), message, context)
+        return _handle("train", config, message, context)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        return evaluate_step(resolved(context), message, context)
+        return _handle("evaluate", config, message, context)
 
     return app
 

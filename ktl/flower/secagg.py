@@ -12,8 +12,8 @@ the small adapter between it and ktl's round:
   broadcast to the sampled nodes as ``FitIns`` and keeps what ``aggregate_fit`` receives — the average of
   the summands (every client weighs 1), times the number of clients: their sum, the server step's only
   input;
-- client: `secure_sum_mod` passes SecAgg+ messages to ``secaggplus_mod`` (and every other message
-  straight on); `read_fit_ins` / `fit_res` turn ``FitIns``/``FitRes`` records into ktl's broadcast bytes
+- client: ``ktl.flower.client_app.secure_sum_mod`` passes SecAgg+ messages to ``secaggplus_mod`` (and
+  every other message straight on); `read_fit_ins` / `fit_res` turn ``FitIns``/``FitRes`` records into ktl's broadcast bytes
   and back.
 
 Parameters (the ``flower.secagg-*`` run-config keys): shares and reconstruction threshold as Flower's; the
@@ -30,9 +30,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.common import (
     Code,
     EvaluateIns,
@@ -46,7 +44,6 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.common.logger import LOGGER_NAME
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -64,7 +61,6 @@ __all__ = [
     "fit_res",
     "is_secure_message",
     "read_fit_ins",
-    "secure_sum_mod",
     "secure_sum_round",
 ]
 
@@ -187,13 +183,6 @@ def secure_sum_round(
 
 
 # -- client side -------------------------------------------------------------------------------------------
-
-
-def secure_sum_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """``secaggplus_mod`` for SecAgg+ messages; every other message goes straight to the handler."""
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return cast(Message, secaggplus_mod(msg, context, call_next))
-    return call_next(msg, context)
 
 
 def is_secure_message(content: RecordDict) -> bool:
