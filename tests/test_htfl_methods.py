@@ -17,6 +17,7 @@ from ktl.clients import Companion
 from ktl.errors import PayloadError
 from ktl.methods import METHODS, CostShape, Method, MethodContext, load_method
 from ktl.methods.fedgen import FedGen, draw_labels
+from ktl.methods.fedkd import svd_compress, svd_recover
 from ktl.methods.heads import kl_to, weighted_mean
 from ktl.records import WEIGHT_LIMIT, Prototypes, Weights
 from ktl.seeding import derive_seed
@@ -288,3 +289,58 @@ def test_the_admission_estimate_counts_the_shared_model_by_hand() -> None:
     assert fml.server_cost(fml.settings_from({}), shape).memory_bytes == 4 * floats * 23
     lg = METHODS["lg-fedavg"]
     assert lg.server_cost(lg.settings_from({}), shape).memory_bytes == 4 * 10 * 11 * 23
+
+
+def test_fedkd_svd_keeps_the_singular_values_that_hold_the_energy() -> None:
+    """σ = 3, 2, 1: σ² shares 9/14 ≈ 0.64, 13/14 ≈ 0.93, 1 — T = 0.9 keeps two, and the matrix comes back
+    as diag(3, 2, 0, …); a conv kernel keeps its shape; a matrix the factors would not shrink stays whole."""
+    d = torch.zeros(8, 8)
+    d[0, 0], d[1, 1], d[2, 2] = 3.0, 2.0, 1.0
+    sent = svd_compress({"d": d, "b": torch.ones(8), "small": torch.eye(2)}, 0.9)
+    assert sent["d@u"].shape == (8, 2) and sent["d@v"].shape == (2, 8)
+    assert torch.equal(sent["small"], torch.eye(2)) and torch.equal(sent["b"], torch.ones(8))
+    back = svd_recover(sent)
+    expected = d.clone()
+    expected[2, 2] = 0.0
+    torch.testing.assert_close(back["d"], expected, atol=1e-6, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    kernel = (torch.randn(16, 2, generator=g) @ torch.randn(2, 3 * 5 * 5, generator=g)).view(16, 3, 5, 5)
+    again = svd_recover(svd_compress({"conv": kernel}, 0.999))["conv"]
+    assert again.shape == kernel.shape
+    torch.testing.assert_close(again, kernel, atol=1e-4, rtol=1e-4)
+    with pytest.raises(PayloadError, match="@u and @v"):
+        svd_recover({"d@u": sent["d@u"], "d@shape": sent["d@shape"]})
+    with pytest.raises(PayloadError, match="do not make its shape"):
+        svd_recover({**sent, "d@shape": torch.tensor([8.0, 9.0])})
+    with pytest.raises(
+        PayloadError, match="do not make its shape"
+    ):  # a small pair may not claim a huge tensor
+        svd_recover(
+            {
+                "h@u": torch.ones(100_000, 1),
+                "h@v": torch.ones(1, 100_000),
+                "h@shape": torch.tensor([1e5, 1e5]),
+            }
+        )
+    with pytest.raises(PayloadError, match="without their @u"):
+        svd_recover({"d@v": sent["d@v"]})
+
+
+def test_fedkd_with_svd_sends_fewer_bytes_and_averages_what_they_stand_for() -> None:
+    # a freshly trained CNN's matrices are nearly full rank: T = 0.95 keeps almost all of them (2.32 MB of
+    # 2.32 MB here), T = 0.5 about a third; FedKD's gains come as training makes them low rank
+    whole, compressed = method("fedkd"), method("fedkd", fedkd={"svd_energy": 0.5})
+    a, b = cnn_client(), cnn_client()
+    full = whole.client_update(a, 1).payload or b""
+    small = compressed.client_update(b, 1).payload or b""
+    assert len(small) < len(full) / 2
+    stood_for = compressed.validate_upload(small)  # decoded whole, checked against the layout
+    out = compressed.server_update({"b": small}, 1)
+    sent = Weights.from_bytes(out.payload or b"")
+    assert any(k.endswith("@u") for k in sent.tensors)  # the broadcast is compressed too
+    mean = svd_recover(sent.tensors)
+    for name, value in stood_for.tensors.items():  # one upload: its mean is itself, up to a re-compression
+        assert mean[name].shape == value.shape
+    compressed.client_receive(b, out.payload or b"")
+    shared = compressed.shared_model(b)  # type: ignore[attr-defined]
+    torch.testing.assert_close(shared.state_dict()["head.weight"], mean["head.weight"])

@@ -10,12 +10,15 @@ distillation: with ``L = CE(own, y) + CE(shared, y)``,
 where h are the head outputs (K dims) and ``W_h`` a client-private K × K map trained with them (the
 hidden-state loss enters both, as in HtFLlib). Each KL learns from the other model's predictions held fixed;
 ``L`` is an adaptive weight (no gradient through it). The server averages the shared models, weighted by
-samples, and sends the mean back. FedKD's SVD compression of the exchanged update is not applied here: the
-shared model travels whole (float32).
+samples, and sends the mean back. With ``fedkd.svd_energy`` T the mentee travels compressed both ways, as
+in FedKD: each weight matrix (a conv kernel as out × in·k·k) as its top singular factors U·S and Vᵀ, as
+many as keep the fraction T of the squared singular values, where that is smaller than the matrix
+(FedKD raises T from T_start to T_end over the rounds; here it is one value). None: sent whole (float32).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -24,14 +27,72 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ktl.clients import ClientModel, Companion, LocalClient
+from ktl.errors import PayloadError
 from ktl.methods.base import MethodContext, MethodSettings, register_method
 from ktl.methods.fml import known_backbone
 from ktl.methods.heads import SharedModelMethod, ensure_classifier, kl_to
 from ktl.seeding import derive_seed
 
-__all__ = ["FedKD", "FedKDMethodSettings", "FedKDSettings"]
+__all__ = ["FedKD", "FedKDMethodSettings", "FedKDSettings", "svd_compress", "svd_recover"]
 
 _W_H = "w_h.weight"
+# the parts of a compressed tensor: ``<name>@u`` (m, k), ``<name>@v`` (k, n), ``<name>@shape`` (its dims)
+_U, _V, _SHAPE = "@u", "@v", "@shape"
+# a compressed tensor may stand for at most this many values (bounds the memory of decoding it)
+_MAX_VALUES = 100_000_000
+
+
+def svd_compress(tensors: Mapping[str, torch.Tensor], energy: float) -> dict[str, torch.Tensor]:
+    """Each tensor of two or more dims as its top singular factors keeping ``energy`` of Σσ², where the
+    factors are smaller than the tensor; the others as they are."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if t.dim() < 2:
+            out[name] = t
+            continue
+        m = t.reshape(t.shape[0], -1).double()
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        share = (s**2).cumsum(0) / (s**2).sum().clamp_min(1e-300)
+        k = int((share < energy).sum()) + 1
+        k = min(k, s.numel())
+        if k * (m.shape[0] + m.shape[1]) >= m.numel():
+            out[name] = t
+            continue
+        out[name + _U] = (u[:, :k] * s[:k]).float()
+        out[name + _V] = vh[:k].float()
+        out[name + _SHAPE] = torch.tensor(t.shape, dtype=torch.float32)
+    return out
+
+
+def svd_recover(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors `svd_compress` stood for (`PayloadError` for factors that do not fit together)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if not name.endswith((_U, _V, _SHAPE)):
+            out[name] = t
+            continue
+        if not name.endswith(_U):
+            continue
+        base = name.removesuffix(_U)
+        v, shape_t = tensors.get(base + _V), tensors.get(base + _SHAPE)
+        if v is None or shape_t is None or t.dim() != 2 or v.dim() != 2 or shape_t.dim() != 1:
+            raise PayloadError("layout", f"compressed weight {base} needs 2-D @u and @v and a 1-D @shape")
+        dims = [int(d) for d in shape_t.tolist()]
+        if (
+            not 2 <= len(dims) <= 8
+            or any(d < 1 for d in dims)
+            or [float(d) for d in dims] != shape_t.tolist()
+            or math.prod(dims) > _MAX_VALUES
+            or t.shape[1] != v.shape[0]
+            or t.shape[0] != dims[0]
+            or t.shape[0] * v.shape[1] != math.prod(dims)
+        ):
+            raise PayloadError("layout", f"compressed weight {base}'s factors do not make its shape")
+        out[base] = (t.double() @ v.double()).float().reshape(dims)
+    orphans = [n for n in tensors if n.endswith((_V, _SHAPE)) and n.rsplit("@", 1)[0] + _U not in tensors]
+    if orphans:
+        raise PayloadError("layout", f"compressed weight parts without their @u: {sorted(orphans)}")
+    return out
 
 
 class FedKDSettings(BaseModel):
@@ -41,6 +102,14 @@ class FedKDSettings(BaseModel):
 
     shared_model: str = Field(
         "cnn4", description="Backbone of the mentee model every client trains and the server averages."
+    )
+    svd_energy: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="SVD compression of the exchanged mentee, both ways: each weight matrix as its top "
+        "singular factors keeping this fraction of the squared singular values (FedKD's T, e.g. 0.95); "
+        "none = sent whole.",
     )
 
     @field_validator("shared_model")
@@ -70,6 +139,13 @@ class FedKD(SharedModelMethod):
         if not isinstance(settings, FedKDMethodSettings):
             raise TypeError("FedKD.shared_backbone_of takes FedKDMethodSettings")
         return settings.fedkd.shared_model
+
+    def encode(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        energy = self.settings.fedkd.svd_energy
+        return tensors if energy is None else svd_compress(tensors, energy)
+
+    def decode(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return svd_recover(tensors)
 
     def hidden_map(self, client: LocalClient) -> nn.Linear:
         held = self.maps.get(client.client_id)

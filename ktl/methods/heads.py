@@ -150,22 +150,31 @@ class WeightsAverage(Method):
     def take_weights(self, client: LocalClient, tensors: Mapping[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def encode(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What travels for ``tensors``, both ways (default: the tensors themselves; FedKD: SVD factors)."""
+        return tensors
+
+    def decode(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors back from what `encode` sent (`PayloadError` when that cannot be done)."""
+        return tensors
+
     # -- client side ---------------------------------------------------------------------------------
 
     def weights_payload(self, client: LocalClient) -> bytes:
         """The client's upload: its weights and its training-sample count (FedAvg's weight)."""
         counts = torch.tensor([client.num_train], dtype=torch.int64)
-        return Weights(self.local_weights(client), counts).to_bytes(torch.float32)
+        return Weights(self.encode(self.local_weights(client)), counts).to_bytes(torch.float32)
 
     def client_receive(self, client: LocalClient, payload: bytes) -> None:
-        self.take_weights(client, Weights.from_bytes(payload).tensors)
+        self.take_weights(client, self.decode(Weights.from_bytes(payload).tensors))
 
     # -- server side ---------------------------------------------------------------------------------
 
     def validate_upload(self, payload: bytes) -> Weights:  # type: ignore[override]
         """Named float tensors of the federation's layout (once known), finite and bounded, with one
-        positive sample count."""
-        weights = Weights.from_bytes(payload)
+        positive sample count. What `encode` made is decoded first: the weights are checked, and kept, whole."""
+        sent = Weights.from_bytes(payload)
+        weights = Weights(self.decode(sent.tensors), sent.counts)
         weights.validate(self.layout, counts=1)
         return weights
 
@@ -176,7 +185,7 @@ class WeightsAverage(Method):
         mean = weighted_mean(decoded)
         self.layout = layout_of(mean)
         total = sum(w.num_samples for w in decoded.values())
-        payload = Weights(mean, torch.tensor([total], dtype=torch.int64)).to_bytes(torch.float32)
+        payload = Weights(self.encode(mean), torch.tensor([total], dtype=torch.int64)).to_bytes(torch.float32)
         return ServerUpdate(payload=payload, metrics={"averaged_tensors": float(len(mean))})
         yield  # a generator: the slice ends here
 
