@@ -273,7 +273,8 @@ def _deployment_markdown(res: dict[str, Any]) -> str:
         "## ktl on Flower's Deployment Engine (`ktl bench flower --engine deployment`)",
         "",
         f"{res['machine']}; 1-minute load average {res['load']:.1f} before and {res['load_after']:.1f} after (a "
-        "shared machine: other jobs ran beside it, so the ratios are what one run measured under that load). `{res['preset']}`, {res['method']}, {res['clients']} clients, {res['rounds']} rounds; a "
+        "shared machine: other jobs ran beside it, so the ratios are what one run measured under that "
+        f"load). `{res['preset']}`, {res['method']}, {res['clients']} clients, {res['rounds']} rounds; a "
         "SuperLink and one SuperNode per client on loopback, every process at one torch thread, `ktl "
         "simulate` at one thread in the same run; each side's own `round_seconds`.",
         "",
@@ -296,7 +297,12 @@ def _deployment_markdown(res: dict[str, Any]) -> str:
         "node worker (`ktl.flower.worker`, started by the first message) keeps the client — data, model, "
         "optimiser, the method's client state — in memory for the run, so a later round costs the message's "
         "process start and the training. Without it every message imports torch and rebuilds the client "
-        "from `context.state`.",
+        "from `context.state`. What remains is Flower's own per-message cost, whatever the app: a SuperNode "
+        "with nothing to do looks for messages every 3 s (fixed in Flower 1.42's SuperNode loop), so a "
+        "message waits up to 3 s to be pulled and its reply up to 3 s to be pushed; its SuperExec looks for "
+        "tasks every second (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`); and each message starts a "
+        "`flwr-clientapp` process (Python and Flower's import). On a round whose training takes under 2 s "
+        "that dominates; it does not grow with the training.",
     ]
     return "\n".join(lines)
 

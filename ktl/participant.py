@@ -149,7 +149,6 @@ class HttpTransport(Transport):
         self.fid = ""
         self.clients: list[LocalClient] = []
         self.sdks: list[KtlHttpClient] = []
-        self.method: Method | None = None
         self.moved = 0
         self.failed: list[str] = []  # rounds the server did not publish
 
@@ -178,15 +177,6 @@ class HttpTransport(Transport):
         ]
         self.config = config
         return Federation([c.client_id for c in self.clients], list(self.data.class_names), self.data.source)
-
-    def bind(self, method: Method) -> None:
-        self.method = method
-
-    @property
-    def bound(self) -> Method:
-        if self.method is None:
-            raise RuntimeError("the transport has no method: the runner binds one before the first round")
-        return self.method
 
     def train(self, plan: RoundPlan, broadcast: bytes | None) -> RoundReplies:
         replies = []

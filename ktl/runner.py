@@ -324,14 +324,22 @@ class Transport(ABC):
     """How the runner reaches its clients. A transport moves bytes; it keeps no round loop."""
 
     name: ClassVar[str]
+    method: Method | None = None
 
     @abstractmethod
     def open(self, config: SimulateConfig) -> Federation:
         """Connect (or build) the clients; called once, before the method is built."""
 
     def bind(self, method: Method) -> None:
-        """The runner's method, for a transport that runs client steps in this process."""
-        return None
+        """The runner's method (a transport running client steps in this process uses it on them)."""
+        self.method = method
+
+    @property
+    def bound(self) -> Method:
+        """The method `bind` gave."""
+        if self.method is None:
+            raise RuntimeError("the transport has no method: the runner binds one before the first round")
+        return self.method
 
     @abstractmethod
     def train(self, plan: RoundPlan, broadcast: bytes | None) -> RoundReplies:
@@ -382,7 +390,6 @@ class LocalTransport(Transport):
         self.config = config
         self.device = device
         self.clients: list[LocalClient] = []
-        self.method: Method | None = None
         self.moved = 0
 
     def open(self, config: SimulateConfig) -> Federation:
@@ -390,15 +397,6 @@ class LocalTransport(Transport):
         etf = simplex_etf(data.num_classes, data.num_classes, seed=config.etf_seed)  # K = C
         self.clients = build_clients(config, data, etf, self.device)
         return Federation([c.client_id for c in self.clients], list(data.class_names), data.source)
-
-    def bind(self, method: Method) -> None:
-        self.method = method
-
-    @property
-    def bound(self) -> Method:
-        if self.method is None:
-            raise RuntimeError("the transport has no method: the runner binds one before the first round")
-        return self.method
 
     def train(self, plan: RoundPlan, broadcast: bytes | None) -> RoundReplies:
         replies = [client_step(self.bound, self.clients[i], i, plan, self.config) for i in plan.chosen]

@@ -28,7 +28,7 @@ from ktl.errors import ConfigError
 from ktl.flower.config import FlowerOptions, from_run_config, participation
 from ktl.flower.records import from_record, to_record
 from ktl.flower.secagg import secure_sum_round
-from ktl.methods import Method, get_method
+from ktl.methods import get_method
 from ktl.runner import Federation, Reply, RoundPlan, RoundReplies, Runner, Score, Transport, prepare_run_dir
 
 __all__ = ["CountingGrid", "GridTransport", "app", "make_server_app", "run_rounds"]
@@ -131,7 +131,6 @@ class GridTransport(Transport):
         self.context = context
         self.nodes: list[int] = []  # node ids in client order (their partition ids)
         self.client_ids: list[str] = []
-        self.method: Method | None = None
 
     def open(self, config: SimulateConfig) -> Federation:
         secure = get_method(config.method).aggregation == "sum"
@@ -162,9 +161,6 @@ class GridTransport(Transport):
             config.method, len(good), len(nodes), config.rounds, " (SecAgg+)" if secure else "",
         )  # fmt: skip
         return Federation(self.client_ids, names[0], str(metas[0]["source"]))
-
-    def bind(self, method: Method) -> None:
-        self.method = method
 
     def exchange(self, messages: list[Message]) -> list[Message]:
         """Push ``messages`` and pull their replies every 0.1 s until all arrived or
