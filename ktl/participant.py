@@ -25,16 +25,15 @@ from ktl.data import FederatedData
 from ktl.methods import Method, ServerUpdate, get_method
 from ktl.runner import (
     Federation,
+    HeldClients,
     RoundPlan,
     RoundReplies,
     Score,
-    Transport,
     build_clients,
     client_step,
     method_context,
     method_settings,
 )
-from ktl.study import save_client_weights
 
 __all__ = [
     "HttpTransport",
@@ -116,7 +115,7 @@ def round_broadcast(sdk: KtlHttpClient, fid: str, r: int, *, timeout: float = 60
     return sdk.broadcast(fid, r)
 
 
-class HttpTransport(Transport):
+class HttpTransport(HeldClients):
     """The runner's transport through a ktl server: the clients live in this process, each with its own
     token; a round's uploads go over HTTP, the server's rounds service runs the method's server step and
     publishes; every client then downloads the broadcast. ``server_method`` (optional) gives the server's
@@ -147,7 +146,7 @@ class HttpTransport(Transport):
         self.warm_method = server_method
         self.timeout = timeout
         self.fid = ""
-        self.clients: list[LocalClient] = []
+        self.clients = []
         self.sdks: list[KtlHttpClient] = []
         self.moved = 0
         self.failed: list[str] = []  # rounds the server did not publish
@@ -224,13 +223,6 @@ class HttpTransport(Transport):
             self.bound.client_receive(client, taken)
             self.moved += len(taken)
         return len(broadcast) * len(self.clients)
-
-    def wire_bytes(self) -> int:
-        return self.moved
-
-    def save_clients(self, run_dir: Path) -> bool:
-        save_client_weights(self.clients, run_dir)
-        return True
 
     def facts(self) -> dict[str, Any]:
         return {"name": self.name, "url": self.url, "federation": self.fid}

@@ -59,10 +59,11 @@ from ktl.study import (
     participants,
     save_client_weights,
 )
-from ktl.work import Work, run_to_end
+from ktl.work import Work
 
 __all__ = [
     "Federation",
+    "HeldClients",
     "LocalTransport",
     "Reply",
     "RoundPlan",
@@ -353,8 +354,9 @@ class Transport(ABC):
     def server_update(
         self, method: Method, plan: RoundPlan, server_input: Mapping[str, bytes]
     ) -> ServerUpdate | None:
-        """The round's server step: here, by the runner's method (the HTTP transport: on the server)."""
-        return run_to_end(server_work(method, server_input, plan.round)) if server_input else None
+        """The round's server step on its input (the uploads, or a ``"sum"`` method's sum): here, by the
+        runner's method (the HTTP transport: on the server, `server_work`)."""
+        return method.server_update(server_input, plan.round) if server_input else None
 
     def server_method(self, method: Method) -> Method:
         """The method whose server step ran (its round files and artefacts go into the run folder)."""
@@ -381,7 +383,22 @@ class Transport(ABC):
         return None
 
 
-class LocalTransport(Transport):
+class HeldClients(Transport, ABC):
+    """A transport whose clients live in this process (``ktl simulate``, ``ktl demo``): it counts the bytes
+    it moves and saves the clients' weights into the run folder."""
+
+    clients: list[LocalClient]
+    moved: int
+
+    def wire_bytes(self) -> int:
+        return self.moved
+
+    def save_clients(self, run_dir: Path) -> bool:
+        save_client_weights(self.clients, run_dir)
+        return True
+
+
+class LocalTransport(HeldClients):
     """``ktl simulate``: every client in this process, the broadcast's bytes given to each."""
 
     name = "in-process"
@@ -389,7 +406,7 @@ class LocalTransport(Transport):
     def __init__(self, config: SimulateConfig, device: torch.device) -> None:
         self.config = config
         self.device = device
-        self.clients: list[LocalClient] = []
+        self.clients = []
         self.moved = 0
 
     def open(self, config: SimulateConfig) -> Federation:
@@ -411,13 +428,6 @@ class LocalTransport(Transport):
             self.bound.client_receive(client, broadcast)
         self.moved += len(broadcast) * len(self.clients)
         return len(broadcast) * len(self.clients)
-
-    def wire_bytes(self) -> int:
-        return self.moved
-
-    def save_clients(self, run_dir: Path) -> bool:
-        save_client_weights(self.clients, run_dir)
-        return True
 
 
 # -- the runner ------------------------------------------------------------------------------------------
@@ -529,13 +539,13 @@ class Runner:
                         transport.evaluate(plan, replies, broadcast)
                     )
                 # The server step's input: the uploads, or for a "sum" method their sum alone.
-                server_input: Mapping[str, bytes] = uploads
-                if replies.total is not None:
-                    server_input = {SUM_UPLOAD: replies.total}
+                server_input: Mapping[str, bytes] = {SUM_UPLOAD: replies.total} if replies.total else {}
+                if replies.total is None and uploads:
+                    server_input = method.server_input(uploads)
                 server = transport.server_update(method, plan, server_input)
                 round_down = 0
                 if server is not None:
-                    transport.server_method(method).save_round(run_dir, r, method.server_input(server_input))
+                    transport.server_method(method).save_round(run_dir, r, server_input)
                     published = published_files(method, server)
                     if server.payload is not None:
                         broadcast = server.payload

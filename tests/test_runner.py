@@ -18,6 +18,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from ktl.cli import main
 from ktl.config import SimulateConfig, build_config
 from ktl.flower import client, client_app
 from ktl.flower.config import FlowerOptions, to_run_config
@@ -176,3 +177,28 @@ def test_under_the_deployment_engine_the_node_worker_keeps_each_client_across_ro
 
 def test_weighted_accuracy_leaves_out_clients_not_scored() -> None:
     assert weighted_accuracy([(3, 4), None, (1, 4)]) == (0.5, [0.75, None, 0.25])
+
+
+@pytest.mark.slow
+def test_one_smoke_federation_through_the_three_commands_gives_one_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ktl simulate``, ``ktl flower simulate`` (Ray) and ``ktl demo`` (HTTP), as a user types them, at
+    one torch thread (as each Ray worker trains): the same files (Flower's client weights stay on its
+    nodes; the demo's server folder aside), metrics keys and types, summary and config keys, and the same
+    per-round and per-client accuracies."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    common = ["--preset", "smoke", "--method", "fedproto", "--rounds", "2", "--seed", "5"]
+    try:
+        assert main(["simulate", *common, "--num-clients", "3", "--out", str(tmp_path / "sim")]) == 0
+        assert (
+            main(["flower", "simulate", *common, "--num-clients", "3", "--out", str(tmp_path / "flower")])
+            == 0
+        )
+        assert main(["demo", *common, "--clients", "3", "--out", str(tmp_path / "demo")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_run_folders(tmp_path / "sim", tmp_path / "demo")
+    assert_same_run_folders(tmp_path / "sim", tmp_path / "flower", clients=False)

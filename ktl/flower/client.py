@@ -192,7 +192,7 @@ def train(config: SimulateConfig, content: RecordDict, context: Context) -> Answ
     else:
         round_config = content.config_records["config"]
         round_index = int(cast(int, round_config["round"]))
-        rounds = int(cast(int, round_config.get("rounds", config.rounds)))
+        rounds = int(cast(int, round_config.get("rounds", 0))) or config.rounds
         evaluate = bool(round_config.get("evaluate", True))
         _receive(held, content)
     plan = RoundPlan(round_index, rounds, [held.index], evaluate)

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
@@ -56,7 +56,7 @@ _START_TIMEOUT = 600.0  # seconds a new worker may take to answer (it imports to
 def secure_sum_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """``secaggplus_mod`` for SecAgg+ messages; every other message goes straight to the handler."""
     if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)  # type: ignore[no-any-return]
+        return secaggplus_mod(msg, context, call_next)
     return call_next(msg, context)
 
 
@@ -146,7 +146,7 @@ def _ask_worker(kind: str, message: Message, context: Context) -> tuple[RecordDi
     step = context.state.config_records.get(STEP_RECORD)
     header = {
         "kind": kind,
-        "step": int(step["step"]) if step is not None else -1,  # type: ignore[call-overload]
+        "step": int(cast(int, step["step"])) if step is not None else -1,
         "run_id": int(context.run_id),
         "node_id": int(context.node_id),
         "node_config": dict(context.node_config),

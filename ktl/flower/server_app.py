@@ -104,7 +104,7 @@ def _wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[in
 
 def _train_content(plan: RoundPlan, broadcast: bytes | None) -> RecordDict:
     content = RecordDict(
-        {"config": ConfigRecord({"round": plan.round, "rounds": plan.rounds, "evaluate": plan.evaluate})}
+        {"config": ConfigRecord({"round": plan.round, "rounds": plan.rounds or 0, "evaluate": plan.evaluate})}
     )
     if broadcast is not None:
         content["broadcast"] = to_record(broadcast)
@@ -219,9 +219,10 @@ class GridTransport(Transport):
                 for node in sampled
             ]  # fmt: skip
             for m in self.exchange(messages):
-                i = index_of.get(m.metadata.src_node_id)
-                if i is None or m.has_error():
+                found = index_of.get(m.metadata.src_node_id)
+                if found is None or m.has_error():
                     continue
+                i = found
                 meta = m.content.config_records["meta"]
                 missed = str(meta["missed"]) if "missed" in meta else None
                 payload = (
