@@ -1197,12 +1197,6 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                 p.add_argument("--method", default="fedproto", help="with --engine deployment")
                 p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                                help="with --engine deployment: also run without the node workers")  # fmt: skip
-                p.add_argument("--engine", choices=["simulation", "deployment"], default="simulation",
-                               help="deployment: a SuperLink and a SuperNode per client on loopback (flwr run), "
-                               "a round after the first vs ktl simulate, one thread")  # fmt: skip
-                p.add_argument("--method", default="fedproto", help="with --engine deployment")
-                p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                               help="with --engine deployment: also run without the node workers")  # fmt: skip
             p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
             p.add_argument("--write", type=Path, default=None, help="also write the table into this file")
             p.set_defaults(func=_cmd_bench, bench_main=_flower_bench_main)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from ktl import inspect as ki
-from tests.api.conftest import federation, protos, register
-from tests.api.test_rounds import wait_state
+from tests.api.conftest import federation, protos, register, wait_for
 
 
 def test_server_view_lists_published_rounds_with_their_pairs_and_stats(http, admin) -> None:
@@ -13,7 +12,7 @@ def test_server_view_lists_published_rounds_with_their_pairs_and_stats(http, adm
     (a,) = register(admin, http, fed["id"], 1)
     for r, classes in ((1, [0, 1]), (2, [1, 4])):
         a.upload(fed["id"], r, protos(classes, seed=r))
-        wait_state(a, fed["id"], r, ("published",))
+        wait_for(a, fed["id"], r, ("published",))
     view = ki.ServerView(a, fed["id"])
     assert view.class_names == names
     assert view.rounds() == [1, 2]  # round 3 is open, not published
