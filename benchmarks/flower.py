@@ -11,9 +11,11 @@
 ``--engine deployment``, Flower's Deployment Engine on loopback (`LocalDeployment`: a SuperLink and one
 SuperNode per client, ``flwr run`` of this app), every process at one torch thread: a round after the
 first against a ``ktl simulate`` round of the same federation at one thread (each side's own
-``round_seconds``), with the node workers that keep each client in memory (`ktl.flower.worker`) and, for
+``round_seconds``), with the node workers that keep each client in memory (`ktl.flower.worker`), with
+them and SuperExec polling for tasks every 0.1 s (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``) and, for
 comparison, without them (``KTL_FLOWER_WORKER=0``: every message rebuilds its client in a fresh
-process).
+process); and where a round's seconds go on the SuperNodes, phase by phase (`breakdown`, from their
+logs stamped line by line and the node workers' logs).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +43,21 @@ import torch
 from ktl.api.process import free_port
 from ktl.benchmarks.common import machine, report
 from ktl.config import SimulateConfig, build_config
+from ktl.flower.client_app import worker_path
 from ktl.flower.config import FlowerOptions
 from ktl.flower.simulation import run_flower_simulation
 from ktl.simulate import run_simulation
 
-__all__ = ["LocalDeployment", "main", "run", "run_deployment"]
+__all__ = [
+    "PHASES",
+    "VARIANTS",
+    "LocalDeployment",
+    "breakdown",
+    "main",
+    "run",
+    "run_deployment",
+    "worker_trains",
+]
 
 ROOT = Path(__file__).resolve().parents[1]  # the app's project folder (pyproject.toml's [tool.flwr.app])
 BIN = Path(sys.executable).parent  # its flags are declared in ktl.cli (Flower is imported only when it runs)
@@ -137,10 +151,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+_ANSI = re.compile(rb"\x1b\[[0-9;]*m")  # Flower's console colours
+
+
+def _stamp(stream: Any, path: Path) -> None:
+    """Copy a process's output (and its children's: SuperExec, every ``flwr-clientapp``) line by line to
+    ``path``, each line prefixed with the wall-clock time it arrived — Flower's own lines carry none (its
+    handler flushes every line, so the arrival is the emission)."""
+    with open(path, "w", encoding="utf-8") as out:
+        for raw in iter(stream.readline, b""):
+            out.write(f"{time.time():.3f} {_ANSI.sub(b'', raw).decode(errors='replace')}")
+            out.flush()
+
+
 class LocalDeployment:
     """Flower's Deployment Engine on loopback, as docs/flower.md sets it up: a SuperLink (insecure) and
     ``nodes`` SuperNodes (partition ``i`` of ``nodes`` each, their own ports), each in its own process
-    group, logs under ``work``; `run` is ``flwr run`` of this app with a run config."""
+    group, logs under ``work`` (every line stamped with its wall-clock time, `_stamp`); `run` is ``flwr
+    run`` of this app with a run config."""
 
     def __init__(self, work: Path, nodes: int, env: dict[str, str] | None = None) -> None:
         self.work = work
@@ -152,16 +180,19 @@ class LocalDeployment:
             '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
-        self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(home),
+        self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(home), "PYTHONUNBUFFERED": "1",
                     "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.readers: list[threading.Thread] = []
 
     def _start(self, cmd: list[str], log: str) -> subprocess.Popen[bytes]:
-        with open(self.work / log, "wb") as f:  # its own process group: stopping it stops its helpers too
-            proc = subprocess.Popen(
-                cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-            )
+        proc = subprocess.Popen(  # its own process group: stopping it stops its helpers too
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        reader = threading.Thread(target=_stamp, args=(proc.stdout, self.work / log), daemon=True)
+        reader.start()
         self.procs.append(proc)
+        self.readers.append(reader)
         return proc
 
     def __enter__(self) -> LocalDeployment:
@@ -218,6 +249,118 @@ class LocalDeployment:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+        for reader in self.readers:  # until every output is copied (a straggling helper: not for ever)
+            reader.join(10)
+
+
+# -- where a round's seconds go on a SuperNode, from the stamped logs ------------------------------------
+
+_STAMPED = re.compile(r"^(\d+\.\d+) (.*)$")
+_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+_RUN = re.compile(r"\[RUN \d+(?:, ROUND (\d+))?\]")  # a message's group id: ktl's round
+_RECEIVING = re.compile(r"Receiving: (\w+) message")
+_ANSWERED = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO (\w+) message answered in ([\d.]+) s$")
+
+PHASES: tuple[tuple[str, str], ...] = (
+    (
+        "wait",
+        "from the node's reply to its next message: the ServerApp's turnaround and the SuperNode's idle "
+        "sleep (3 s after a pull that found nothing)",
+    ),
+    ("pull", "the SuperNode pulls the message from the SuperLink"),
+    (
+        "launch",
+        "SuperExec's poll for the task and the `flwr-clientapp` process's start (Python, Flower's "
+        "import) to its first line",
+    ),
+    (
+        "clientapp",
+        "`flwr-clientapp` fetches its task and the FAB, installs it, loads ktl's ClientApp, which "
+        "forwards the message to the node worker",
+    ),
+    ("work", "the node worker: the client step (training, evaluation) and the state records"),
+    ("reply", "back through the ClientApp to the SuperNode, which looks for replies every 0.5 s"),
+    ("run", "the whole `flwr-clientapp` run (without a node worker)"),
+    ("send", "the SuperNode pushes the reply to the SuperLink"),
+)
+
+
+def _node_rounds(log: Path) -> tuple[int | None, dict[int, dict[str, float]]]:
+    """A SuperNode's stamped log: its node id and, per round (a train message's group id), when the message
+    came (``recv``), was pulled (``got``), its ``flwr-clientapp`` logged its first line (``app``), and
+    when the reply was being sent (``send``) and sent (``sent``)."""
+    node_id: int | None = None
+    rounds: dict[int, dict[str, float]] = {}
+    group: int | None = None
+    current: dict[str, float] | None = None
+    for line in log.read_text(errors="replace").splitlines():
+        m = _STAMPED.match(line)
+        if m is None:
+            continue
+        t, text = float(m[1]), m[2]
+        if node_id is None and (found := _NODE_ID.search(text)):
+            node_id = int(found[1])
+        elif found := _RUN.search(text):
+            group = int(found[1]) if found[1] else None
+        elif found := _RECEIVING.search(text):
+            current = (
+                rounds.setdefault(group, {"recv": t}) if found[1] == "train" and group is not None else None
+            )
+        elif current is not None:
+            if "Received successfully" in text:
+                current.setdefault("got", t)
+            elif "Start `flwr-clientapp` process" in text:
+                current.setdefault("app", t)
+            elif "Sending:" in text:
+                current.setdefault("send", t)
+            elif "Sent successfully" in text:
+                current.setdefault("sent", t)
+                current = None
+    return node_id, rounds
+
+
+def worker_trains(log: Path) -> list[tuple[float, float]]:
+    """The node worker's train messages in order: (start, end) wall-clock times (`ktl.flower.worker` logs
+    each answer with its duration; a first answer that asked for the state is not a step)."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        m = _ANSWERED.match(line.strip())
+        if m is None or m[2] != "train":
+            continue
+        end = datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        out.append((end - float(m[3]), end))
+    return out
+
+
+def breakdown(work: Path, nodes: int) -> dict[str, float]:
+    """Where a round after the first goes on the SuperNodes, in seconds: each phase (`PHASES`) averaged
+    over nodes and rounds 2…; they add up to the node's cycle (``cycle``: one reply to the next), which in
+    a run where every node trains every round is the round. ``wait_min`` is the shortest wait seen."""
+    samples: dict[str, list[float]] = {}
+    for i in range(nodes):
+        node_id, rounds = _node_rounds(work / f"supernode-{i}.log")
+        trains = worker_trains(worker_path(node_id, i).with_suffix(".log")) if node_id is not None else []
+        ordered = sorted(rounds)
+        with_worker = len(trains) == len(ordered)
+        for k in ordered[1:]:
+            ev, before = rounds[k], rounds.get(k - 1, {})
+            if not {"recv", "got", "app", "send", "sent"} <= ev.keys() or "sent" not in before:
+                continue
+            phases = {"wait": ev["recv"] - before["sent"], "pull": ev["got"] - ev["recv"],
+                      "launch": ev["app"] - ev["got"], "send": ev["sent"] - ev["send"]}  # fmt: skip
+            if with_worker:
+                start, end = trains[ordered.index(k)]
+                phases.update(clientapp=start - ev["app"], work=end - start, reply=ev["send"] - end)
+            else:
+                phases["run"] = ev["send"] - ev["app"]
+            phases["cycle"] = ev["sent"] - before["sent"]
+            for name, value in phases.items():
+                samples.setdefault(name, []).append(value)
+    out = {name: statistics.mean(values) for name, values in samples.items()}
+    if "wait" in samples:
+        out["wait_min"] = min(samples["wait"])
+        out["samples"] = len(samples["wait"])
+    return out
 
 
 def _later(rows: list[dict[str, Any]]) -> float:
@@ -225,9 +368,23 @@ def _later(rows: list[dict[str, Any]]) -> float:
     return statistics.mean(r["round_seconds"] for r in (rows[1:] if len(rows) > 1 else rows))
 
 
+# The deployment bench's variants: name, label, the SuperNodes' environment.
+VARIANTS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("worker", "SuperNodes with node workers", {"KTL_FLOWER_WORKER": "1"}),
+    (
+        "fast_exec",
+        "… and `FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1`",
+        {"KTL_FLOWER_WORKER": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"},
+    ),
+    ("no_worker", "SuperNodes, `KTL_FLOWER_WORKER=0`", {"KTL_FLOWER_WORKER": "0"}),
+)
+
+
 def run_deployment(args: argparse.Namespace) -> dict[str, Any]:
-    """A round after the first on the Deployment Engine (with and without node workers) against a
-    ``ktl simulate`` round, the same federation, one torch thread everywhere."""
+    """A round after the first on the Deployment Engine (with node workers; with SuperExec polling for
+    tasks every 0.1 s instead of Flower's 1 s; without node workers with ``--baseline``) against a ``ktl
+    simulate`` round, the same federation, one torch thread everywhere; and where a round's seconds go on
+    the SuperNodes (`breakdown`)."""
     work = Path(tempfile.mkdtemp(prefix="ktl-bench-deploy-"))
     overrides = {"num_clients": args.clients, "rounds": args.rounds, "method": args.method}
     config: SimulateConfig = build_config(preset=args.preset, overrides=overrides)
@@ -250,11 +407,10 @@ def run_deployment(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "load": os.getloadavg()[0],  # the shared machine's 1-minute load average, before and after
     }
-    variants = [("worker", "1")] + ([("no_worker", "0")] if args.baseline else [])
-    for name, flag in variants:
-        with LocalDeployment(
-            work / name, args.clients, {**one_thread, "KTL_FLOWER_WORKER": flag}
-        ) as deployment:
+    for name, _, env in VARIANTS:
+        if name == "no_worker" and not args.baseline:
+            continue
+        with LocalDeployment(work / name, args.clients, {**one_thread, **env}) as deployment:
             t0 = time.perf_counter()
             summary = deployment.run(run_config, work / name / "out")
             wall = time.perf_counter() - t0
@@ -264,6 +420,7 @@ def run_deployment(args: argparse.Namespace) -> dict[str, Any]:
         res[f"{name}_ratio"] = _later(rows) / res["simulate_later_round_s"]
         res[f"{name}_wall_s"] = wall
         res[f"{name}_same_accuracies"] = summary["accuracy"] == [r["accuracy"] for r in sim]
+        res[f"{name}_breakdown"] = breakdown(work / name, args.clients)
     res["load_after"] = os.getloadavg()[0]
     return res
 
@@ -282,27 +439,49 @@ def _deployment_markdown(res: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
         f"| `ktl simulate` | | {res['simulate_later_round_s']:.2f} s | 1.00× | |",
     ]
-    for name, label in (
-        ("worker", "SuperNodes with node workers"),
-        ("no_worker", "SuperNodes, `KTL_FLOWER_WORKER=0`"),
-    ):
+    for name, label, _ in VARIANTS:
         if f"{name}_ratio" in res:
             lines.append(
                 f"| {label} | {res[f'{name}_first_round_s']:.2f} s | {res[f'{name}_later_round_s']:.2f} s | "
                 f"**{res[f'{name}_ratio']:.2f}×** | {'yes' if res[f'{name}_same_accuracies'] else 'no'} |"
             )
+    shown = [(name, label) for name, label, _ in VARIANTS if res.get(f"{name}_breakdown", {}).get("samples")]
+    if shown:
+        lines += [
+            "",
+            "Where a round after the first goes on a SuperNode (seconds, the mean over nodes and rounds 2…; "
+            "from the SuperNodes' logs, each line stamped as it arrived, and the node worker's log): the "
+            "phases of one node's cycle, from one reply to the next.",
+            "",
+            "| phase | what | " + " | ".join(label for _, label in shown) + " |",
+            "|---|---|" + "---|" * len(shown),
+        ]
+        for phase, what in PHASES:
+            if any(phase in res[f"{name}_breakdown"] for name, _ in shown):
+                cells = [res[f"{name}_breakdown"].get(phase) for name, _ in shown]
+                lines.append(f"| {phase} | {what} | " + " | ".join(
+                    "" if c is None else f"{c:.2f}" for c in cells) + " |")  # fmt: skip
+        lines += [
+            "| **cycle** | one reply to the next (= a round: every node trains every round) | "
+            + " | ".join(f"**{res[f'{name}_breakdown']['cycle']:.2f}**" for name, _ in shown)
+            + " |",
+            "| wait, shortest | | "
+            + " | ".join(f"{res[f'{name}_breakdown']['wait_min']:.2f}" for name, _ in shown)
+            + " |",
+        ]
     lines += [
         "",
         "Under the Deployment Engine a SuperNode runs every message in a fresh `flwr-clientapp` process; the "
         "node worker (`ktl.flower.worker`, started by the first message) keeps the client — data, model, "
         "optimiser, the method's client state — in memory for the run, so a later round costs the message's "
         "process start and the training. Without it every message imports torch and rebuilds the client "
-        "from `context.state`. What remains is Flower's own per-message cost, whatever the app: a SuperNode "
-        "with nothing to do looks for messages every 3 s (fixed in Flower 1.42's SuperNode loop), so a "
-        "message waits up to 3 s to be pulled and its reply up to 3 s to be pushed; its SuperExec looks for "
-        "tasks every second (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`); and each message starts a "
-        "`flwr-clientapp` process (Python and Flower's import). On a round whose training takes under 2 s "
-        "that dominates; it does not grow with the training.",
+        "from `context.state`. The rest is Flower 1.42's own per-message cost, whatever the app: after it "
+        "pushed a reply a SuperNode pulls at once and, finding nothing (the ServerApp cannot have sent the "
+        "next round before it has this reply), sleeps 3 s (`time.sleep(3)` in "
+        "`flwr.supernode.start_client_internal`: no flag, no variable), so every wait is at least 3 s; its "
+        "SuperExec looks for tasks every `FLWR_SUPEREXEC_TASK_POLL_INTERVAL` (1 s by default); each message "
+        "starts a `flwr-clientapp` process (Python and Flower's import) that installs the FAB; and the "
+        "SuperNode looks for the reply every 0.5 s (fixed).",
     ]
     return "\n".join(lines)
 

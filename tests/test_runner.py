@@ -18,6 +18,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from ktl.benchmarks.flower import worker_trains
 from ktl.cli import main
 from ktl.config import SimulateConfig, build_config
 from ktl.flower import client, client_app
@@ -160,6 +161,7 @@ def test_under_the_deployment_engine_the_node_worker_keeps_each_client_across_ro
     for log in logs:  # built at the first message (the query), then held: never restored
         text = log.read_text()
         assert text.count("built for run 21") == 1 and "restored" not in text, text[-2000:]
+        assert len(worker_trains(log)) == 3  # one line per round's message: what the deployment bench reads
     reference = build_config(preset="smoke", overrides={**overrides, "out": str(tmp_path / "here")})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -44,6 +44,7 @@ __all__ = [
     "records_from_bytes",
     "records_to_bytes",
     "secure_sum_mod",
+    "worker_path",
     "worker_socket",
     "write_frames",
 ]
@@ -97,9 +98,14 @@ def records_from_bytes(data: bytes) -> RecordDict:
 
 def worker_socket(context: Context) -> Path:
     """The node's worker socket: one per node and partition, in a folder only this user can enter."""
+    return worker_path(context.node_id, context.node_config.get("partition-id", "x"))
+
+
+def worker_path(node_id: int, partition: object) -> Path:
+    """`worker_socket` by node id and partition id (its log is beside it, ``.log``)."""
     folder = Path(tempfile.gettempdir()) / f"ktl-flower-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
-    return folder / f"node-{context.node_id}-p{context.node_config.get('partition-id', 'x')}.sock"
+    return folder / f"node-{node_id}-p{partition}.sock"
 
 
 def _connect(path: Path) -> socket.socket | None:

@@ -91,6 +91,7 @@ def serve(path: Path, *, parent_pid: int | None, idle: float) -> None:
             with conn:
                 conn.settimeout(None)
                 header, blobs = read_frames(conn)
+                t0 = time.monotonic()
                 try:
                     reply, parts = _answer(header, blobs)
                 except Exception as exc:  # the ClientApp reports it to Flower as this node's failure
@@ -98,6 +99,11 @@ def serve(path: Path, *, parent_pid: int | None, idle: float) -> None:
                     reply, parts = {"error": f"{type(exc).__name__}: {exc}"}, []
                 write_frames(conn, reply, parts)
             last = time.monotonic()
+            # one line per message, its time (ktl bench flower --engine deployment reads it)
+            logger.info(
+                "%s message answered in %.3f s%s", header.get("kind"), last - t0,
+                " (state asked for)" if reply.get("need_state") else "",
+            )  # fmt: skip
     finally:
         server.close()
         path.unlink(missing_ok=True)
