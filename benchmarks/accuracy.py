@@ -15,6 +15,14 @@ interval over the seeds both ran; a difference is *significant* when its interva
 says which are, per scenario. The default is 5 seeds: with 3, the t-interval's half-width is 4.3 standard
 errors.
 
+Global test set: every run is also scored on a held-out set of Fashion-MNIST images that no client trains
+or tests on, the same images for every method and seed (``data.global_test_size``: 1 000 on the cpu
+profile, 10 000 on the gpu ones; ``study.global_eval_rounds``: the last 3 rounds). Each client's model is
+scored on all of it and the clients' mean is the run's ``global_accuracy`` (metrics.jsonl); the table shows
+its last-k mean ± std and its paired difference to the reference beside the clients' own splits. A
+client's own split holds the few classes it trains on; the global set holds all ten, so it asks how much a
+client learnt beyond its own classes — what knowledge transfer is for.
+
 Profiles: ``cpu`` finishes the main suite in about an hour on 2 cores (the cpu-small zoo and local
 budget, 15 rounds, "all data" scaled to 25 %); ``gpu`` is closer to the paper (the gpu preset: all of
 Fashion-MNIST, the paper's local training, ResNet-18 in the zoo, 100 rounds); ``gpu-htfe8`` is the gpu
@@ -82,13 +90,21 @@ class Suite:
     reference: str | None = None  # the variant the others are compared with ("Δ vs" column)
 
 
+# The held-out global test set every run of a profile is also scored on (data.global_test_size; the
+# same images for every method and seed), in the last 3 rounds (study.global_eval_rounds' default). On
+# the cpu profile 1 000 images: scoring 20 clients on 2 000 took 11.0 s a round on one core (0.56 s for
+# their own splits), so 1 000 in 3 of 15 rounds adds ~16 s to a run of ~100–200 s; a GPU scores the
+# size of Fashion-MNIST's official test split for little.
+_GLOBAL_CPU = {"data": {"global_test_size": 1000}}
+_GLOBAL_GPU = {"data": {"global_test_size": 10_000}}
+
 # profile → (preset, overrides applied to every run)
 PROFILES: dict[str, tuple[str, dict[str, Any]]] = {
-    "cpu": ("cpu-small", {"rounds": 15}),
-    "gpu": ("gpu", {}),
+    "cpu": ("cpu-small", {"rounds": 15, **_GLOBAL_CPU}),
+    "gpu": ("gpu", {**_GLOBAL_GPU}),
     # HtFLlib's HtFE8 family (4-layer CNN, GoogLeNet, MobileNetV2, ResNet-18/34/50/101/152) on all of
     # Fashion-MNIST: the heterogeneous setting its papers report, for a GPU box
-    "gpu-htfe8": ("gpu", {"models": ["htfe8"]}),
+    "gpu-htfe8": ("gpu", {"models": ["htfe8"], **_GLOBAL_GPU}),
 }
 
 _ALL = Scenario(
@@ -380,16 +396,28 @@ def paired_difference(values: dict[int, float], reference: dict[int, float]) -> 
     return {"seeds": seeds, "mean": mean, "ci95": ci, "significant": significant}
 
 
-def _accuracies(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["accuracy"] for line in lines if line.strip()]
+def _accuracies(run_dir: Path) -> tuple[list[float | None], list[float | None]]:
+    """Per round: the accuracy on the clients' own splits, and on the global test set (None where a round
+    was not scored on it; every None in a run that predates it)."""
+    lines = [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
+    return [m["accuracy"] for m in lines], [m.get("global_accuracy") for m in lines]
+
+
+def _last_k_mean(curve: list[float | None], k: int) -> float | None:
+    """The mean of the values scored among the last ``k`` rounds, in %; None if none was."""
+    scored = [a for a in curve[-k:] if a is not None]
+    return 100 * statistics.mean(scored) if scored else None
 
 
 def summarize(root: Path, suite: Suite, seeds: list[int] | None = None, last_k: int = 3) -> dict[str, Any]:
     """Per scenario and variant: accuracy (last, mean of the last ``last_k`` rounds, best, per round) mean ±
-    std over the seeds found, and per seed; bytes per client per round, wall time. Per scenario, each
-    variant's paired difference to the suite's reference (`paired_difference`) on the last round and on
-    the last-k mean, under ``"paired"``."""
+    std over the seeds found, and per seed; the mean of the last ``last_k`` rounds' accuracy on the global
+    test set (``global_last_k``, from the seeds whose runs were scored on it); bytes per client per round,
+    wall time. Per scenario, each variant's paired difference to the suite's reference
+    (`paired_difference`) on the last round, the last-k mean and the global last-k mean, under
+    ``"paired"``."""
     if last_k < 1:
         raise SystemExit("ktl: error: --last-k must be at least 1")
     out: dict[str, Any] = {"suite": suite.name, "scenarios": []}
@@ -407,17 +435,19 @@ def summarize(root: Path, suite: Suite, seeds: list[int] | None = None, last_k: 
             if not runs:
                 continue
             summaries = [s for s, _ in runs]
-            curves = [c for _, c in runs]
+            curves = [c for _, (c, _) in runs]
             length = min(len(c) for c in curves)
-            per_seed = {
-                s["seed"]: {
+            per_seed: dict[int, dict[str, float]] = {}
+            for s, (c, g) in runs:
+                local_k = _last_k_mean(c, last_k)
+                per_seed[s["seed"]] = {
                     "last": 100 * s["final_accuracy"],
-                    "last_k": 100 * statistics.mean(a for a in c[-last_k:] if a is not None)
-                    if any(a is not None for a in c[-last_k:])
-                    else 100 * s["final_accuracy"],
+                    "last_k": 100 * s["final_accuracy"] if local_k is None else local_k,
                 }
-                for s, c in runs
-            }
+                global_k = _last_k_mean(g, last_k)
+                if global_k is not None:
+                    per_seed[s["seed"]]["global_last_k"] = global_k
+            global_seeds = sorted(seed for seed, v in per_seed.items() if "global_last_k" in v)
             rows.append(
                 {
                     "variant": variant.name,
@@ -426,6 +456,10 @@ def summarize(root: Path, suite: Suite, seeds: list[int] | None = None, last_k: 
                     "last": _mean_std([100 * s["final_accuracy"] for s in summaries]),
                     "last_k": _mean_std([v["last_k"] for v in per_seed.values()]),
                     "k": last_k,
+                    "global_seeds": global_seeds,
+                    "global_last_k": _mean_std([per_seed[seed]["global_last_k"] for seed in global_seeds])
+                    if global_seeds
+                    else None,
                     "per_seed": per_seed,
                     "best": _mean_std([100 * s["best_accuracy"] for s in summaries]),
                     "bytes_up": statistics.mean(s["bytes_up_per_client_round"] for s in summaries),
@@ -447,7 +481,8 @@ def summarize(root: Path, suite: Suite, seeds: list[int] | None = None, last_k: 
 
 
 def _paired(rows: list[dict[str, Any]], suite: Suite) -> dict[str, dict[str, Any]]:
-    """Variant → its paired differences to the reference on ``last`` and ``last_k`` (empty without one)."""
+    """Variant → its paired differences to the reference on ``last``, ``last_k`` and ``global_last_k``
+    (None where no seed has both; empty without a reference)."""
     ref = next((r for r in rows if r["variant"] == suite.reference), None)
     if ref is None or "per_seed" not in ref:
         return {}
@@ -457,9 +492,10 @@ def _paired(rows: list[dict[str, Any]], suite: Suite) -> dict[str, dict[str, Any
             continue
         pairs = {
             key: paired_difference(
-                {s: v[key] for s, v in r["per_seed"].items()}, {s: v[key] for s, v in ref["per_seed"].items()}
+                {s: v[key] for s, v in r["per_seed"].items() if key in v},
+                {s: v[key] for s, v in ref["per_seed"].items() if key in v},
             )
-            for key in ("last", "last_k")
+            for key in ("last", "last_k", "global_last_k")
         }
         if pairs["last"] is not None:
             out[r["variant"]] = pairs
@@ -476,17 +512,20 @@ def _diff(pair: dict[str, Any] | None) -> str:
     return f"{pair['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]{'*' if pair['significant'] else ''}"
 
 
-def _significance(paired: dict[str, dict[str, Any]], reference: str, k: int) -> str | None:
-    """One sentence per scenario: which paired differences (last-k mean) are significant, which are not."""
-    judged = {v: p["last_k"] for v, p in paired.items() if p["last_k"] and p["last_k"]["ci95"] is not None}
+def _significance(
+    paired: dict[str, dict[str, Any]], reference: str, k: int, key: str = "last_k", on: str = ""
+) -> str | None:
+    """One sentence per scenario: which paired differences (the last-k mean, ``key``) are significant, which
+    are not; ``on`` names the test set."""
+    judged = {v: p[key] for v, p in paired.items() if p.get(key) and p[key]["ci95"] is not None}
     if not judged:
         return None
     yes = [f"{v} ({p['mean']:+.2f})" for v, p in judged.items() if p["significant"]]
     no = [v for v, p in judged.items() if not p["significant"]]
     seeds = min(len(p["seeds"]) for p in judged.values())
     return (
-        f"Paired differences to {reference} (mean of the last {k} rounds, ≥ {seeds} seeds, 95 % t-interval): "
-        f"significant: {', '.join(yes) or 'none'}; not significant (interval contains 0): "
+        f"Paired differences to {reference}{on} (mean of the last {k} rounds, ≥ {seeds} seeds, 95 % "
+        f"t-interval): significant: {', '.join(yes) or 'none'}; not significant (interval contains 0): "
         f"{', '.join(no) or 'none'}."
     )
 
@@ -521,21 +560,40 @@ def to_markdown(res: dict[str, Any], suite: Suite, command: str, plots: dict[str
         ]
         ref = next((r for r in rows if r["variant"] == suite.reference), None)
         paired = sc.get("paired", {})
+        # The global test set's columns, where any run was scored on it (runs before it was built were not).
+        with_global = any(r.get("global_last_k") for r in rows)
+        if with_global:
+            lines[-2] = lines[-2].replace(
+                " | up / client / round",
+                f" | global test set, mean of last {k} rounds (%) | Δ global last-{k} vs "
+                f"{suite.reference or '—'}, paired, 95 % CI | up / client / round",
+            )
+            lines[-1] += "---|---|"
         for r in rows:
             pair = paired.get(r["variant"])
             if ref is None or r is ref:
-                delta = delta_k = "—"
+                delta = delta_k = delta_g = "—"
             elif pair is not None:
                 delta, delta_k = _diff(pair["last"]), _diff(pair["last_k"])
+                delta_g = _diff(pair.get("global_last_k"))
             else:
-                delta, delta_k = f"{r['last'][0] - ref['last'][0]:+.2f}", "—"
+                delta, delta_k, delta_g = f"{r['last'][0] - ref['last'][0]:+.2f}", "—", "—"
             last_k = _pm(r["last_k"], r["seeds"]) if "last_k" in r else "—"
+            glob = ""
+            if with_global:
+                g = r.get("global_last_k")
+                glob = f"{_pm(g, r['global_seeds']) if g else '—'} | {delta_g} | "
             lines.append(
                 f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {_pm(r['last'], r['seeds'])} | "
-                f"{_pm(r['best'], r['seeds'])} | {delta} | {last_k} | {delta_k} | {_bytes(r['bytes_up'])} | "
-                f"{_bytes(r['bytes_down'])} | {r['wall_s']:.0f} s |"
+                f"{_pm(r['best'], r['seeds'])} | {delta} | {last_k} | {delta_k} | {glob}"
+                f"{_bytes(r['bytes_up'])} | {_bytes(r['bytes_down'])} | {r['wall_s']:.0f} s |"
             )
         sentence = _significance(paired, suite.reference or "—", k)
+        if sentence:
+            lines += ["", sentence]
+        sentence = _significance(
+            paired, suite.reference or "—", k, "global_last_k", " on the global test set"
+        )
         if sentence:
             lines += ["", sentence]
         verdict = _fedktl_verdict(rows)
@@ -560,10 +618,18 @@ def _fedktl_verdict(rows: list[dict[str, Any]]) -> str | None:
             f"FedKTL vs the best baseline ({best['variant']}), last round: {gap:+.2f} points on "
             f"{seeds} seed(s) — too few to judge the +2-point target."
         )
-    return (
+    sentence = (
         f"FedKTL vs the best baseline ({best['variant']}), last round: **{gap:+.2f} points** "
         f"({'meets' if gap >= 2 else 'does not meet'} the +2-point target)."
     )
+    scored = [r for r in baselines if r.get("global_last_k")]
+    if fedktl.get("global_last_k") and scored:
+        top = max(scored, key=lambda r: r["global_last_k"][0])
+        sentence += (
+            f" On the global test set (mean of the last {fedktl['k']} rounds) vs its best baseline "
+            f"({top['variant']}): {fedktl['global_last_k'][0] - top['global_last_k'][0]:+.2f} points."
+        )
+    return sentence
 
 
 def plot(res: dict[str, Any], folder: Path, stem: str) -> dict[str, str]:

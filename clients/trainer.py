@@ -480,18 +480,23 @@ class LocalClient:
         )
 
     def evaluate(self) -> tuple[int, int]:
-        """``(correct, total)`` on the local test split: the class of the nearest ETF column, or the
-        trainable classifier's argmax when the model has one."""
-        if self.num_test == 0:
+        """``(correct, total)`` on the local test split (`evaluate_on`)."""
+        return self.evaluate_on(self.data.test_x, self.data.test_y)
+
+    def evaluate_on(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+        """``(correct, total)`` on ``images`` (float in [0, 1]) and ``labels``: the class of the nearest ETF
+        column, or the trainable classifier's argmax when the model has one. Forward passes only, in eval
+        mode: no state of the client changes."""
+        if labels.shape[0] == 0:
             return 0, 0
-        out = self._head_outputs(self.data.test_x)
+        out = self._head_outputs(images.to(self.device))
         classifier = self.model.classifier
         if classifier is not None:
             with torch.no_grad():
                 pred = classifier(out).argmax(dim=1)
         else:
             pred = etf_cosines(out, self.etf).argmax(dim=1)
-        return int((pred == self.data.test_y).sum()), self.num_test
+        return int((pred == labels.to(pred.device)).sum()), int(labels.shape[0])
 
     # -- state between rounds -------------------------------------------------------------------------
 

@@ -140,6 +140,7 @@ class HttpTransport(HeldClients):
         self.admin_token = admin_token
         self.admin = KtlHttpClient(url, admin_token)
         self.data = data
+        self.global_test = data.global_test
         self.device = device
         self.spec = dict(spec)
         self.round_dir = round_dir

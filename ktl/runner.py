@@ -36,7 +36,7 @@ import ktl
 from ktl.clients import ClientModel, LocalClient, TrainStats, simplex_etf
 from ktl.clients.trainer import scheduled_lr
 from ktl.config import SimulateConfig
-from ktl.data import FederatedData, build_federated_data
+from ktl.data import FederatedData, GlobalTest, build_federated_data
 from ktl.device import resolve_device
 from ktl.errors import ConfigError, PayloadError
 from ktl.generator import Generator, load_generator
@@ -54,6 +54,7 @@ from ktl.study import (
     CLIENT_WEIGHTS,
     Plateau,
     is_evaluated,
+    is_globally_evaluated,
     load_client_weights,
     miss_reason,
     participants,
@@ -351,6 +352,11 @@ class Transport(ABC):
     def evaluate(self, plan: RoundPlan, replies: RoundReplies, broadcast: bytes | None) -> list[Score | None]:
         """Every client's score (client order); those scored with their training are in ``replies``."""
 
+    def evaluate_global(self, plan: RoundPlan) -> list[Score | None] | None:
+        """Every client's score on the held-out global test set (``data.global_test_size``), client order;
+        None when there is none or the clients are out of reach (Flower: they live on the nodes)."""
+        return None
+
     def server_update(
         self, method: Method, plan: RoundPlan, server_input: Mapping[str, bytes]
     ) -> ServerUpdate | None:
@@ -389,9 +395,16 @@ class HeldClients(Transport, ABC):
 
     clients: list[LocalClient]
     moved: int
+    global_test: GlobalTest | None = None  # the federation's data's held-out set, set when it is built
 
     def wire_bytes(self) -> int:
         return self.moved
+
+    def evaluate_global(self, plan: RoundPlan) -> list[Score | None] | None:
+        test = self.global_test
+        if test is None:
+            return None
+        return [client.evaluate_on(test.x, test.y) for client in self.clients]
 
     def save_clients(self, run_dir: Path) -> bool:
         save_client_weights(self.clients, run_dir)
@@ -413,6 +426,7 @@ class LocalTransport(HeldClients):
         data = build_federated_data(config.data, num_clients=config.num_clients, seed=config.seed)
         etf = simplex_etf(data.num_classes, data.num_classes, seed=config.etf_seed)  # K = C
         self.clients = build_clients(config, data, etf, self.device)
+        self.global_test = data.global_test
         return Federation([c.client_id for c in self.clients], list(data.class_names), data.source)
 
     def train(self, plan: RoundPlan, broadcast: bytes | None) -> RoundReplies:
@@ -538,6 +552,19 @@ class Runner:
                     accuracy, client_accuracy = weighted_accuracy(
                         transport.evaluate(plan, replies, broadcast)
                     )
+                # Every client on the same held-out images: the sample-weighted mean is the clients' mean.
+                global_accuracy: float | None = None
+                global_client_accuracy: list[float | None] | None = None
+                global_scores = (
+                    transport.evaluate_global(plan)
+                    if is_globally_evaluated(study, r, config.rounds)
+                    else None
+                )
+                if global_scores is not None:
+                    global_accuracy, global_client_accuracy = weighted_accuracy(global_scores)
+                elif config.data.global_test_size and r == config.rounds:
+                    log.warning("data.global_test_size: the %s transport cannot score the clients on the "
+                                "global test set (global_accuracy is null)", transport.name)  # fmt: skip
                 # The server step's input: the uploads, or for a "sum" method their sum alone.
                 server_input: Mapping[str, bytes] = {SUM_UPLOAD: replies.total} if replies.total else {}
                 if replies.total is None and uploads:
@@ -562,6 +589,8 @@ class Runner:
                     "accuracy": accuracy,
                     "client_accuracy": client_accuracy,
                     "evaluated": plan.evaluate,
+                    "global_accuracy": global_accuracy,
+                    "global_client_accuracy": global_client_accuracy,
                     "lr": scheduled_lr(config.client, r, config.rounds),
                     "participants": plan.chosen,
                     "trained": len(stats),

@@ -18,6 +18,8 @@ run repeats exactly.
 - **Evaluation.** Rounds ``eval_every``, ``2·eval_every``, … and the last are evaluated; every client is
   scored, participants or not (each holds a model and a test split), so a round's accuracy is the same
   test-sample-weighted mean over all clients whatever the join ratio.
+- **Global test set.** With ``data.global_test_size`` > 0 every client is also scored on a held-out set
+  no client holds, in the evaluated rounds among the last ``global_eval_rounds``.
 - **Early stop.** With ``patience`` P, the run ends after P evaluated rounds in a row that do not beat the
   best accuracy so far by more than ``min_delta``.
 """
@@ -46,6 +48,7 @@ __all__ = [
     "StudySettings",
     "client_weights_path",
     "is_evaluated",
+    "is_globally_evaluated",
     "load_client_weights",
     "mean_std",
     "miss_reason",
@@ -106,6 +109,13 @@ class StudySettings(BaseModel):
         description="Evaluate every k rounds (and always the last); skipped rounds have accuracy none and "
         "evaluated false in metrics.jsonl",
     )
+    global_eval_rounds: int | None = Field(
+        3,
+        ge=1,
+        description="Score every client on the held-out global test set (data.global_test_size > 0) in the "
+        "evaluated rounds among the last this many (3: the last-k mean of ktl bench accuracy; each client "
+        "costs a forward pass over the whole set, so not every round); none = every evaluated round",
+    )
     patience: int | None = Field(
         None,
         ge=1,
@@ -156,6 +166,13 @@ def miss_reason(
 def is_evaluated(study: StudySettings, round_index: int, rounds: int) -> bool:
     """Whether round ``round_index`` of ``rounds`` is evaluated (every ``eval_every``-th and the last)."""
     return round_index % study.eval_every == 0 or round_index == rounds
+
+
+def is_globally_evaluated(study: StudySettings, round_index: int, rounds: int) -> bool:
+    """Whether round ``round_index`` of ``rounds`` also scores the clients on the global test set: an
+    evaluated round among the last ``global_eval_rounds``."""
+    last = study.global_eval_rounds
+    return is_evaluated(study, round_index, rounds) and (last is None or round_index > rounds - last)
 
 
 @dataclass

@@ -26,7 +26,7 @@ def test_overrides_merge_profile_scenario_variant_and_seed(tmp_path: Path) -> No
     args = _args(tmp_path)
     data = accuracy.run_overrides("cpu", suite.scenarios[0], variant, 2, tmp_path / "x", args)
     assert data["rounds"] == 15 and data["seed"] == 2 and data["method"] == "fedktl"
-    assert data["data"] == {"partition": "dirichlet", "alpha": 0.1, "fraction": 0.1}
+    assert data["data"] == {"partition": "dirichlet", "alpha": 0.1, "fraction": 0.1, "global_test_size": 1000}
     assert data["fedktl"] == {"pairs_per_class": 5} and data["client"] == {"pairs_memory": 5}
     all_data = next(s for s in accuracy.SUITES["main"].scenarios if s.name == "dir-all")
     cpu = accuracy.run_overrides("cpu", all_data, suite.variants[0], 0, tmp_path, args)
@@ -43,7 +43,11 @@ def test_tiny_suite_runs_resumes_and_writes_table_and_plots(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # the smoke preset (synthetic data, 4 clients) with one round stands in for the cpu profile
-    monkeypatch.setitem(accuracy.PROFILES, "cpu", ("smoke", {"rounds": 1, "aligner": {"steps": 10}}))
+    monkeypatch.setitem(
+        accuracy.PROFILES,
+        "cpu",
+        ("smoke", {"rounds": 2, "aligner": {"steps": 10}, "data": {"global_test_size": 200}}),
+    )
     results = tmp_path / "docs" / "results.md"
     results.parent.mkdir()
     results.write_text("# Results\n\nkept text\n")
@@ -62,6 +66,13 @@ def test_tiny_suite_runs_resumes_and_writes_table_and_plots(
     ]
     table = capsys.readouterr().out
     assert "| local |" in table and "| fedktl |" in table and "FedKTL vs the best baseline" in table
+    assert "global test set, mean of last 3 rounds (%)" in table
+    # every round of the last 3 was scored on the held-out set: a mean client accuracy in [0, 1]
+    for run in root.iterdir():
+        scored = [
+            json.loads(line)["global_accuracy"] for line in (run / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert len(scored) == 2 and all(0 <= a <= 1 for a in scored)
     text = results.read_text()
     assert "kept text" in text and "<!-- bench:accuracy-main-cpu:start -->" in text
     png = tmp_path / "docs" / "images" / "accuracy-main-cpu-dir-lowdata.png"
@@ -83,7 +94,8 @@ def test_tiny_suite_runs_resumes_and_writes_table_and_plots(
     rows = {r["variant"]: r for r in res["scenarios"][0]["rows"]}
     assert set(rows) == {"local", "fedproto", "fedktl"}  # variants without runs are left out
     assert rows["local"]["bytes_up"] == 0 and rows["fedktl"]["bytes_up"] > 0
-    assert rows["fedktl"]["seeds"] == [0, 1] and len(rows["fedktl"]["curve"]) == 1
+    assert rows["fedktl"]["seeds"] == [0, 1] and len(rows["fedktl"]["curve"]) == 2
+    assert rows["fedktl"]["global_seeds"] == [0, 1] and 0 <= rows["fedktl"]["global_last_k"][0] <= 100
     assert all(0 <= r["last"][0] <= 100 for r in rows.values())
     # another suite with an identical run (same resolved config) copies it instead of running it again
     accuracy.run_suite(_args(tmp_path, "--suite", "privacy", "--variants", "local"))
@@ -171,14 +183,18 @@ def test_paired_difference_is_a_t_interval_over_the_shared_seeds() -> None:
     assert accuracy.paired_difference({5: 1.0}, ref) is None
 
 
-def _fake_run(root: Path, variant: str, seed: int, curve: list[float]) -> None:
+def _fake_run(
+    root: Path, variant: str, seed: int, curve: list[float], scored: list[float | None] | None = None
+) -> None:
     run = root / "dir-lowdata" / f"{variant}-s{seed}"
     run.mkdir(parents=True)
     summary = {"method": variant, "seed": seed, "final_accuracy": curve[-1], "best_accuracy": max(curve),
                "bytes_up_per_client_round": 1, "bytes_down_per_client_round": 1, "wall_time_s": 1.0,
                "num_clients": 4, "rounds": len(curve), "device": "cpu", "data": "synthetic"}  # fmt: skip
     (run / "summary.json").write_text(json.dumps(summary))
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"accuracy": a}) + "\n" for a in curve))
+    rows = [{"accuracy": a} if scored is None else {"accuracy": a, "global_accuracy": g}
+            for a, g in zip(curve, scored or curve, strict=True)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def test_summary_reports_last_k_means_and_paired_differences_with_their_significance(tmp_path: Path) -> None:
@@ -220,3 +236,50 @@ def test_the_main_table_compares_every_method_and_the_htfe8_profile_selects_the_
     config = build_config(preset=preset, overrides=overrides)
     assert config.models[1:3] == ["googlenet", "mobilenetv2-1.0"] and len(config.models) == 8
     assert config.data.fraction == 1.0 and config.data.dataset == "fashion-mnist"
+
+
+def test_the_global_test_set_gets_its_last_k_mean_paired_interval_and_sentence(tmp_path: Path) -> None:
+    suite = accuracy.Suite(
+        "t",
+        "T",
+        (accuracy.SUITES["main"].scenarios[0],),
+        (accuracy.Variant("local", {}), accuracy.Variant("fedktl", {}), accuracy.Variant("fd", {})),
+        reference="local",
+    )
+    for seed in range(4):
+        base = 0.3 + 0.05 * seed  # the same seed-to-seed scatter for everyone: pairing removes it
+        flat = [0.9, 0.9, 0.9, 0.9]  # equal on the clients' own splits
+        _fake_run(tmp_path, "local", seed, flat, [None, base, base, base])
+        # +5 points on the global set, ±0.5 by seed: significant
+        gain = 0.05 + (0.005 if seed % 2 else -0.005)
+        _fake_run(tmp_path, "fedktl", seed, flat, [None, None, base + gain, base + gain])
+        # ±3 points by seed around 0: not significant
+        _fake_run(tmp_path, "fd", seed, flat, [None, base, base, base + (0.09 if seed % 2 else -0.09)])
+    _fake_run(tmp_path, "fd", 4, [0.9] * 4)  # a run from before the global set: no global figure
+    res = accuracy.summarize(tmp_path, suite, last_k=3)
+    sc = res["scenarios"][0]
+    rows = {r["variant"]: r for r in sc["rows"]}
+    assert rows["local"]["per_seed"][1]["global_last_k"] == pytest.approx(35.0)
+    assert rows["fd"]["seeds"] == [0, 1, 2, 3, 4] and rows["fd"]["global_seeds"] == [0, 1, 2, 3]
+    assert "global_last_k" not in rows["fd"]["per_seed"][4]
+    # only the rounds scored on it count: fedktl's mean is over its last 2 rounds
+    assert rows["fedktl"]["per_seed"][0]["global_last_k"] == pytest.approx(100 * (0.3 + 0.045))
+    pair = sc["paired"]["fedktl"]["global_last_k"]
+    assert pair["seeds"] == [0, 1, 2, 3] and pair["mean"] == pytest.approx(5.0) and pair["significant"]
+    assert not sc["paired"]["fd"]["global_last_k"]["significant"]
+    assert not sc["paired"]["fedktl"]["last_k"]["significant"]  # level on the clients' own splits
+    table = accuracy.to_markdown({**res, "profile": "cpu", "machine": "m", "last_k": 3}, suite, "cmd", {})
+    assert (
+        "| global test set, mean of last 3 rounds (%) | Δ global last-3 vs local, paired, 95 % CI |" in table
+    )
+    lines = table.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| variant |"))
+    assert {line.count("|") for line in lines[at : at + 5]} == {13}  # 12 columns in every line
+    assert "Paired differences to local on the global test set" in table
+    assert "significant: fedktl (+5.00); not significant (interval contains 0): fd" in table
+    # a table of runs without the global set keeps its old columns
+    for r in sc["rows"]:
+        r["global_last_k"] = None
+    assert "| global test set, mean" not in accuracy.to_markdown(
+        {**res, "profile": "cpu", "machine": "m", "last_k": 3}, suite, "cmd", {}
+    )

@@ -37,12 +37,20 @@ __all__ = [
     "DataConfig",
     "DatasetLoader",
     "FederatedData",
+    "GlobalTest",
     "ImageSet",
     "Splits",
     "build_federated_data",
+    "held_out_split",
     "pool_clients",
     "register_dataset",
 ]
+
+
+# The held-out global test set: bounded (its float pixels live in memory beside the clients'), and drawn
+# with one fixed seed so that every run seed and method of a scenario is scored on the same images.
+MAX_GLOBAL_TEST = 20_000
+GLOBAL_TEST_SEED = 0x610BA1
 
 
 class DataConfig(BaseModel):
@@ -96,6 +104,23 @@ class DataConfig(BaseModel):
         description="Few-shot: keep at most this many labelled training samples per class on each client "
         "(seeded); the test split is untouched. none = all",
     )
+    global_test_size: int = Field(
+        0,
+        ge=0,
+        le=MAX_GLOBAL_TEST,
+        description="Held-out global test set: this many samples of the pooled set that no client trains or "
+        "tests on, drawn before data.fraction and the partition with a fixed seed (the same set for every "
+        "run seed and method), at most half the pool; every client is also scored on it "
+        "(study.global_eval_rounds). 0 = none (off by default: it changes the partition's draw)",
+    )
+
+
+@dataclass(frozen=True)
+class GlobalTest:
+    """The held-out global test set: float pixels in [0, 1] ``(n, C, S, S)`` and int64 labels."""
+
+    x: torch.Tensor
+    y: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -103,6 +128,7 @@ class FederatedData:
     clients: list[LocalData]
     class_names: list[str]
     source: str
+    global_test: GlobalTest | None = None  # data.global_test_size > 0: samples no client holds
 
     @property
     def num_classes(self) -> int:
@@ -229,15 +255,29 @@ def _to_local(images: ImageSet, train: np.ndarray, test: np.ndarray) -> LocalDat
     return LocalData(pixels(train), labels(train), pixels(test), labels(test))
 
 
-def build_federated_data(config: DataConfig, *, num_clients: int, seed: int) -> FederatedData:
-    """Load ``config.dataset``, subsample, partition over ``num_clients`` and split each client 75/25."""
-    loader = DATASETS.get(config.dataset)
-    if loader is None:
-        raise DataError(f"unknown dataset {config.dataset!r}; available: {', '.join(sorted(DATASETS))}")
+def held_out_split(
+    config: DataConfig, images: ImageSet, splits: Splits | None, *, num_clients: int, seed: int
+) -> tuple[Splits, np.ndarray]:
+    """Each client's ``(train, test)`` indices into ``images`` and the held-out global test indices (empty
+    when ``config.global_test_size`` is 0): the global set first (a fixed-seed draw from the whole pool,
+    independent of ``seed``), then ``fraction``, the partition and each client's split on the rest."""
     rng = np.random.default_rng([seed, 0xDA7A])
-    images, splits = loader(config, seed)
+    held = np.zeros(0, dtype=np.int64)
+    if config.global_test_size:
+        if splits is not None:
+            raise DataError(
+                f"data.global_test_size needs a pooled data set; {images.source} is already split per client"
+            )
+        if config.global_test_size > len(images) // 2:
+            raise DataError(
+                f"data.global_test_size {config.global_test_size} is more than half of the "
+                f"{len(images)} samples of {images.source}"
+            )
+        fixed = np.random.default_rng(GLOBAL_TEST_SEED)
+        held = np.sort(fixed.choice(len(images), size=config.global_test_size, replace=False))
     if splits is None:
-        keep = _subsample(np.arange(len(images)), config.fraction, rng)
+        pool = np.setdiff1d(np.arange(len(images)), held, assume_unique=True)
+        keep = _subsample(pool, config.fraction, rng)
         parts = PARTITIONS[config.partition](images.labels[keep], num_clients, config, rng)
         splits = [split_train_test(keep[p], config.train_fraction, rng) for p in parts]
     else:
@@ -248,5 +288,22 @@ def build_federated_data(config: DataConfig, *, num_clients: int, seed: int) -> 
         ]
     if config.shots is not None:
         splits = [(_few_shot(tr, images.labels, config.shots, rng), te) for tr, te in splits]
+    return splits, held
+
+
+def build_federated_data(config: DataConfig, *, num_clients: int, seed: int) -> FederatedData:
+    """Load ``config.dataset``, hold out the global test set (if any), subsample, partition over
+    ``num_clients`` and split each client 75/25 (`held_out_split`)."""
+    loader = DATASETS.get(config.dataset)
+    if loader is None:
+        raise DataError(f"unknown dataset {config.dataset!r}; available: {', '.join(sorted(DATASETS))}")
+    images, given = loader(config, seed)
+    splits, held = held_out_split(config, images, given, num_clients=num_clients, seed=seed)
     clients = [_to_local(images, train, test) for train, test in splits]
-    return FederatedData(clients=clients, class_names=images.class_names, source=images.source)
+    global_test = None
+    if held.size:
+        pixels = torch.from_numpy(images.images[held]).float().div_(255.0)
+        global_test = GlobalTest(pixels, torch.from_numpy(images.labels[held]).long())
+    return FederatedData(
+        clients=clients, class_names=images.class_names, source=images.source, global_test=global_test
+    )
