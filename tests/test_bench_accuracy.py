@@ -197,14 +197,19 @@ def _fake_run(
     (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def test_summary_reports_last_k_means_and_paired_differences_with_their_significance(tmp_path: Path) -> None:
-    suite = accuracy.Suite(
+def _local_fedktl_fd() -> accuracy.Suite:
+    """A suite of local (the reference), fedktl and fd on the low-data scenario, for fake runs."""
+    return accuracy.Suite(
         "t",
         "T",
         (accuracy.SUITES["main"].scenarios[0],),
         (accuracy.Variant("local", {}), accuracy.Variant("fedktl", {}), accuracy.Variant("fd", {})),
         reference="local",
     )
+
+
+def test_summary_reports_last_k_means_and_paired_differences_with_their_significance(tmp_path: Path) -> None:
+    suite = _local_fedktl_fd()
     for seed in range(5):
         base = 0.5 + 0.05 * seed  # seed-to-seed scatter far larger than fedktl's gain: pairing removes it
         _fake_run(tmp_path, "local", seed, [base - 0.1, base, base + 0.01, base - 0.01])
@@ -239,13 +244,7 @@ def test_the_main_table_compares_every_method_and_the_htfe8_profile_selects_the_
 
 
 def test_the_global_test_set_gets_its_last_k_mean_paired_interval_and_sentence(tmp_path: Path) -> None:
-    suite = accuracy.Suite(
-        "t",
-        "T",
-        (accuracy.SUITES["main"].scenarios[0],),
-        (accuracy.Variant("local", {}), accuracy.Variant("fedktl", {}), accuracy.Variant("fd", {})),
-        reference="local",
-    )
+    suite = _local_fedktl_fd()
     for seed in range(4):
         base = 0.3 + 0.05 * seed  # the same seed-to-seed scatter for everyone: pairing removes it
         flat = [0.9, 0.9, 0.9, 0.9]  # equal on the clients' own splits
