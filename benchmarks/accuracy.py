@@ -686,6 +686,9 @@ def main(args: argparse.Namespace) -> int:
         f"ktl bench accuracy --suite {suite.name} --profile {args.profile} --seeds {args.seeds} "
         f"--last-k {args.last_k}"
     )
+    for flag, names in (("--scenarios", args.scenarios), ("--variants", args.variants)):
+        if names is not None:  # the table is a subset of the suite: say which
+            command += f" {flag} {names}"
     plots: dict[str, str] = {}
     if args.write is not None:
         images = args.write.parent / "images"

@@ -67,6 +67,7 @@ def test_tiny_suite_runs_resumes_and_writes_table_and_plots(
     table = capsys.readouterr().out
     assert "| local |" in table and "| fedktl |" in table and "FedKTL vs the best baseline" in table
     assert "global test set, mean of last 3 rounds (%)" in table
+    assert "--seeds 0,1 --last-k 3 --scenarios dir-lowdata --variants local,fedproto,fedktl`" in table
     # every round of the last 3 was scored on the held-out set: a mean client accuracy in [0, 1]
     for run in root.iterdir():
         scored = [
