@@ -170,9 +170,12 @@ class LocalDeployment:
     group, logs under ``work`` (every line stamped with its wall-clock time, `_stamp`); `run` is ``flwr
     run`` of this app with a run config."""
 
-    def __init__(self, work: Path, nodes: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, work: Path, nodes: int, env: dict[str, str] | None = None, supernode: list[str] | None = None
+    ) -> None:
         self.work = work
         self.nodes = nodes
+        self.supernode = supernode or [str(BIN / "flower-supernode")]  # the command that starts a SuperNode
         self.port = free_port()
         home = work / "flwr"
         home.mkdir(parents=True, exist_ok=True)
@@ -212,7 +215,7 @@ class LocalDeployment:
             time.sleep(0.5)
         for i in range(self.nodes):
             self._start(
-                [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                [*self.supernode, "--insecure", "--superlink", f"127.0.0.1:{self.port}",
                  "--node-config", f"partition-id={i} num-partitions={self.nodes}", "--port", str(free_port())],
                 f"supernode-{i}.log",
             )  # fmt: skip
@@ -368,23 +371,30 @@ def _later(rows: list[dict[str, Any]]) -> float:
     return statistics.mean(r["round_seconds"] for r in (rows[1:] if len(rows) > 1 else rows))
 
 
-# The deployment bench's variants: name, label, the SuperNodes' environment.
-VARIANTS: tuple[tuple[str, str, dict[str, str]], ...] = (
-    ("worker", "SuperNodes with node workers", {"KTL_FLOWER_WORKER": "1"}),
+# The deployment bench's variants: name, label, the SuperNodes' environment, and whether they are Flower's
+# SuperNode with its fixed sleeps cut to 0.1 s (`ktl.benchmarks.supernode_whatif`: what those sleeps cost).
+VARIANTS: tuple[tuple[str, str, dict[str, str], bool], ...] = (
+    ("worker", "SuperNodes with node workers", {"KTL_FLOWER_WORKER": "1"}, False),
     (
         "fast_exec",
         "… and `FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1`",
         {"KTL_FLOWER_WORKER": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"},
+        False,
     ),
-    ("no_worker", "SuperNodes, `KTL_FLOWER_WORKER=0`", {"KTL_FLOWER_WORKER": "0"}),
+    (
+        "whatif",
+        "… and the SuperNode's fixed sleeps (3 s, 0.5 s) cut to 0.1 s (patched: what-if, not a setting)",
+        {"KTL_FLOWER_WORKER": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "KTL_WHATIF_SLEEP": "0.1"},
+        True,
+    ),
+    ("no_worker", "SuperNodes, `KTL_FLOWER_WORKER=0`", {"KTL_FLOWER_WORKER": "0"}, False),
 )
 
 
 def run_deployment(args: argparse.Namespace) -> dict[str, Any]:
-    """A round after the first on the Deployment Engine (with node workers; with SuperExec polling for
-    tasks every 0.1 s instead of Flower's 1 s; without node workers with ``--baseline``) against a ``ktl
-    simulate`` round, the same federation, one torch thread everywhere; and where a round's seconds go on
-    the SuperNodes (`breakdown`)."""
+    """A round after the first on the Deployment Engine against a ``ktl simulate`` round, the same
+    federation, one torch thread everywhere, in each of `VARIANTS` (without node workers only with
+    ``--baseline``); and where a round's seconds go on the SuperNodes (`breakdown`)."""
     work = Path(tempfile.mkdtemp(prefix="ktl-bench-deploy-"))
     overrides = {"num_clients": args.clients, "rounds": args.rounds, "method": args.method}
     config: SimulateConfig = build_config(preset=args.preset, overrides=overrides)
@@ -407,10 +417,11 @@ def run_deployment(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "load": os.getloadavg()[0],  # the shared machine's 1-minute load average, before and after
     }
-    for name, _, env in VARIANTS:
+    for name, _, env, whatif in VARIANTS:
         if name == "no_worker" and not args.baseline:
             continue
-        with LocalDeployment(work / name, args.clients, {**one_thread, **env}) as deployment:
+        supernode = [sys.executable, "-m", "ktl.benchmarks.supernode_whatif"] if whatif else None
+        with LocalDeployment(work / name, args.clients, {**one_thread, **env}, supernode) as deployment:
             t0 = time.perf_counter()
             summary = deployment.run(run_config, work / name / "out")
             wall = time.perf_counter() - t0
@@ -439,13 +450,15 @@ def _deployment_markdown(res: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
         f"| `ktl simulate` | | {res['simulate_later_round_s']:.2f} s | 1.00× | |",
     ]
-    for name, label, _ in VARIANTS:
+    for name, label, _, _ in VARIANTS:
         if f"{name}_ratio" in res:
             lines.append(
                 f"| {label} | {res[f'{name}_first_round_s']:.2f} s | {res[f'{name}_later_round_s']:.2f} s | "
                 f"**{res[f'{name}_ratio']:.2f}×** | {'yes' if res[f'{name}_same_accuracies'] else 'no'} |"
             )
-    shown = [(name, label) for name, label, _ in VARIANTS if res.get(f"{name}_breakdown", {}).get("samples")]
+    shown = [
+        (name, label) for name, label, _, _ in VARIANTS if res.get(f"{name}_breakdown", {}).get("samples")
+    ]
     if shown:
         lines += [
             "",
@@ -481,7 +494,9 @@ def _deployment_markdown(res: dict[str, Any]) -> str:
         "`flwr.supernode.start_client_internal`: no flag, no variable), so every wait is at least 3 s; its "
         "SuperExec looks for tasks every `FLWR_SUPEREXEC_TASK_POLL_INTERVAL` (1 s by default); each message "
         "starts a `flwr-clientapp` process (Python and Flower's import) that installs the FAB; and the "
-        "SuperNode looks for the reply every 0.5 s (fixed).",
+        "SuperNode looks for the reply every 0.5 s (fixed). The what-if row runs Flower's SuperNode with "
+        "those two sleeps cut to 0.1 s (`ktl.benchmarks.supernode_whatif`, a patch for this measurement "
+        "only): what a SuperNode that polled more often would give.",
     ]
     return "\n".join(lines)
 

@@ -38,14 +38,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary = run_flower_simulation(config, FlowerOptions(out=str(out)))
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         later = lines[1:] or lines
+        wire = summary["transport"]
         rows.append(
             {
                 "method": method,
                 "round_s": statistics.mean(r["round_seconds"] for r in later),
                 "first_round_s": lines[0]["round_seconds"],
-                # Per client and round, later rounds (round 1 has no broadcast to send).
-                "sent_per_client": statistics.mean(r["bytes_sent"] / r["sampled"] for r in later),
-                "received_per_client": statistics.mean(r["bytes_received"] / r["sampled"] for r in later),
+                # Per client and round over the whole run (Flower's totals; round 1 has no broadcast to send).
+                "sent_per_client": wire["bytes_sent"] / (len(lines) * args.clients),
+                "received_per_client": wire["bytes_received"] / (len(lines) * args.clients),
                 "messages_per_client": 4 if method.endswith("-secagg") else 1,
                 "final_accuracy": summary["final_accuracy"],
                 "failures": summary["failures"],
@@ -67,7 +68,7 @@ def _markdown(res: dict[str, Any]) -> str:
         "",
         f"{res['machine']}. `{res['preset']}`, {res['clients']} clients, {res['rounds']} rounds, Flower's "
         "Simulation Engine, one run. Bytes: Flower's encoding of every message's content per client and round "
-        "(after the first), both ways; time: per round after the first (Ray warms up in round 1).",
+        "(averaged over every round; round 1 sends no broadcast), each way; time: per round after the first (Ray warms up in round 1).",
         "",
         "| method | exchanges / round | server → client | client → server | time / round | vs plain | "
         "final accuracy |",

@@ -4,6 +4,7 @@ the real run is the bench itself)."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import time
 from datetime import datetime
@@ -13,7 +14,10 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from ktl.benchmarks import flower as bench  # noqa: E402 - after the optional dependency's check
+import flwr.supernode.start_client_internal as supernode_loop  # noqa: E402 - after the check above
+
+from ktl.benchmarks import flower as bench  # noqa: E402
+from ktl.benchmarks.supernode_whatif import short_sleeps  # noqa: E402
 
 NODE = 4242
 
@@ -105,3 +109,17 @@ def test_stamp_prefixes_each_line_with_its_arrival_and_strips_colours(tmp_path: 
     lines = (tmp_path / "x.log").read_text().splitlines()
     assert [line.split(" ", 1)[1] for line in lines] == ["INFO :      Sent successfully", "plain"]
     assert all(before - 1e-3 <= float(line.split(" ", 1)[0]) <= time.time() + 1e-3 for line in lines)
+
+
+def test_the_what_if_supernode_cuts_only_the_sleeps_of_flowers_supernode_loop() -> None:
+    """The premise of the bench's what-if row, checked against the installed Flower: its SuperNode loop sleeps
+    3 s after a pull that found nothing, looks for replies every 0.5 s, and takes both from its module's
+    ``time`` — which `short_sleeps` replaces with one whose other functions are time's own."""
+    source = inspect.getsource(supernode_loop)
+    assert "time.sleep(3)" in source and "time.sleep(0.5)" in source
+    assert supernode_loop.time is time
+    shim = short_sleeps(0.01)
+    t0 = time.perf_counter()
+    shim.sleep(3)
+    assert time.perf_counter() - t0 < 1.0  # cut to 0.01 s (generous for a loaded machine)
+    assert shim.monotonic is time.monotonic and shim.time is time.time

@@ -119,7 +119,7 @@ def test_site_and_admin_errors_are_one_line(
     common = ["--url", server.url, "--federation", fid, "--token", token, "--preset", "smoke"]
     assert main(["client", "run", *common, "--site", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not a site folder" in err
+    assert err.count("\n") == 1 and "site folder" in err and "does not exist" in err
     site = _site(tmp_path / "s", 0, [0, 1])
     assert main(["client", "run", *common, "--site", str(site), "--data.fraction", "0.5"]) == 2
     assert "does not apply to --site" in capsys.readouterr().err
