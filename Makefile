@@ -41,12 +41,18 @@ data:
 demo: setup
 	$(BIN)/ktl demo
 
+# Two pytest-xdist workers at one torch thread each: the suite's tiny models gain nothing from a second
+# intra-op thread, and many tests wait on servers and subprocesses, so two workers use both cores.
+# TEST_WORKERS=0 runs in one process (set it to the core count on a bigger machine).
+TEST_WORKERS ?= 2
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # Everything, the slow end-to-end runs included.
 test-all: setup
-	$(BIN)/python -m pytest -q --runslow
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --runslow
 
 lint: setup
 	$(BIN)/ruff check .

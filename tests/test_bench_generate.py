@@ -9,6 +9,7 @@ import pytest
 from ktl.cli import main
 
 
+@pytest.mark.slow  # make test-all (make test keeps ktl generate across processes in test_generate)
 def test_the_generate_benchmark_measures_processes_and_job_vs_bare(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

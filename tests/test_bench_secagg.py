@@ -8,6 +8,7 @@ import pytest
 from ktl.cli import main
 
 
+@pytest.mark.slow  # make test-all (make test keeps SecAgg+ on Flower in test_secure_aggregation)
 def test_the_secagg_benchmark_measures_plain_and_secure_rounds_side_by_side(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

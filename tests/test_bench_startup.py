@@ -9,6 +9,7 @@ from ktl.benchmarks.startup import CASES
 from ktl.cli import main
 
 
+@pytest.mark.slow  # make test-all (make test keeps the server and chaos benchmarks)
 def test_the_startup_benchmark_reports_every_case(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["-q", "bench", "startup", "--runs", "1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)

@@ -189,6 +189,7 @@ def test_a_plugin_section_reaches_the_server_step_in_simulate_and_over_http(tmp_
     assert rounds and [r.get("classes_in_table") for r in rounds] == [0.0], (spec, sorted(demo.rglob("*")))
 
 
+@pytest.mark.slow  # make test-all (make test keeps the plugin section in simulate and over HTTP; Flower carries the same config)
 def test_a_plugin_section_reaches_the_server_step_on_flower(tmp_path: Path) -> None:
     """The same on Flower's Simulation Engine, whose ClientApps run in Ray workers: the configuration
     travels pickled with the plugins it needs (`SimulateConfig.__reduce__`), which each worker loads."""

@@ -35,7 +35,8 @@ def test_the_run_config_round_trips_to_the_same_configuration() -> None:
         # fedktl against simulate runs in make test on the in-memory Grid (tests/test_runner.py); on Ray it
         # is one more Ray start-up for the same transport: make test-all
         pytest.param("fedktl", marks=pytest.mark.slow),
-        "fedproto",
+        # fedproto crosses Flower in make test on the SecAgg+ test and the Deployment Engine's worker test
+        pytest.param("fedproto", marks=pytest.mark.slow),
         "lg-fedavg",  # a weights payload (the trainable classifier), kept fast
         # the other HtFLlib baselines: their client state (shared model, generator) crosses Flower rounds
         *(pytest.param(m, marks=pytest.mark.slow) for m in ("fedgh", "fedgen", "fml", "fedkd")),
@@ -60,6 +61,7 @@ def test_flower_simulation_gives_the_per_round_accuracies_of_ktl_simulate(
     assert_same_run_folders(tmp_path / "sim", tmp_path / "flower", clients=False)
 
 
+@pytest.mark.slow  # make test-all (make test keeps the runner's sampling tests, which every transport shares)
 def test_partial_participation_samples_the_same_nodes_for_the_same_seed(tmp_path: Path) -> None:
     """study.join_ratio (as in ktl simulate): each round trains a seeded sample of the nodes; the rest keep
     their state. A sampled client that drops out (study.dropout: the same seeded draw per partition and

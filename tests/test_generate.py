@@ -110,6 +110,7 @@ def test_one_and_two_processes_write_the_same_bytes(tmp_path: Path, latents_file
     assert torch.equal(png.permute(2, 0, 1), shard1["images"][2])
 
 
+@pytest.mark.slow  # make test-all (make test keeps generation across processes and the shard checks)
 def test_resume_after_kill_keeps_verified_shards_and_redoes_the_rest(
     tmp_path: Path, latents_file: Path, one_thread: None
 ) -> None:

@@ -26,7 +26,12 @@ def test_notebook_is_stored_without_outputs(path: Path) -> None:
             assert cell.get("outputs") == [] and cell.get("execution_count") is None, path.name
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path",
+    # the quickstart runs in make test; the alignment notebook (its own simulate run) in make test-all
+    [pytest.param(p, marks=pytest.mark.slow) if p.stem == "inspect_alignment" else p for p in NOTEBOOKS],
+    ids=lambda p: p.stem,
+)
 def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("KTL_RUN", "KTL_SERVER"):
         monkeypatch.delenv(var, raising=False)

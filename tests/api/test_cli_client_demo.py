@@ -102,8 +102,9 @@ def test_client_run_participates_in_rounds(server: ServerThread, capsys) -> None
     ("method", "overrides"),
     [
         ("fedktl", {}),
-        ("fedproto", {}),
-        ("fedproto", {"privacy": {"epsilon": 8.0}}),
+        # fedproto and DP over HTTP: make test-all (make test keeps DP over HTTP in test_methods_over_http)
+        pytest.param("fedproto", {}, marks=pytest.mark.slow),
+        pytest.param("fedproto", {"privacy": {"epsilon": 8.0}}, marks=pytest.mark.slow),
         ("lg-fedavg", {}),
         *(pytest.param(m, {}, marks=pytest.mark.slow) for m in ("fedgh", "fedgen", "fml", "fedkd")),
     ],

@@ -125,6 +125,7 @@ def test_kill_9_mid_round_and_mid_job_then_restart_loses_nothing(server_factory,
     assert admin.job_result(job["id"])["images"].shape[0] == 4000
 
 
+@pytest.mark.slow  # make test-all (make test keeps kill -9 mid round and mid job)
 def test_kill_9_during_fedproto_and_fedtgp_rounds_recovers_like_fedktl(server_factory) -> None:
     """The table methods keep every guarantee: acknowledged uploads survive kill -9, a round that was
     being computed is computed again after the restart, and the broadcast is the method's."""
