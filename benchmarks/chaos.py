@@ -363,6 +363,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for t in threads:
         t.start()
     kills = disk_windows = 0
+    balloon: Path | None = None
+    disk_until = 0.0
     until = t_start + 60 * args.max_minutes
     expected = 2 * args.clients * args.rounds  # acknowledgements of a complete soak
     # Failures land at fixed fractions of the soak's progress (acknowledged uploads), jittered by the seed.
@@ -379,11 +381,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if disk_at is not None and done >= disk_at:
             disk_at = None
             balloon = _fill(data_dir.parent)
+            disk_until = time.monotonic() + args.disk_window
             logger.info("chaos: disk full after %d uploads, for %.1fs", done, args.disk_window)
-            time.sleep(args.disk_window)
+        # The window closes while the loop goes on watching (a blocking sleep here let the soak finish
+        # inside the window and skip the kills due after it).
+        if balloon is not None and time.monotonic() >= disk_until:
             balloon.unlink()
+            balloon = None
             disk_windows += 1
         time.sleep(0.05)
+    if balloon is not None:  # the soak ended inside the window
+        balloon.unlink()
+        disk_windows += 1
     while admin.round(poison["id"], 1)["state"] == "aligning" and time.monotonic() < until:
         time.sleep(0.5)  # the poison round must end too (published, or failed with a reason)
     stop.set()
