@@ -280,7 +280,9 @@ class ServeProcess:
         self.env = {**os.environ, "KTL_ADMIN_TOKEN": admin_token, **env}
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 180.0) -> ServeProcess:
+    def start(self, timeout: float = 180.0, *, low_disk_ok: bool = False) -> ServeProcess:
+        """Start ``ktl serve`` and wait until ``/readyz`` says ready — or, with ``low_disk_ok``, until it
+        answers ``low_disk`` (up, refusing writes with 507: a restart inside a disk-full window)."""
         cmd = [sys.executable, "-m", "ktl", "serve", "--data-dir", str(self.data_dir), "--port", str(self.port),
                "--log-level", "warning"]  # fmt: skip
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -293,9 +295,10 @@ class ServeProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ktl serve exited: {self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                answer = httpx.get(f"{self.url}/readyz", timeout=1)
+                if answer.status_code == 200 or (low_disk_ok and answer.json().get("status") == "low_disk"):
                     return self
-            except httpx.TransportError:
+            except (httpx.TransportError, ValueError):
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError("ktl serve did not become ready")

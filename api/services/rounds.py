@@ -37,7 +37,14 @@ from ktl.api.store import (
     UploadResult,
 )
 from ktl.api.worker import ROUND_PRIORITY, Task
-from ktl.errors import ConflictError, CorruptFileError, NotFoundError, PayloadError, UnsupportedMediaError
+from ktl.errors import (
+    ConflictError,
+    CorruptFileError,
+    InsufficientStorageError,
+    NotFoundError,
+    PayloadError,
+    UnsupportedMediaError,
+)
 from ktl.methods import Method, ServerUpdate, load_method
 from ktl.quality import QUALITY_FILE
 from ktl.records import DuplicateKeyError, Prototypes, loads_unique
@@ -121,6 +128,8 @@ class RoundService(Service):
         self._ledger = StepLedger(self.store.root)
         # Rounds with a server step queued or running on the worker (one chain of tasks per round at most).
         self._in_flight: set[tuple[str, int]] = set()
+        # Attempts a crash charged that a full disk kept us from giving back at start-up (`reconcile`).
+        self._unreleased: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
 
     # -- uploads --------------------------------------------------------------------------------------
@@ -381,7 +390,12 @@ class RoundService(Service):
             fed = self.store.get_federation(rnd.federation_id)
             if fed is None:  # set aside: its rounds wait
                 continue
-            if self.store.change_round(fed.id, rnd.round, due_rule(fed, now)):  # aligned by the next loop
+            try:
+                closed = self.store.change_round(fed.id, rnd.round, due_rule(fed, now))
+            except InsufficientStorageError:  # start anyway: it is closed once there is room
+                logger.warning("recovery: the disk is full; %s round %d stays open", fed.id, rnd.round)
+                continue
+            if closed:  # aligned by the next loop
                 logger.info("recovery: %s round %d was due; closing it", rnd.federation_id, rnd.round)
         for rnd in self.store.rounds_in_state("aligning"):
             logger.info("recovery: aligning %s round %d", rnd.federation_id, rnd.round)
@@ -402,8 +416,19 @@ class RoundService(Service):
                         self.settings.max_round_attempts,
                     )
                 else:
-                    self.store.release_attempt(fid, r)
+                    self._release(fid, r)
         self._ledger.clear()
+
+    def _release(self, fid: str, r: int) -> None:
+        """Give round ``r`` back the attempt the crash charged it; on a full disk (a kill inside a disk-full
+        window) the server still starts, and `reconcile` gives it back once there is room."""
+        try:
+            self.store.release_attempt(fid, r)
+        except InsufficientStorageError:
+            logger.warning(
+                "%s round %d: the disk is full; its attempt is given back when there is room", fid, r
+            )
+            self._unreleased.add((fid, r))
 
     def _executing(self, step: tuple[str, int] | None) -> None:
         self._ledger.write(self._running, step)
@@ -447,6 +472,9 @@ class RoundService(Service):
         space. Returns how many it queued."""
         if self.store.disk_free_bytes() < self.settings.min_free_bytes:
             return 0
+        for fid, r in sorted(self._unreleased):
+            self._unreleased.discard((fid, r))
+            self._release(fid, r)
         queued = 0
         for rnd in self.store.rounds_in_state("aligning"):
             fed = self.store.get_federation(rnd.federation_id)
