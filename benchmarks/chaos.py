@@ -130,14 +130,23 @@ class _Server:
 
 
 def _participant(
-    server: _Server, fid: str, token: str, index: int, rounds: int, ledger: _Ledger, stop: threading.Event
+    server: _Server,
+    fid: str,
+    token: str,
+    index: int,
+    rounds: int,
+    ledger: _Ledger,
+    stop: threading.Event,
+    gate: threading.Event,
 ) -> int:
-    """Upload then wait, round after round; returns the rounds it saw published."""
+    """Upload then wait, round after round; returns the rounds it saw published. An upload starts only
+    while ``gate`` is set (the soak closes it while it fills the disk)."""
     published = 0
     with KtlHttpClient(server.url, token, timeout=30, retries=40, backoff=0.25) as sdk:
         r = 1
         while r <= rounds and not stop.is_set():
             classes = sorted({(index + k) % 10 for k in range(1 + index % 4)})
+            gate.wait()
             try:
                 answer = sdk.upload(fid, r, _prototypes(classes, seed=1000 * r + index))
                 ledger.ack(fid, r, answer["client_id"])
@@ -345,7 +354,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     poison_token = admin.register_client(poison["id"])["token"]
     KtlHttpClient(server.url, poison_token, retries=40).upload(poison["id"], 1, _prototypes([0, 1, 2], 7))
 
-    ledger, stop = _Ledger(), threading.Event()
+    ledger, stop, gate = _Ledger(), threading.Event(), threading.Event()
+    gate.set()
     latencies: list[float] = []
     misses: list[int] = []
     probe = threading.Thread(target=_probe, args=(server, stop, latencies, misses), daemon=True)
@@ -354,7 +364,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     threads = [
         threading.Thread(
             target=lambda f=fid, t=token, i=i: results.append(
-                _participant(server, f, t, i, args.rounds, ledger, stop)
+                _participant(server, f, t, i, args.rounds, ledger, stop, gate)
             ),
             daemon=True,
         )
@@ -382,7 +392,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             kills += 1
         if disk_at is not None and done >= disk_at:
             disk_at = None
-            balloon = _fill(data_dir.parent)
+            # Filling 512 MiB takes a while; uploads wait for it (otherwise a fast soak finished while the
+            # balloon grew: no upload saw the full disk, and the loop ended before the kill due after it).
+            gate.clear()
+            try:
+                balloon = _fill(data_dir.parent)
+            finally:
+                gate.set()
             disk_until = time.monotonic() + args.disk_window
             logger.info("chaos: disk full after %d uploads, for %.1fs", done, args.disk_window)
         # The window closes while the loop goes on watching (a blocking sleep here let the soak finish
