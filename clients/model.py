@@ -4,6 +4,7 @@ for the methods that train their own classifier instead of the fixed ETF, a line
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -38,6 +39,10 @@ class ClientModel(nn.Module):
         # K → C logits for the methods with a trainable classifier (LG-FedAvg, FedGH, FedGen, FML, FedKD):
         # None while the fixed ETF classifies (FedKTL and the prototype baselines)
         self.classifier: nn.Linear | None = None
+        # FedMRL: ``(images, head outputs) → the representation the classifier reads`` (its fused Matryoshka
+        # representation) in place of the head outputs; None: the head outputs themselves. A plain callable,
+        # not a submodule: what it trains belongs to the method that sets it, and so does its state.
+        self.fusion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         if latent_dim is not None:
             self.ensure_projector(latent_dim)
 
@@ -69,8 +74,9 @@ class ClientModel(nn.Module):
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Head outputs ``(B, K)``."""
-        return self.head(self.backbone(x))
+        """Head outputs ``(B, K)`` (through `fusion` when a method set one)."""
+        out = self.head(self.backbone(x))
+        return out if self.fusion is None else self.fusion(x, out)
 
 
 def seeded_linear(fan_in: int, fan_out: int, generator: torch.Generator | None) -> nn.Linear:

@@ -1,4 +1,4 @@
-"""The HtFLlib baselines with a trainable classifier: lg-fedavg, fedgh, fedgen, fml, fedkd.
+"""The HtFLlib baselines with a trainable classifier: lg-fedavg, fedgh, fedgen, fml, fedkd, fedmrl.
 
 Each server step is checked against a hand computation on a tiny case; the client side (classifier mode,
 companions, state that must survive a Flower round) on the crafted and CNN clients of test_client.
@@ -7,6 +7,7 @@ companions, state that must survive a Flower round) on the crafted and CNN clien
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ktl.clients import Companion
-from ktl.errors import PayloadError
+from ktl.clients.inputs import normalize_pixels
+from ktl.errors import ConfigError, PayloadError
 from ktl.methods import METHODS, CostShape, Method, MethodContext, load_method
 from ktl.methods.fedgen import FedGen, draw_labels
 from ktl.methods.fedkd import svd_compress, svd_recover
@@ -24,7 +26,8 @@ from ktl.seeding import derive_seed
 from tests.test_client import C, cnn_client, crafted_client
 
 K = C  # proto_dim = C, as every transport builds it
-NEW = ("lg-fedavg", "fedgh", "fedgen", "fml", "fedkd")
+NEW = ("lg-fedavg", "fedgh", "fedgen", "fml", "fedkd", "fedmrl")
+SHARED = ("fml", "fedkd", "fedmrl")  # a shared model averaged by the server
 
 
 def method(name: str, **sections: object) -> Method:
@@ -196,7 +199,7 @@ def test_weighted_mean_refuses_uploads_of_two_layouts() -> None:
         weighted_mean({"a": a, "b": b})
 
 
-@pytest.mark.parametrize("name", ["fml", "fedkd"])
+@pytest.mark.parametrize("name", SHARED)
 def test_shared_model_server_step_averages_and_then_holds_the_layout(name: str) -> None:
     m = method(name)
     one = Weights({"w": torch.tensor([1.0, 2.0]), "b": torch.tensor(0.0)}, torch.tensor([2])).to_bytes()
@@ -224,7 +227,7 @@ def test_kl_to_is_the_kl_of_the_fixed_target() -> None:
     assert learner.grad is not None and moving.grad is None  # the target gets no gradient
 
 
-@pytest.mark.parametrize("name", ["fml", "fedkd"])
+@pytest.mark.parametrize("name", SHARED)
 def test_shared_model_clients_train_both_models_and_restore_them(name: str) -> None:
     m, client = method(name), cnn_client()
     update = m.client_update(client, 1)
@@ -254,7 +257,7 @@ def test_a_companion_steps_with_the_clients_optimiser() -> None:
 
 def _round_one(name: str) -> dict[str, bytes]:
     """One tiny upload of method ``name``'s kind."""
-    if name in ("fml", "fedkd"):
+    if name in SHARED:
         return {"a": Weights({"w": torch.ones(2), "b": torch.tensor(1.0)}, torch.tensor([1])).to_bytes()}
     if name == "fedgh":
         return {"a": Prototypes(torch.eye(K)[:2], torch.tensor([0, 1]), torch.tensor([2, 3])).to_bytes()}
@@ -287,6 +290,9 @@ def test_the_admission_estimate_counts_the_shared_model_by_hand() -> None:
     floats = 3 * 32 * 25 + 32 + 32 * 64 * 25 + 64 + 64 * 5 * 5 * 512 + 512 + 512 * 10 + 10 + 10 * 10 + 10
     assert floats == 878_648
     assert fml.server_cost(fml.settings_from({}), shape).memory_bytes == 4 * floats * 23
+    mrl = METHODS["fedmrl"]  # its shared extractor ends in d = ⌈10/4⌉ = 3 dims, the global header 3 → 10
+    mrl_floats = floats - (512 * 10 + 10 + 10 * 10 + 10) + 512 * 3 + 3 + 3 * 10 + 10
+    assert mrl.server_cost(mrl.settings_from({}), shape).memory_bytes == 4 * mrl_floats * 23
     lg = METHODS["lg-fedavg"]
     assert lg.server_cost(lg.settings_from({}), shape).memory_bytes == 4 * 10 * 11 * 23
 
@@ -344,3 +350,51 @@ def test_fedkd_with_svd_sends_fewer_bytes_and_averages_what_they_stand_for() -> 
     compressed.client_receive(b, out.payload or b"")
     shared = compressed.shared_model(b)  # type: ignore[attr-defined]
     torch.testing.assert_close(shared.state_dict()["head.weight"], mean["head.weight"])
+
+
+def test_fedmrl_predicts_with_the_local_header_on_the_fused_representation() -> None:
+    """After a round, the client scores with P([G(x), F(x)]) through its own classifier (what the paper
+    evaluates), P a private (d + K) → K projector, G the shared extractor to d = ⌈K/4⌉; scoring leaves the
+    shared model's state alone; the training loss adds the global header's CE on the first d dims."""
+    m, client = method("fedmrl"), cnn_client()
+    m.client_update(client, 1)
+    d = math.ceil(K / 4)
+    shared, projector = m.shared_model(client), m.private_module(client)  # type: ignore[attr-defined]
+    assert isinstance(projector, torch.nn.Linear) and (projector.in_features, projector.out_features) == (
+        d + K,
+        K,
+    )
+    assert shared.classifier is not None and shared.classifier.in_features == d
+    model, classifier = client.model, client.model.classifier
+    assert classifier is not None
+    x, y = normalize_pixels(client.data.test_x), client.data.test_y
+    model.eval()
+    with torch.no_grad():
+        own = model.head(model.backbone(x))
+        fused = projector(torch.cat((shared.eval()(x), own), dim=1))
+        expected = int((classifier(fused).argmax(1) == y).sum())
+        global_ce = F.cross_entropy(shared.classifier(fused[:, :d]), y)
+        companion = m.companion(client, shared)  # type: ignore[attr-defined]
+        torch.testing.assert_close(companion.loss(x, fused, y), global_ce)
+    before = {k: v.clone() for k, v in shared.state_dict().items()}
+    assert client.evaluate() == (expected, int(y.shape[0]))
+    assert all(torch.equal(v, before[k]) for k, v in shared.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fused)  # the model's own forward is the fused one
+
+
+def test_fedmrl_refuses_a_malformed_upload_and_a_too_wide_coarse_representation() -> None:
+    m, client = method("fedmrl"), cnn_client()
+    good = m.client_update(client, 1).payload or b""
+    m.server_update({"a": good}, 1)  # the federation's layout: this shared model
+    with pytest.raises(PayloadError, match="not a safetensors"):
+        m.validate_upload(b"\x80\x04K\x01.")  # a pickle is never read
+    sent = Weights.from_bytes(good)
+    wrong = {k: (v[:1] if k == "classifier.weight" else v) for k, v in sent.tensors.items()}
+    with pytest.raises(PayloadError, match="layout"):
+        m.validate_upload(Weights(wrong, sent.counts).to_bytes())
+    nan = {k: torch.full_like(v, float("nan")) for k, v in sent.tensors.items()}
+    with pytest.raises(PayloadError, match="NaN"):
+        m.validate_upload(Weights(nan, sent.counts).to_bytes())
+    with pytest.raises(ConfigError, match="sub_dim 5 exceeds"):
+        method("fedmrl", fedmrl={"sub_dim": K + 1})

@@ -3,7 +3,7 @@
 Importing this package registers the built-in methods: ``local``, ``fedktl``, ``fedktl-latents``,
 ``fedproto``, ``fedtgp``, ``fd``, the secure-aggregation variants ``fedproto-secagg`` and
 ``fedktl-secagg``, and the HtFLlib baselines with a trainable classifier ``lg-fedavg``, ``fedgh``,
-``fedgen``, ``fml`` and ``fedkd``.
+``fedgen``, ``fml``, ``fedkd`` and ``fedmrl``.
 """
 
 from ktl.methods.base import (
@@ -38,6 +38,7 @@ from ktl.methods.fedktl import (
     RoundResult,
     stack_uploads,
 )
+from ktl.methods.fedmrl import FedMRL
 from ktl.methods.fml import FML
 from ktl.methods.lgfedavg import LGFedAvg
 from ktl.methods.local import LocalOnly
@@ -66,6 +67,7 @@ __all__ = [
     "FedGH",
     "FedGen",
     "FedKD",
+    "FedMRL",
     "FML",
     "LGFedAvg",
     "FedKTL",

@@ -28,14 +28,12 @@ from torch import nn
 
 from ktl.clients import ClientModel, Companion, LocalClient
 from ktl.errors import PayloadError
-from ktl.methods.base import MethodContext, MethodSettings, register_method
+from ktl.methods.base import MethodSettings, register_method
 from ktl.methods.fml import known_backbone
 from ktl.methods.heads import SharedModelMethod, ensure_classifier, kl_to
-from ktl.seeding import derive_seed
 
 __all__ = ["FedKD", "FedKDMethodSettings", "FedKDSettings", "svd_compress", "svd_recover"]
 
-_W_H = "w_h.weight"
 # the parts of a compressed tensor: ``<name>@u`` (m, k), ``<name>@v`` (k, n), ``<name>@shape`` (its dims)
 _U, _V, _SHAPE = "@u", "@v", "@shape"
 # a compressed tensor may stand for at most this many values (bounds the memory of decoding it)
@@ -130,9 +128,7 @@ class FedKD(SharedModelMethod):
     broadcast_file = "shared_model.safetensors"
     settings: FedKDMethodSettings
 
-    def __init__(self, settings: MethodSettings, ctx: MethodContext) -> None:
-        super().__init__(settings, ctx)
-        self.maps: dict[str, nn.Linear] = {}  # client id → its W_h
+    private_seed = "fedkd-w_h"
 
     @classmethod
     def shared_backbone_of(cls, settings: MethodSettings) -> str:
@@ -147,21 +143,17 @@ class FedKD(SharedModelMethod):
     def decode(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return svd_recover(tensors)
 
-    def hidden_map(self, client: LocalClient) -> nn.Linear:
-        held = self.maps.get(client.client_id)
-        if held is None:
-            k = self.ctx.proto_dim
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(self.ctx.seed, "fedkd-w_h", client.client_id))
-                held = nn.Linear(k, k, bias=False).to(client.device)
-            self.maps[client.client_id] = held
-        return held
+    def build_private(self) -> nn.Linear:
+        """W_h, the client's K × K map from the mentee's head outputs to its own."""
+        k = self.ctx.proto_dim
+        return nn.Linear(k, k, bias=False)
 
     def companion(self, client: LocalClient, shared: ClientModel) -> Companion:
         classifier = ensure_classifier(client, self.ctx.seed)
         shared_classifier = shared.classifier
         assert shared_classifier is not None  # `shared_model` creates it
-        w_h = self.hidden_map(client)
+        w_h = self.private_module(client)
+        assert w_h is not None  # `build_private` makes one
 
         def loss(x: torch.Tensor, head_out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             own = classifier(head_out)
@@ -173,19 +165,3 @@ class FedKD(SharedModelMethod):
             return ce_other + (kl_to(own, other) + kl_to(other, own) + 2 * mse) / scale
 
         return Companion(loss=loss, parameters=[*shared.parameters(), *w_h.parameters()])
-
-    def client_state(self, client: LocalClient) -> dict[str, torch.Tensor]:
-        out = super().client_state(client)
-        held = self.maps.get(client.client_id)
-        if held is not None:
-            out[_W_H] = held.weight.detach().cpu().clone()
-        return out
-
-    def load_client_state(self, client: LocalClient, tensors: Mapping[str, torch.Tensor]) -> None:
-        own = {k: v for k, v in tensors.items() if k != _W_H}
-        super().load_client_state(client, own)
-        if _W_H in tensors:
-            with torch.no_grad():
-                self.hidden_map(client).weight.copy_(tensors[_W_H])
-        else:
-            self.maps.pop(client.client_id, None)

@@ -14,6 +14,7 @@ broadcast (`WeightsAverage`), and refuses anything else.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -210,17 +211,45 @@ class SharedModelMethod(WeightsAverage):
     Every client starts from the same shared model (the method's seed). The client's own model, with its
     trainable classifier, is the one evaluated."""
 
+    # seeds a client's private module (`build_private`), with the client's id
+    private_seed: ClassVar[str] = "private"
+
     def __init__(self, settings: MethodSettings, ctx: MethodContext) -> None:
         super().__init__(settings, ctx)
         self.shared: dict[str, ClientModel] = {}  # client id → its copy of the shared model
+        self.private: dict[str, nn.Module] = {}  # client id → its private module (`build_private`)
 
     @classmethod
     def shared_backbone_of(cls, settings: MethodSettings) -> str:
         """The shared model's backbone that ``settings`` name."""
         raise NotImplementedError
 
+    @classmethod
+    def shared_dim_of(cls, settings: MethodSettings, proto_dim: int) -> int:
+        """The shared model's head size, which its classifier reads (default: K, as the client's)."""
+        return proto_dim
+
     def shared_backbone(self) -> str:
         return self.shared_backbone_of(self.settings)
+
+    def build_private(self) -> nn.Module | None:
+        """A client's private module, trained beside the shared model and never sent (FedKD's W_h, FedMRL's
+        projector); None: none. Drawn from the global RNG, which `private_module` seeds."""
+        return None
+
+    def private_module(self, client: LocalClient) -> nn.Module | None:
+        """The client's private module (`build_private`), created on first use from the method's seed and
+        the client's id."""
+        held = self.private.get(client.client_id)
+        if held is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(self.ctx.seed, self.private_seed, client.client_id))
+                built = self.build_private()
+            if built is None:
+                return None
+            held = built.to(client.device)
+            self.private[client.client_id] = held
+        return held
 
     @classmethod
     def payload_floats(cls, settings: MethodSettings, shape: CostShape) -> int:
@@ -228,7 +257,10 @@ class SharedModelMethod(WeightsAverage):
         larger of the built-in data sets'."""
         with torch.device("meta"):
             model = ClientModel.build(
-                cls.shared_backbone_of(settings), num_channels=3, image_size=32, proto_dim=shape.proto_dim
+                cls.shared_backbone_of(settings),
+                num_channels=3,
+                image_size=32,
+                proto_dim=cls.shared_dim_of(settings, shape.proto_dim),
             )
             model.ensure_classifier(shape.num_classes)
         return sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
@@ -250,7 +282,7 @@ class SharedModelMethod(WeightsAverage):
                     self.shared_backbone(),
                     num_channels=client.data.num_channels,
                     image_size=client.data.image_size,
-                    proto_dim=self.ctx.proto_dim,
+                    proto_dim=self.shared_dim_of(self.settings, self.ctx.proto_dim),
                 )
             generator = torch.Generator().manual_seed(derive_seed(self.ctx.seed, "shared-classifier"))
             held.ensure_classifier(self.ctx.num_classes, generator=generator)
@@ -278,20 +310,32 @@ class SharedModelMethod(WeightsAverage):
         return ClientUpdate(stats=stats, payload=self.weights_payload(client))
 
     def client_state(self, client: LocalClient) -> dict[str, torch.Tensor]:
-        """The client's shared model (every tensor of its state dict, under ``shared.``)."""
-        held = self.shared.get(client.client_id)
-        if held is None:
-            return {}
-        return {f"shared.{k}": v.detach().cpu().clone() for k, v in held.state_dict().items()}
+        """The client's shared model and private module (every tensor of their state dicts, under
+        ``shared.`` and ``private.``)."""
+        out: dict[str, torch.Tensor] = {}
+        for prefix, held in (("shared.", self.shared.get(client.client_id)),
+                             ("private.", self.private.get(client.client_id))):  # fmt: skip
+            if held is not None:
+                out.update({prefix + k: v.detach().cpu().clone() for k, v in held.state_dict().items()})
+        return out
 
     def load_client_state(self, client: LocalClient, tensors: Mapping[str, torch.Tensor]) -> None:
-        own = {k.removeprefix("shared."): v for k, v in tensors.items() if k.startswith("shared.")}
-        if len(own) != len(tensors):
-            raise ValueError(f"unknown {self.name} client state tensor(s) {sorted(set(tensors) - set(own))}")
-        if not own:
+        shared = {k.removeprefix("shared."): v for k, v in tensors.items() if k.startswith("shared.")}
+        private = {k.removeprefix("private."): v for k, v in tensors.items() if k.startswith("private.")}
+        if len(shared) + len(private) != len(tensors):
+            unknown = sorted(k for k in tensors if not k.startswith(("shared.", "private.")))
+            raise ValueError(f"unknown {self.name} client state tensor(s) {unknown}")
+        if shared:
+            self.shared_model(client).load_state_dict(shared)
+        else:
             self.shared.pop(client.client_id, None)
+        if not private:
+            self.private.pop(client.client_id, None)
             return
-        self.shared_model(client).load_state_dict(own)
+        module = self.private_module(client)
+        if module is None:
+            raise ValueError(f"{self.name} keeps no private module, got {sorted(private)}")
+        module.load_state_dict(private)
 
 
 def kl_to(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
