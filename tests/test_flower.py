@@ -39,7 +39,7 @@ def test_the_run_config_round_trips_to_the_same_configuration() -> None:
         pytest.param("fedproto", marks=pytest.mark.slow),
         "lg-fedavg",  # a weights payload (the trainable classifier), kept fast
         # the other HtFLlib baselines: their client state (shared model, generator) crosses Flower rounds
-        *(pytest.param(m, marks=pytest.mark.slow) for m in ("fedgh", "fedgen", "fml", "fedkd")),
+        *(pytest.param(m, marks=pytest.mark.slow) for m in ("fedgh", "fedgen", "fml", "fedkd", "fedmrl")),
     ],
 )
 def test_flower_simulation_gives_the_per_round_accuracies_of_ktl_simulate(

@@ -106,9 +106,9 @@ def test_client_run_participates_in_rounds(server: ServerThread, capsys) -> None
         pytest.param("fedproto", {}, marks=pytest.mark.slow),
         pytest.param("fedproto", {"privacy": {"epsilon": 8.0}}, marks=pytest.mark.slow),
         ("lg-fedavg", {}),
-        *(pytest.param(m, {}, marks=pytest.mark.slow) for m in ("fedgh", "fedgen", "fml", "fedkd")),
+        *(pytest.param(m, {}, marks=pytest.mark.slow) for m in ("fedgh", "fedgen", "fml", "fedkd", "fedmrl")),
     ],
-    ids=["fedktl", "fedproto", "fedproto-dp", "lg-fedavg", "fedgh", "fedgen", "fml", "fedkd"],
+    ids=["fedktl", "fedproto", "fedproto-dp", "lg-fedavg", "fedgh", "fedgen", "fml", "fedkd", "fedmrl"],
 )
 def test_demo_over_http_gives_the_per_round_accuracies_of_simulate(
     tmp_path: Path, method: str, overrides: dict[str, object]

@@ -33,10 +33,11 @@ METHOD_SPECS: dict[str, dict[str, Any]] = {
     "fedgen": {"fedgen": {"server_steps": 5, "hidden_dim": 16}},
     "fml": {},
     "fedkd": {},
+    "fedmrl": {},
 }
 # whose broadcast is weights (`ktl.records.Weights`): a classifier, a generator, a shared model
-WEIGHTS_BROADCAST = {"lg-fedavg", "fedgh", "fedgen", "fml", "fedkd"}
-SLOW_OVER_HTTP = {"fml", "fedkd"}  # each client trains a second (shared) CNN
+WEIGHTS_BROADCAST = {"lg-fedavg", "fedgh", "fedgen", "fml", "fedkd", "fedmrl"}
+SLOW_OVER_HTTP = {"fml", "fedkd", "fedmrl"}  # each client trains a second (shared) CNN
 
 
 def smoke_clients(fed: dict[str, Any], n: int) -> list[LocalClient]:
