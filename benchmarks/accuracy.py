@@ -136,7 +136,19 @@ def _few_shot(shots: int) -> Scenario:
 
 _BASELINES = tuple(
     Variant(m, {"method": m})
-    for m in ("local", "fedproto", "fedtgp", "fd", "lg-fedavg", "fedgh", "fedgen", "fml", "fedkd", "fedktl")
+    for m in (
+        "local",
+        "fedproto",
+        "fedtgp",
+        "fd",
+        "lg-fedavg",
+        "fedgh",
+        "fedgen",
+        "fml",
+        "fedkd",
+        "fedmrl",
+        "fedktl",
+    )
 )
 _FEDKTL = Variant("fedktl", {"method": "fedktl"})
 # the paper's alignment objective (the default, balanced, keeps every class on the manifold)
