@@ -149,6 +149,7 @@ class FederationSpec(BaseModel):
             )
         try:
             settings = cls.settings_from(self)
+            cls.check_shape(settings, self.num_classes, self.dim)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         for section in reads:  # show the settings in force, defaults included

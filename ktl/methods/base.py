@@ -179,6 +179,14 @@ class Method(ABC):
             )
         self.settings = settings
         self.ctx = ctx
+        self.check_shape(settings, ctx.num_classes, ctx.proto_dim)
+
+    @classmethod
+    def check_shape(cls, settings: MethodSettings, num_classes: int, proto_dim: int) -> None:
+        """Refuse settings that do not fit C = ``num_classes`` classes and K = ``proto_dim`` dims with a
+        `ConfigError` (one line), before anything runs: a method's constructor and a federation spec call it.
+        Default: any settings fit."""
+        return None
 
     @classmethod
     def settings_from(cls, sections: Mapping[str, Any] | BaseModel) -> MethodSettings:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ktl.clients import ClientModel, Companion, LocalClient
 from ktl.errors import ConfigError
-from ktl.methods.base import ClientUpdate, MethodContext, MethodSettings, register_method
+from ktl.methods.base import ClientUpdate, MethodSettings, register_method
 from ktl.methods.fml import known_backbone
 from ktl.methods.heads import SharedModelMethod, ensure_classifier
 
@@ -75,11 +75,11 @@ class FedMRL(SharedModelMethod):
     private_seed = "fedmrl-projector"
     settings: FedMRLMethodSettings
 
-    def __init__(self, settings: MethodSettings, ctx: MethodContext) -> None:
-        super().__init__(settings, ctx)
-        d = self.settings.fedmrl.sub_dim
-        if d is not None and d > ctx.proto_dim:
-            raise ConfigError(f"fedmrl.sub_dim {d} exceeds the representation's K = {ctx.proto_dim}")
+    @classmethod
+    def check_shape(cls, settings: MethodSettings, num_classes: int, proto_dim: int) -> None:
+        d = cls.shared_dim_of(settings, proto_dim)
+        if d > proto_dim:
+            raise ConfigError(f"fedmrl.sub_dim {d} exceeds the representation's K = {proto_dim}")
 
     @classmethod
     def shared_backbone_of(cls, settings: MethodSettings) -> str:

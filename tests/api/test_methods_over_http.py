@@ -127,6 +127,10 @@ def test_every_method_runs_over_http_create_upload_publish_broadcast(
         ({"method": "fd", "privacy": {"epsilon": 4.0, "rounds": 3}}, "not available for method 'fd'"),
         ({"method": "fedproto", "privacy": {"epsilon": 4.0}}, "privacy.rounds is required"),
         ({"method": "fedproto", "baseline": {"lam": -1}}, "baseline.lam"),
+        (
+            {"method": "fedmrl", "fedmrl": {"sub_dim": 11}},
+            "fedmrl.sub_dim 11 exceeds the representation's K = 10",
+        ),
     ],
 )
 def test_a_spec_the_method_cannot_take_is_refused_with_its_reason_and_nothing_is_stored(
