@@ -23,13 +23,13 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ktl.clients import ClientModel, Companion, LocalClient
 from ktl.errors import PayloadError
 from ktl.methods.base import MethodSettings, register_method
-from ktl.methods.fml import known_backbone
+from ktl.methods.fml import SharedBackbone
 from ktl.methods.heads import SharedModelMethod, ensure_classifier, kl_to
 
 __all__ = ["FedKD", "FedKDMethodSettings", "FedKDSettings", "svd_compress", "svd_recover"]
@@ -98,7 +98,7 @@ class FedKDSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    shared_model: str = Field(
+    shared_model: SharedBackbone = Field(
         "cnn4", description="Backbone of the mentee model every client trains and the server averages."
     )
     svd_energy: float | None = Field(
@@ -109,11 +109,6 @@ class FedKDSettings(BaseModel):
         "singular factors keeping this fraction of the squared singular values (FedKD's T, e.g. 0.95); "
         "none = sent whole.",
     )
-
-    @field_validator("shared_model")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        return known_backbone(name)
 
 
 class FedKDMethodSettings(MethodSettings):

@@ -23,13 +23,13 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ktl.clients import ClientModel, Companion, LocalClient
 from ktl.errors import ConfigError
 from ktl.methods.base import ClientUpdate, MethodSettings, register_method
-from ktl.methods.fml import known_backbone
+from ktl.methods.fml import SharedBackbone
 from ktl.methods.heads import SharedModelMethod, ensure_classifier
 
 __all__ = ["FedMRL", "FedMRLMethodSettings", "FedMRLSettings"]
@@ -40,7 +40,7 @@ class FedMRLSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    shared_model: str = Field(
+    shared_model: SharedBackbone = Field(
         "cnn4", description="Backbone of the shared homogeneous extractor every client trains and the server "
         "averages (with the global header).",
     )  # fmt: skip
@@ -50,11 +50,6 @@ class FedMRLSettings(BaseModel):
         description="d: the shared extractor's output and the global header's input, the first d of the K "
         "fused dims (at most K); none = ⌈K/4⌉, HtFLlib's ratio (128 of 512).",
     )
-
-    @field_validator("shared_model")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        return known_backbone(name)
 
 
 class FedMRLMethodSettings(MethodSettings):

@@ -12,16 +12,18 @@ reach both models). The server averages the shared models, weighted by samples, 
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ktl.clients import ClientModel, Companion, LocalClient
 from ktl.clients.backbones import BACKBONES
 from ktl.methods.base import MethodSettings, register_method
 from ktl.methods.heads import SharedModelMethod, ensure_classifier, kl_to
 
-__all__ = ["FML", "FMLMethodSettings", "FMLSettings", "known_backbone"]
+__all__ = ["FML", "FMLMethodSettings", "FMLSettings", "SharedBackbone", "known_backbone"]
 
 
 def known_backbone(name: str) -> str:
@@ -30,21 +32,20 @@ def known_backbone(name: str) -> str:
     return name
 
 
+# a shared model's backbone setting (FML, FedKD, FedMRL): a registered backbone's name
+SharedBackbone = Annotated[str, AfterValidator(known_backbone)]
+
+
 class FMLSettings(BaseModel):
     """FML's shared model and the weights of mutual learning (the paper's α = β = 0.5)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    shared_model: str = Field(
+    shared_model: SharedBackbone = Field(
         "cnn4", description="Backbone of the shared model every client trains and the server averages."
     )
     alpha: float = Field(0.5, ge=0, le=1, description="α: the own model's CE weight (1 − α: its KL).")
     beta: float = Field(0.5, ge=0, le=1, description="β: the shared model's CE weight (1 − β: its KL).")
-
-    @field_validator("shared_model")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        return known_backbone(name)
 
 
 class FMLMethodSettings(MethodSettings):
