@@ -159,10 +159,16 @@ def test_json_parses_at_once_are_bounded_and_the_next_is_told_busy(
     p = protos([0, 1])
     body = {"prototypes": p.vectors.tolist(), "class_ids": [0, 1], "counts": p.counts.tolist()}
     release = threading.Event()
+    holding = [threading.Event() for _ in range(JSON_PARSE_SLOTS)]
+
+    def hold(entered: threading.Event) -> bool:  # a parse that holds its slot until released
+        entered.set()
+        return release.wait()
+
     with ThreadPoolExecutor(JSON_PARSE_SLOTS) as pool:
-        held = [pool.submit(parse_json_bounded, release.wait) for _ in range(JSON_PARSE_SLOTS)]
+        held = [pool.submit(parse_json_bounded, lambda e=e: hold(e)) for e in holding]
         try:
-            time.sleep(0.2)  # both slots taken
+            assert all(e.wait(30) for e in holding)  # every slot taken
             with pytest.raises(UnavailableError) as info:
                 parse_json_bounded(lambda: 1, wait_s=0.05)
             assert info.value.reason == "busy" and info.value.headers == {"Retry-After": "1"}
