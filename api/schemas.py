@@ -104,7 +104,7 @@ class FederationSpec(BaseModel):
     @model_validator(mode="wrap")
     @classmethod
     def _method_sections(
-        cls, data: Any, handler: ModelWrapValidatorHandler[FederationSpec], info: ValidationInfo
+        cls, data: Any, handler: ModelWrapValidatorHandler[FederationSpec], info: ValidationInfo[Any]
     ) -> FederationSpec:
         """Each registered section given is validated into its model (strictly when the body is JSON, as
         `ktl.api.bodies` reads it); any other key that is not a field is refused."""

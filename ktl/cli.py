@@ -439,7 +439,9 @@ def _participant(args: argparse.Namespace, sdk: Any) -> tuple[Any, Any, dict[str
     if args.site is not None:
         index = args.client_index if args.client_index is not None else 0
         names = fed["spec"].get("class_names") or [f"class {c}" for c in range(num_classes)]
-        local = load_site(args.site, num_classes=num_classes, index=args.client_index, class_names=list(names))
+        local = load_site(
+            args.site, num_classes=num_classes, index=args.client_index, class_names=list(names)
+        )
         model = config.models[index % len(config.models)]
         config = config.model_copy(update={"models": [model]})
         data = FederatedData(clients=[local], class_names=list(names), source=f"site {args.site}")
@@ -479,7 +481,10 @@ def _client_run(args: argparse.Namespace) -> int:
         start = int(fed["current_round"])
 
         def report(r: int, score: tuple[int, int]) -> None:
-            (correct, total), federation = score, sdk.round(args.federation, r).get("metrics", {}).get("accuracy")
+            (correct, total), federation = (
+                score,
+                sdk.round(args.federation, r).get("metrics", {}).get("accuracy"),
+            )
             logger.info(
                 "round %d: local accuracy %.4f (%d test samples)%s",
                 r,

@@ -94,7 +94,10 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     service: KtlService = api.state.service
     server = ServerThread(api, host, port).start()
     logger.info(
-        "ktl server on %s (OpenAPI schema: %s/openapi.json), state in %s", server.url, server.url, settings.data_dir
+        "ktl server on %s (OpenAPI schema: %s/openapi.json), state in %s",
+        server.url,
+        server.url,
+        settings.data_dir,
     )
     transport = HttpTransport(
         server.url,
