@@ -97,13 +97,14 @@ def serve(path: Path, *, parent_pid: int | None, idle: float) -> None:
                 except Exception as exc:  # the ClientApp reports it to Flower as this node's failure
                     logger.error("%s", traceback.format_exc())
                     reply, parts = {"error": f"{type(exc).__name__}: {exc}"}, []
+                # one line per message, its work's time (ktl bench flower --engine deployment reads it),
+                # written before the reply: once the run has its answers, every line is in the log
+                logger.info(
+                    "%s message answered in %.3f s%s", header.get("kind"), time.monotonic() - t0,
+                    " (state asked for)" if reply.get("need_state") else "",
+                )  # fmt: skip
                 write_frames(conn, reply, parts)
             last = time.monotonic()
-            # one line per message, its time (ktl bench flower --engine deployment reads it)
-            logger.info(
-                "%s message answered in %.3f s%s", header.get("kind"), last - t0,
-                " (state asked for)" if reply.get("need_state") else "",
-            )  # fmt: skip
     finally:
         server.close()
         path.unlink(missing_ok=True)
