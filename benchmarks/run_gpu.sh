@@ -21,7 +21,16 @@
 #                     (8 192 images a cell, best of 2) and ONE compiled cell
 #                     (bf16 × 1024; its cold compile ~1 min)                         ~1.5 min ; 150 s
 #   Total ≈ 5 min by estimate, well under 7 (a rerun fits while the machine is warm); the limits add up
-#   to 575 s, under the device tool's 10 minutes a command.
+#   to 575 s, under the device tool's 10 minutes a command. Measured on one H200 (2026-12-04): 181 s
+#   (setup 11, imports 22, bench-server 65, pytest-gpu 33, bench-generate 50).
+# Optional, by --steps (comma-separated, default bench-server,pytest-gpu,bench-generate) and --unet:
+#   --unet            bench-generate also times the diffusers UNet (64×64, DDIM 5 steps); limit 240 s
+#                     (195 s on the H200)
+#   6 gpu-round       `ktl simulate --preset gpu --method fedktl --rounds $KTL_GPU_ROUNDS` (3) on all of
+#                     Fashion-MNIST, each round's phases printed by benchmarks/round_times.py; needs the
+#                     data there: here `mkdir -p .data && cp /usr/share/datasets/fashion-mnist/* .data/ &&
+#                     echo /.data/ >> .git/info/exclude`, carry [".whl", ".data"], run with
+#                     KTL_DATA_DIR=$PWD/.data                                          ~3 min ; 230 s
 # Steps 3-5 run even if an earlier one failed (the exit status is the first failure's); steps 1-2 stop
 # the run. After EVERY step the bench JSON and $OUT/benchmarks.md (docs/benchmarks.md with the sections
 # the benchmarks wrote: server-cuda, generate-cuda) are already in $OUT, so a run killed at its limit
@@ -36,14 +45,25 @@
 set -uo pipefail
 
 DEVICE=cuda
+STEPS_WANTED=bench-server,pytest-gpu,bench-generate
+UNET=0
 while [ $# -gt 0 ]; do
   case $1 in
     --device) DEVICE=${2:?--device needs cpu or cuda}; shift 2 ;;
     --device=*) DEVICE=${1#--device=}; shift ;;
+    --steps) STEPS_WANTED=${2:?--steps needs a comma-separated list}; shift 2 ;;
+    --steps=*) STEPS_WANTED=${1#--steps=}; shift ;;
+    --unet) UNET=1; shift ;;
     *) echo "run_gpu.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 case $DEVICE in cpu | cuda) ;; *) echo "run_gpu.sh: --device must be cpu or cuda, got $DEVICE" >&2; exit 2 ;; esac
+for name in ${STEPS_WANTED//,/ }; do
+  case $name in bench-server | pytest-gpu | bench-generate | gpu-round) ;;
+    *) echo "run_gpu.sh: --steps: unknown step $name (bench-server, pytest-gpu, bench-generate, gpu-round)" >&2; exit 2 ;;
+  esac
+done
+wanted() { [[ ",$STEPS_WANTED," == *",$1,"* ]]; }
 
 OUT=${OUT:-gpu-out}
 WHEELS=${WHEELS:-.whl}
@@ -144,11 +164,11 @@ if [ "$DEVICE" = cuda ]; then
 else  # a loaded 2-core CPU makes ~50 images/s: fewer images per throughput measurement
   THROUGHPUT=(--jobs 128 --repeats 2)
 fi
-step bench-server 170 "$OUT/bench-server.json" "$PY" -m ktl bench server --device "$DEVICE" \
+wanted bench-server && step bench-server 170 "$OUT/bench-server.json" "$PY" -m ktl bench server --device "$DEVICE" \
   --cases 10x20,100x20 "${THROUGHPUT[@]}" --json --write "$DOCS"
 
 # -- 4 the GPU tests (per-test deadline: KTL_GPU_TEST_TIMEOUT) -----------------------------------------------
-step pytest-gpu 150 - "$PY" -m pytest -q -m gpu -p no:cacheprovider --durations=0 tests/test_gpu.py
+wanted pytest-gpu && step pytest-gpu 150 - "$PY" -m pytest -q -m gpu -p no:cacheprovider --durations=0 tests/test_gpu.py
 
 # -- 5 a trimmed generation benchmark: embedded generator, fp32/bf16, one compiled cell ----------------------
 if [ "$DEVICE" = cuda ]; then
@@ -156,8 +176,22 @@ if [ "$DEVICE" = cuda ]; then
 else  # the same grid shape at a CPU's pace (~700 images/s on 2 cores)
   GRID=(--batch-sizes 16,64,256 --images 256 --compile-cells bf16x64)
 fi
-step bench-generate 150 "$OUT/bench-generate.json" "$PY" -m ktl bench generate --device "$DEVICE" \
-  --processes 0 --no-unet --precisions fp32,bf16 --repeats 2 --compile "${GRID[@]}" --json --write "$DOCS"
+NO_UNET=(--no-unet) GEN_LIMIT=150
+[ "$UNET" = 1 ] && NO_UNET=() GEN_LIMIT=240  # the diffusers UNet's cells too (~1-2 min more on an H200)
+wanted bench-generate && step bench-generate $GEN_LIMIT "$OUT/bench-generate.json" "$PY" -m ktl bench generate \
+  --device "$DEVICE" --processes 0 "${NO_UNET[@]}" --precisions fp32,bf16 --repeats 2 --compile "${GRID[@]}" --json --write "$DOCS"
+
+# -- 6 (only with --steps ...,gpu-round) the gpu profile's first rounds, timed --------------------------------
+# `ktl bench accuracy --profile gpu` has never run whole (100 rounds); this times its first rounds of FedKTL
+# on all of Fashion-MNIST (KTL_DATA_DIR, carried) and prints each round's phases (benchmarks/round_times.py).
+if wanted gpu-round; then
+  ROUNDS=${KTL_GPU_ROUNDS:-3}
+  RUN_DIR=$(mktemp -d)/gpu-round
+  GPU_ROUND="timeout -k 5 $((200 * SCALE)) $PY -m ktl simulate --preset gpu --method fedktl --rounds $ROUNDS \
+    --device $DEVICE --data.global-test-size 10000 --no-progress --out $RUN_DIR; rc=\$?;
+    $PY benchmarks/round_times.py $RUN_DIR; exit \$rc"
+  step gpu-round 230 - bash -c "$GPU_ROUND"
+fi
 
 note "done: rc=$status in $SECONDS s; \$OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 exit $status
