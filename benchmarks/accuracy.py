@@ -161,7 +161,7 @@ SUITES: dict[str, Suite] = {
             "main",
             "Baselines and FedKTL",
             (_LOW, _ALL, _PATHOLOGICAL),
-            _BASELINES,
+            (*_BASELINES, _PAPER_OBJECTIVE),  # FedKTL with either alignment objective beside the baselines
             reference="local",
         ),
         Suite(
