@@ -47,7 +47,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ktl.benchmarks.common import machine, write_section
+from ktl.benchmarks.common import machine, run_metrics, write_section
 from ktl.config import build_config
 from ktl.simulate import run_simulation
 
@@ -412,9 +412,7 @@ def paired_difference(values: dict[int, float], reference: dict[int, float]) -> 
 def _accuracies(run_dir: Path) -> tuple[list[float | None], list[float | None]]:
     """Per round: the accuracy on the clients' own splits, and on the global test set (None where a round
     was not scored on it; every None in a run that predates it)."""
-    lines = [
-        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
-    ]
+    lines = run_metrics(run_dir)
     return [m["accuracy"] for m in lines], [m.get("global_accuracy") for m in lines]
 
 

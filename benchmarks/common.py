@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["machine", "report", "write_section"]
+__all__ = ["machine", "report", "run_metrics", "write_section"]
 
 
 def machine() -> str:
@@ -28,6 +28,12 @@ def machine() -> str:
     return (
         f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
     )
+
+
+def run_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """A run folder's ``metrics.jsonl``: one dict per finished round, in order."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def write_section(path: Path, name: str, markdown: str) -> None:

@@ -41,7 +41,7 @@ import psutil
 import torch
 
 from ktl.api.process import free_port
-from ktl.benchmarks.common import machine, report
+from ktl.benchmarks.common import machine, report, run_metrics
 from ktl.config import SimulateConfig, build_config
 from ktl.flower.client_app import worker_path
 from ktl.flower.config import FlowerOptions
@@ -89,10 +89,6 @@ class _PeakMemory:
         self._thread.join()
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ktl-bench-flower-"))
     overrides = {"num_clients": args.clients, "rounds": args.rounds}
@@ -101,13 +97,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         build_config(preset=args.preset, overrides={**overrides, "out": str(work / "sim")}), progress=False
     )
     sim_wall = time.perf_counter() - t0
-    sim = _rows(work / "sim" / "metrics.jsonl")
+    sim = run_metrics(work / "sim")
     t0 = time.perf_counter()
     flower = run_flower_simulation(
         build_config(preset=args.preset, overrides=overrides), FlowerOptions(out=str(work / "flower"))
     )
     flower_wall = time.perf_counter() - t0
-    fl = _rows(work / "flower" / "metrics.jsonl")
+    fl = run_metrics(work / "flower")
     sim_round = statistics.mean(r["round_seconds"] for r in sim)
     fl_round = statistics.mean(r["round_seconds"] for r in fl)
     later = slice(1, None) if len(sim) > 1 else slice(None)  # round 1 includes Ray's workers warming up
@@ -139,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             summary = run_flower_simulation(scale, FlowerOptions(out=str(work / "scale")))
             scale_wall = time.perf_counter() - t0
-        rows = _rows(work / "scale" / "metrics.jsonl")
+        rows = run_metrics(work / "scale")
         res.update(
             scale_clients=args.scale_clients,
             scale_round_s=statistics.mean(r["round_seconds"] for r in rows),
@@ -405,7 +401,7 @@ def run_deployment(args: argparse.Namespace) -> dict[str, Any]:
         run_simulation(config.model_copy(update={"out": work / "sim"}), progress=False)
     finally:
         torch.set_num_threads(threads)
-    sim = _rows(work / "sim" / "metrics.jsonl")
+    sim = run_metrics(work / "sim")
     one_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     res: dict[str, Any] = {
         "engine": "deployment",
@@ -425,7 +421,7 @@ def run_deployment(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             summary = deployment.run(run_config, work / name / "out")
             wall = time.perf_counter() - t0
-        rows = _rows(work / name / "out" / "metrics.jsonl")
+        rows = run_metrics(work / name / "out")
         res[f"{name}_first_round_s"] = rows[0]["round_seconds"]
         res[f"{name}_later_round_s"] = _later(rows)
         res[f"{name}_ratio"] = _later(rows) / res["simulate_later_round_s"]

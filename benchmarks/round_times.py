@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from ktl.benchmarks.common import run_metrics
+
 COLUMNS = ("round_seconds", "train_seconds", "align_seconds", "synthesize_seconds", "quality_seconds")
 
 
@@ -24,9 +26,7 @@ def table(run: Path) -> str:
         + " | accuracy | global |"
     ]
     lines.append("|" + "---|" * (len(COLUMNS) + 3))
-    metrics = run / "metrics.jsonl"
-    for raw in metrics.read_text().splitlines() if metrics.exists() else []:
-        m = json.loads(raw)
+    for m in run_metrics(run) if (run / "metrics.jsonl").exists() else []:
         cells = [str(m["round"]), *(_cell(m.get(c)) for c in COLUMNS)]
         cells += [_cell(m.get("accuracy")), _cell(m.get("global_accuracy"))]
         lines.append("| " + " | ".join(cells) + " |")

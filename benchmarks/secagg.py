@@ -10,13 +10,12 @@ final accuracy. The accuracy over seeds is ``ktl bench accuracy --suite secagg``
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from ktl.benchmarks.common import machine, report
+from ktl.benchmarks.common import machine, report, run_metrics
 from ktl.config import build_config
 from ktl.flower.config import FlowerOptions
 from ktl.flower.simulation import run_flower_simulation
@@ -36,7 +35,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         out = work / method
         summary = run_flower_simulation(config, FlowerOptions(out=str(out)))
-        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        lines = run_metrics(out)
         later = lines[1:] or lines
         wire = summary["transport"]
         rows.append(
