@@ -41,6 +41,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from tqdm.auto import tqdm
 
 from ktl.benchmarks.common import machine, run_metrics, write_section
 from ktl.config import build_config
+from ktl.host import describe
 from ktl.simulate import run_simulation
 
 __all__ = [
@@ -482,6 +484,7 @@ def summarize(root: Path, suite: Suite, seeds: list[int] | None = None, last_k: 
                     "num_clients": summaries[0]["num_clients"],
                     "data": summaries[0]["data"],
                     "device": summaries[0]["device"],
+                    "hosts": dict(Counter(describe(s.get("host"), s.get("versions")) for s in summaries)),
                 }
             )
         if rows:
@@ -550,8 +553,24 @@ def _bytes(n: float) -> str:
     return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n:.0f} B"
 
 
+def _made_on(res: dict[str, Any]) -> str:
+    """Where the table's runs ran: the one machine, or each machine with its number of runs (runs of one
+    table may come from several: a resumed suite, runs copied in from another box). Rows without hosts
+    (made by hand) fall back to the machine writing the table."""
+    hosts: Counter[str] = Counter()
+    for sc in res["scenarios"]:
+        for row in sc["rows"]:
+            hosts.update(row.get("hosts", {}))
+    if not hosts:
+        return f"on {res['machine']}"
+    if len(hosts) == 1:
+        return f"on {next(iter(hosts))}"
+    made = "; ".join(f"{n} on {host}" for host, n in hosts.most_common())
+    return f"(written on {res['machine']}); runs: {made}"
+
+
 def to_markdown(res: dict[str, Any], suite: Suite, command: str, plots: dict[str, str]) -> str:
-    lines = [f"### {suite.title} — {res['profile']} profile", "", f"`{command}` on {res['machine']}."]
+    lines = [f"### {suite.title} — {res['profile']} profile", "", f"`{command}` {_made_on(res)}."]
     devices = sorted({r["device"] for sc in res["scenarios"] for r in sc["rows"]})
     lines[-1] += f" Device: {', '.join(devices)}."
     k = res.get("last_k", 3)

@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+from ktl.host import describe, host_facts, versions
 
 __all__ = ["machine", "report", "run_metrics", "write_section"]
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
-    )
+    """This machine and its software, as one line (`ktl.host.describe`)."""
+    return describe(host_facts(), versions())
 
 
 def run_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import shutil
 import time
 from abc import ABC, abstractmethod
@@ -32,7 +31,6 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-import ktl
 from ktl.clients import ClientModel, LocalClient, TrainStats, simplex_etf
 from ktl.clients.trainer import scheduled_lr
 from ktl.config import SimulateConfig
@@ -40,6 +38,7 @@ from ktl.data import FederatedData, GlobalTest, build_federated_data
 from ktl.device import resolve_device
 from ktl.errors import ConfigError, PayloadError
 from ktl.generator import Generator, load_generator
+from ktl.host import host_facts, versions
 from ktl.methods import (
     SUM_UPLOAD,
     Method,
@@ -656,11 +655,8 @@ class Runner:
             "transport": transport.facts(),
             **server_side.describe(),
             "artifacts": artifacts,
-            "versions": {
-                "ktl": ktl.__version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
+            "versions": versions(),
+            "host": host_facts(),
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info(

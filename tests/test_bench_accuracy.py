@@ -185,13 +185,18 @@ def test_paired_difference_is_a_t_interval_over_the_shared_seeds() -> None:
 
 
 def _fake_run(
-    root: Path, variant: str, seed: int, curve: list[float], scored: list[float | None] | None = None
+    root: Path,
+    variant: str,
+    seed: int,
+    curve: list[float],
+    scored: list[float | None] | None = None,
+    **recorded: object,
 ) -> None:
     run = root / "dir-lowdata" / f"{variant}-s{seed}"
     run.mkdir(parents=True)
     summary = {"method": variant, "seed": seed, "final_accuracy": curve[-1], "best_accuracy": max(curve),
                "bytes_up_per_client_round": 1, "bytes_down_per_client_round": 1, "wall_time_s": 1.0,
-               "num_clients": 4, "rounds": len(curve), "device": "cpu", "data": "synthetic"}  # fmt: skip
+               "num_clients": 4, "rounds": len(curve), "device": "cpu", "data": "synthetic", **recorded}  # fmt: skip
     (run / "summary.json").write_text(json.dumps(summary))
     rows = [{"accuracy": a} if scored is None else {"accuracy": a, "global_accuracy": g}
             for a, g in zip(curve, scored or curve, strict=True)]  # fmt: skip
@@ -283,3 +288,30 @@ def test_the_global_test_set_gets_its_last_k_mean_paired_interval_and_sentence(t
     assert "| global test set, mean" not in accuracy.to_markdown(
         {**res, "profile": "cpu", "machine": "m", "last_k": 3}, suite, "cmd", {}
     )
+
+
+def test_a_table_of_runs_from_two_machines_names_each_with_its_runs(tmp_path: Path) -> None:
+    suite = _local_fedktl_fd()
+    box = {"cpu": "AMD EPYC 7B13", "cores": 2, "threads": 1, "cpu_capability": "AVX2", "gpu": None}
+    xeon = {"cpu": "Intel Xeon", "cores": 16, "threads": 1, "cpu_capability": "AVX512", "gpu": None}
+    here = {"python": "3.11.7", "torch": "2.13.0+cpu"}
+    for seed in range(3):
+        _fake_run(tmp_path, "local", seed, [0.5, 0.6], host=box, versions=here)
+        _fake_run(tmp_path, "fedktl", seed, [0.5, 0.7], host=xeon if seed == 2 else box, versions=here)
+
+    def table() -> str:
+        res = accuracy.summarize(tmp_path, suite)
+        return accuracy.to_markdown({**res, "profile": "cpu", "machine": "m", "last_k": 3}, suite, "cmd", {})
+
+    header = table().splitlines()[2]
+    assert header.startswith(
+        "`cmd` (written on m); runs: 5 on AMD EPYC 7B13, 2 cores (1 thread, AVX2), no GPU;"
+    )
+    assert "1 on Intel Xeon, 16 cores (1 thread, AVX512), no GPU; Python 3.11.7, torch 2.13.0+cpu." in header
+    # one machine: named alone; a run that predates the host record says so instead of naming this machine
+    (tmp_path / "dir-lowdata" / "fedktl-s2" / "summary.json").unlink()
+    assert table().splitlines()[2] == (
+        "`cmd` on AMD EPYC 7B13, 2 cores (1 thread, AVX2), no GPU; Python 3.11.7, torch 2.13.0+cpu. Device: cpu."
+    )
+    _fake_run(tmp_path, "fd", 0, [0.5, 0.6], versions={"python": "3.12.3", "torch": "2.11.0"})
+    assert "1 on a machine not recorded (Python 3.12.3, torch 2.11.0)" in table().splitlines()[2]

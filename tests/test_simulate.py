@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from ktl.aligner import Aligner
 from ktl.config import build_config
@@ -50,6 +51,10 @@ def test_two_round_fedktl_simulation_writes_a_complete_run_folder(tmp_path: Path
     ):
         assert key in summary
     assert summary["final_accuracy"] == lines[-1]["accuracy"]
+    # where it ran: tables built from runs of several machines name each (ktl.host)
+    assert summary["host"]["threads"] == torch.get_num_threads() and summary["host"]["cores"] >= 1
+    assert summary["host"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert summary["versions"]["torch"] == torch.__version__
     assert summary["bytes_up_per_client_round"] > 0 and summary["bytes_down_per_client_round"] > 0
     pairs = Pairs.from_bytes((run / "pairs.safetensors").read_bytes())
     assert pairs.images.shape[1:] == (3, 32, 32) and len(pairs) >= 1
