@@ -673,15 +673,18 @@ def plot(res: dict[str, Any], folder: Path, stem: str) -> dict[str, str]:
     out = {}
     for sc in res["scenarios"]:
         fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-        for r in sc["rows"]:
+        for i, r in enumerate(sc["rows"]):
             mean = [m for m, _ in r["curve"]]
             std = [s for _, s in r["curve"]]
             x = list(range(1, len(mean) + 1))
-            ax.plot(x, mean, label=r["variant"], linewidth=1.4)
+            # ten colours, then the same colours dashed, dotted: the main table has twelve variants
+            colour, style = f"C{i % 10}", ("-", "--", ":", "-.")[i // 10 % 4]
+            ax.plot(x, mean, label=r["variant"], linewidth=1.4, color=colour, linestyle=style)
             ax.fill_between(
                 x,
                 [m - s for m, s in zip(mean, std, strict=True)],
                 [m + s for m, s in zip(mean, std, strict=True)],
+                color=colour,
                 alpha=0.15,
             )
         ax.set_xlabel("round")
